@@ -1,0 +1,5 @@
+//! cellnet: a communication layer for HPC jobs.
+
+pub mod launch;
+pub mod place;
+pub mod proto;

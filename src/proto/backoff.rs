@@ -1,0 +1,141 @@
+//! Exponential backoff with a ceiling and jitter, shared by every retrying
+//! state machine (discovery pings, registrations, retransmissions).
+
+use std::time::Duration;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::Now;
+
+/// How retries are spaced: `initial · factor^attempt`, capped at `ceiling`,
+/// each delay scaled by a random factor in `[1 - jitter, 1 + jitter]`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackoffPolicy {
+    pub initial: Duration,
+    pub factor: f64,
+    pub ceiling: Duration,
+    /// Fraction in `[0, 1)`; 0 disables jitter.
+    pub jitter: f64,
+}
+
+impl BackoffPolicy {
+    pub const fn new(initial: Duration, factor: f64, ceiling: Duration, jitter: f64) -> Self {
+        Self {
+            initial,
+            factor,
+            ceiling,
+            jitter,
+        }
+    }
+
+    /// The delay before retry number `attempt` (0 = the first retry).
+    pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
+        let base = self.initial.as_secs_f64() * self.factor.max(1.0).powi(attempt.min(64) as i32);
+        let capped = base.min(self.ceiling.as_secs_f64());
+        let jitter = self.jitter.clamp(0.0, 0.99);
+        let scale = if jitter > 0.0 {
+            rng.gen_range(1.0 - jitter..=1.0 + jitter)
+        } else {
+            1.0
+        };
+        Duration::from_secs_f64((capped * scale).max(0.0))
+    }
+}
+
+/// A retry timer driven by [`BackoffPolicy`].
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    policy: BackoffPolicy,
+    attempt: u32,
+    next: Now,
+}
+
+impl Backoff {
+    /// A timer that is due at `now` (the first try goes out at once).
+    pub fn start(policy: BackoffPolicy, now: Now) -> Self {
+        Self {
+            policy,
+            attempt: 0,
+            next: now,
+        }
+    }
+
+    /// When the next try is due.
+    pub fn next(&self) -> Now {
+        self.next
+    }
+
+    /// How many tries were made so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    pub fn is_due(&self, now: Now) -> bool {
+        now >= self.next
+    }
+
+    /// Record a try made at `now` and schedule the next one.
+    pub fn fire(&mut self, now: Now, rng: &mut impl Rng) {
+        self.next = now + self.policy.delay(self.attempt, rng);
+        self.attempt = self.attempt.saturating_add(1);
+    }
+
+    /// Start over from the initial delay, due at `now`.
+    pub fn reset(&mut self, now: Now) {
+        self.attempt = 0;
+        self.next = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::SmallRng, SeedableRng};
+
+    #[test]
+    fn delays_grow_then_stop_at_the_ceiling() {
+        let p = BackoffPolicy::new(
+            Duration::from_millis(10),
+            2.0,
+            Duration::from_millis(100),
+            0.0,
+        );
+        let mut rng = SmallRng::seed_from_u64(1);
+        let d: Vec<u64> = (0..6)
+            .map(|a| p.delay(a, &mut rng).as_millis() as u64)
+            .collect();
+        assert_eq!(d, vec![10, 20, 40, 80, 100, 100]);
+    }
+
+    #[test]
+    fn jitter_stays_within_its_fraction() {
+        let p = BackoffPolicy::new(
+            Duration::from_millis(100),
+            2.0,
+            Duration::from_secs(1),
+            0.25,
+        );
+        let mut rng = SmallRng::seed_from_u64(7);
+        for _ in 0..1000 {
+            let d = p.delay(0, &mut rng);
+            assert!(
+                d >= Duration::from_millis(75) && d <= Duration::from_millis(125),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn timer_is_due_at_once_then_after_the_delay() {
+        let p = BackoffPolicy::new(Duration::from_millis(10), 2.0, Duration::from_secs(1), 0.0);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut b = Backoff::start(p, Duration::ZERO);
+        assert!(b.is_due(Duration::ZERO));
+        b.fire(Duration::ZERO, &mut rng);
+        assert!(!b.is_due(Duration::from_millis(9)));
+        assert!(b.is_due(Duration::from_millis(10)));
+        b.fire(Duration::from_millis(10), &mut rng);
+        assert_eq!(b.next(), Duration::from_millis(30));
+    }
+}

@@ -1,0 +1,465 @@
+//! Wire formats: what travels in UDP datagrams and in ZeroMQ frames.
+//!
+//! Everything that comes off the network is decoded here into typed values or
+//! a [`WireError`]; nothing in this module panics on input. Datagrams carry a
+//! job key and an HMAC-SHA256 tag over the whole datagram, so beacons from
+//! another job or from a forger are dropped (and counted by the caller).
+//!
+//! ZeroMQ messages are multipart: a fixed little-endian [`Header`] frame,
+//! then, for control messages, a bincode body, or, for cells, the user's
+//! payload as its own frame (never copied into a bigger buffer).
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::Sha256;
+
+use super::{reliable::Feedback, Incarnation, JobKey, PeerInfo, Rank};
+
+type HmacSha256 = Hmac<Sha256>;
+
+const DATAGRAM_MAGIC: &[u8; 4] = b"CNET";
+const HEADER_MAGIC: u16 = 0xCE11;
+/// Protocol version; bumped on any incompatible change of these formats.
+pub const VERSION: u8 = 1;
+const TAG_LEN: usize = 32;
+/// Largest datagram cellnet sends or accepts (fits one UDP datagram).
+pub const MAX_DATAGRAM: usize = 65_000;
+/// Largest control body accepted from a ZeroMQ peer.
+pub const MAX_CONTROL: usize = 64 << 20;
+
+/// Why bytes from the network were rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("message too short: {len} bytes")]
+    TooShort { len: usize },
+    #[error("message too large: {len} bytes (limit {limit})")]
+    TooLarge { len: usize, limit: usize },
+    #[error("not a cellnet message (bad magic)")]
+    BadMagic,
+    #[error("protocol version {0} is not supported (this build speaks {VERSION})")]
+    BadVersion(u8),
+    #[error("message from another job (key {0:#x})")]
+    ForeignJob(u64),
+    #[error("authentication tag does not match (wrong job secret or forged)")]
+    BadTag,
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("wrong number of frames: {0}")]
+    FrameCount(usize),
+    #[error("malformed body: {0}")]
+    Malformed(String),
+}
+
+/// The secret that authenticates datagrams of one job.
+#[derive(Clone)]
+pub struct JobSecret(Vec<u8>);
+
+impl JobSecret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(bytes.into())
+    }
+    fn mac(&self) -> HmacSha256 {
+        // HMAC accepts keys of any length.
+        HmacSha256::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!())
+    }
+}
+
+impl std::fmt::Debug for JobSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobSecret(..)")
+    }
+}
+
+/// A discovery beacon, broadcast on the node-local address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    pub info: PeerInfo,
+    /// How many instances the sender expects on its node (itself included).
+    pub local_size: u32,
+}
+
+/// A node leader's registration with the coordinator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    pub node_index: u32,
+    pub node_name: String,
+    pub leader: PeerInfo,
+    /// Every instance of the node, the leader included, sorted by rank.
+    pub members: Vec<PeerInfo>,
+}
+
+/// What travels over UDP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Datagram {
+    Ping(Ping),
+    Register(Register),
+}
+
+/// One node as the coordinator knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub node_index: u32,
+    pub node_name: String,
+    pub leader: PeerInfo,
+    pub members: Vec<PeerInfo>,
+}
+
+/// Control messages between instances over ZeroMQ (bincode body).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Control {
+    /// Discovery: "here I am, this is where I receive".
+    Pong(PeerInfo),
+    /// Discovery: "I received from you, your sending path to me works".
+    Ready,
+    /// Coordinator → leader: registration seen, waiting for `expected_nodes`.
+    Welcome {
+        registered: u32,
+        expected_nodes: u32,
+    },
+    /// Coordinator → leaders, leader → members: every node is in.
+    GlobalReady { directory: Vec<NodeEntry> },
+    /// Member → leader: "is the job globally ready?" (repeated until answered).
+    AwaitGlobal,
+    /// Member → leader: resolve where these instances receive.
+    Resolve { ranks: Vec<Rank> },
+    /// Leader → member: the answer to [`Control::Resolve`] (unknown ranks omitted).
+    Resolved { peers: Vec<PeerInfo> },
+    /// Reliable channel acknowledgements and errors.
+    Feedback(Feedback),
+}
+
+/// What a data message carries besides its payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DataKind {
+    /// A cell of `frame`; the payload is the user's bytes.
+    Cell,
+    /// The sender's part of `frame` is over; it sent `count` cells of it.
+    FrameEnd { count: u32 },
+}
+
+/// A reliable data message: a cell or a frame-end marker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataMsg {
+    /// Per (sender, receiver) sequence number, from 1.
+    pub id: u64,
+    pub frame: u64,
+    pub kind: DataKind,
+    pub payload: Bytes,
+}
+
+/// The fixed first frame of every ZeroMQ message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub kind: MsgKind,
+    pub from: Rank,
+    pub incarnation: Incarnation,
+    pub id: u64,
+    pub frame: u64,
+    pub aux: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MsgKind {
+    Control = 1,
+    Cell = 2,
+    FrameEnd = 3,
+}
+
+/// Size of the encoded [`Header`].
+pub const HEADER_LEN: usize = 2 + 1 + 1 + 4 + 8 + 8 + 8 + 4;
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..2].copy_from_slice(&HEADER_MAGIC.to_le_bytes());
+        b[2] = VERSION;
+        b[3] = self.kind as u8;
+        b[4..8].copy_from_slice(&self.from.to_le_bytes());
+        b[8..16].copy_from_slice(&self.incarnation.0.to_le_bytes());
+        b[16..24].copy_from_slice(&self.id.to_le_bytes());
+        b[24..32].copy_from_slice(&self.frame.to_le_bytes());
+        b[32..36].copy_from_slice(&self.aux.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        if b.len() != HEADER_LEN {
+            return Err(WireError::TooShort { len: b.len() });
+        }
+        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or_default());
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
+        if u16_at(0) != HEADER_MAGIC {
+            return Err(WireError::BadMagic);
+        }
+        if b[2] != VERSION {
+            return Err(WireError::BadVersion(b[2]));
+        }
+        let kind = match b[3] {
+            1 => MsgKind::Control,
+            2 => MsgKind::Cell,
+            3 => MsgKind::FrameEnd,
+            k => return Err(WireError::UnknownKind(k)),
+        };
+        Ok(Header {
+            kind,
+            from: u32_at(4),
+            incarnation: Incarnation(u64_at(8)),
+            id: u64_at(16),
+            frame: u64_at(24),
+            aux: u32_at(32),
+        })
+    }
+}
+
+/// A decoded ZeroMQ message.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PeerMsg {
+    Control(Control),
+    Data(DataMsg),
+}
+
+/// Encode a control message as `[header, body]`.
+pub fn encode_control(from: Rank, incarnation: Incarnation, msg: &Control) -> [Vec<u8>; 2] {
+    let header = Header {
+        kind: MsgKind::Control,
+        from,
+        incarnation,
+        id: 0,
+        frame: 0,
+        aux: 0,
+    };
+    [header.encode().to_vec(), encode_body(msg)]
+}
+
+/// The header frame of a data message (the payload goes in the next frame).
+pub fn data_header(from: Rank, incarnation: Incarnation, msg: &DataMsg) -> [u8; HEADER_LEN] {
+    let (kind, aux) = match msg.kind {
+        DataKind::Cell => (MsgKind::Cell, 0),
+        DataKind::FrameEnd { count } => (MsgKind::FrameEnd, count),
+    };
+    Header {
+        kind,
+        from,
+        incarnation,
+        id: msg.id,
+        frame: msg.frame,
+        aux,
+    }
+    .encode()
+}
+
+/// Decode a multipart ZeroMQ message (routing frames already removed).
+pub fn decode_peer_msg(frames: &[&[u8]]) -> Result<(Header, PeerMsg), WireError> {
+    let [head, body] = frames else {
+        return Err(WireError::FrameCount(frames.len()));
+    };
+    let header = Header::decode(head)?;
+    let msg = match header.kind {
+        MsgKind::Control => {
+            if body.len() > MAX_CONTROL {
+                return Err(WireError::TooLarge {
+                    len: body.len(),
+                    limit: MAX_CONTROL,
+                });
+            }
+            PeerMsg::Control(decode_body(body)?)
+        }
+        MsgKind::Cell | MsgKind::FrameEnd => PeerMsg::Data(DataMsg {
+            id: header.id,
+            frame: header.frame,
+            kind: if header.kind == MsgKind::Cell {
+                DataKind::Cell
+            } else {
+                DataKind::FrameEnd { count: header.aux }
+            },
+            payload: Bytes::copy_from_slice(body),
+        }),
+    };
+    Ok((header, msg))
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_CONTROL }>()
+}
+
+pub fn encode_body<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing our own plain data types into a Vec cannot fail.
+    bincode::serde::encode_to_vec(value, bincode_config()).unwrap_or_default()
+}
+
+pub fn decode_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config())
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(WireError::Malformed(format!(
+            "{} trailing bytes",
+            bytes.len() - used
+        )));
+    }
+    Ok(value)
+}
+
+/// `magic | version | job key | body | HMAC(all before)`.
+pub fn encode_datagram(job: JobKey, secret: &JobSecret, msg: &Datagram) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(DATAGRAM_MAGIC);
+    out.push(VERSION);
+    out.extend_from_slice(&job.0.to_le_bytes());
+    out.extend_from_slice(&encode_body(msg));
+    let mut mac = secret.mac();
+    mac.update(&out);
+    out.extend_from_slice(&mac.finalize().into_bytes());
+    out
+}
+
+pub fn decode_datagram(
+    job: JobKey,
+    secret: &JobSecret,
+    bytes: &[u8],
+) -> Result<Datagram, WireError> {
+    const FIXED: usize = 4 + 1 + 8;
+    if bytes.len() > MAX_DATAGRAM {
+        return Err(WireError::TooLarge {
+            len: bytes.len(),
+            limit: MAX_DATAGRAM,
+        });
+    }
+    if bytes.len() < FIXED + TAG_LEN + 1 {
+        return Err(WireError::TooShort { len: bytes.len() });
+    }
+    if &bytes[0..4] != DATAGRAM_MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    if bytes[4] != VERSION {
+        return Err(WireError::BadVersion(bytes[4]));
+    }
+    let key = u64::from_le_bytes(bytes[5..13].try_into().unwrap_or_default());
+    if key != job.0 {
+        return Err(WireError::ForeignJob(key));
+    }
+    let (signed, tag) = bytes.split_at(bytes.len() - TAG_LEN);
+    let mut mac = secret.mac();
+    mac.update(signed);
+    mac.verify_slice(tag).map_err(|_| WireError::BadTag)?;
+    decode_body(&signed[FIXED..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Endpoints;
+
+    fn info(rank: Rank) -> PeerInfo {
+        PeerInfo {
+            rank,
+            node_index: 0,
+            incarnation: Incarnation(7),
+            endpoints: Endpoints {
+                ipc: Some(format!("ipc:///tmp/x-{rank}")),
+                tcp: "tcp://127.0.0.1:5555".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn datagram_round_trips() {
+        let secret = JobSecret::new(b"s3cret".to_vec());
+        let msg = Datagram::Ping(Ping {
+            info: info(3),
+            local_size: 4,
+        });
+        let bytes = encode_datagram(JobKey(42), &secret, &msg);
+        assert_eq!(decode_datagram(JobKey(42), &secret, &bytes), Ok(msg));
+    }
+
+    #[test]
+    fn datagram_from_other_job_wrong_secret_or_tampered_is_rejected() {
+        let secret = JobSecret::new(b"s3cret".to_vec());
+        let msg = Datagram::Ping(Ping {
+            info: info(3),
+            local_size: 4,
+        });
+        let bytes = encode_datagram(JobKey(42), &secret, &msg);
+        assert_eq!(
+            decode_datagram(JobKey(43), &secret, &bytes),
+            Err(WireError::ForeignJob(42))
+        );
+        let other = JobSecret::new(b"other".to_vec());
+        assert_eq!(
+            decode_datagram(JobKey(42), &other, &bytes),
+            Err(WireError::BadTag)
+        );
+        let mut tampered = bytes.clone();
+        tampered[20] ^= 1;
+        assert_eq!(
+            decode_datagram(JobKey(42), &secret, &tampered),
+            Err(WireError::BadTag)
+        );
+    }
+
+    #[test]
+    fn junk_datagrams_are_errors_not_panics() {
+        let secret = JobSecret::new(b"k".to_vec());
+        for junk in [
+            &b""[..],
+            b"hello",
+            b"CNET\x01",
+            &[0xff; 200][..],
+            &[0u8; 70_000][..],
+        ] {
+            assert!(decode_datagram(JobKey(1), &secret, junk).is_err());
+        }
+        let mut truncated = encode_datagram(
+            JobKey(1),
+            &secret,
+            &Datagram::Ping(Ping {
+                info: info(1),
+                local_size: 1,
+            }),
+        );
+        truncated.truncate(truncated.len() - 1);
+        assert!(decode_datagram(JobKey(1), &secret, &truncated).is_err());
+    }
+
+    #[test]
+    fn header_round_trips_and_garbage_is_rejected() {
+        let h = Header {
+            kind: MsgKind::FrameEnd,
+            from: 9,
+            incarnation: Incarnation(3),
+            id: 12,
+            frame: 99,
+            aux: 5,
+        };
+        assert_eq!(Header::decode(&h.encode()), Ok(h));
+        assert!(Header::decode(b"garbage").is_err());
+        let mut bad = h.encode();
+        bad[3] = 200;
+        assert_eq!(Header::decode(&bad), Err(WireError::UnknownKind(200)));
+    }
+
+    #[test]
+    fn peer_messages_round_trip() {
+        let [h, b] = encode_control(1, Incarnation(2), &Control::Pong(info(1)));
+        let (header, msg) = decode_peer_msg(&[&h, &b]).unwrap();
+        assert_eq!(header.from, 1);
+        assert_eq!(msg, PeerMsg::Control(Control::Pong(info(1))));
+
+        let data = DataMsg {
+            id: 5,
+            frame: 2,
+            kind: DataKind::FrameEnd { count: 8 },
+            payload: Bytes::new(),
+        };
+        let h = data_header(4, Incarnation(1), &data);
+        let (_, msg) = decode_peer_msg(&[&h, &[]]).unwrap();
+        assert_eq!(msg, PeerMsg::Data(data));
+        assert!(decode_peer_msg(&[b"x"]).is_err());
+        assert!(decode_peer_msg(&[&h, &[], &[]]).is_err());
+        let [h, _] = encode_control(1, Incarnation(2), &Control::Ready);
+        assert!(decode_peer_msg(&[&h, b"\xff\xff\xff\xff"]).is_err());
+    }
+}

@@ -1,1 +1,614 @@
-//! discovery (in progress).
+//! Local discovery: the node-local handshake Ping → Pong → ReadyForReceiving
+//! and the election of one leader per node.
+//!
+//! Owns the membership of this instance's node. Must not touch sockets: the
+//! driver broadcasts the [`Ping`]s and carries the [`Control`] messages this
+//! machine emits, and feeds back what arrives.
+//!
+//! The handshake, from the point of view of instance A and a peer B:
+//! - A broadcasts `Ping(A)` with backoff until every expected local peer is
+//!   ready.
+//! - On `Ping(B)` while B is not yet ready for us: open a sending socket to B
+//!   and send `Pong(A)`.
+//! - On `Pong(B)`: remember B (opening a sending socket), answer `Ready`
+//!   ("your path to me works"), and send our own `Pong(A)` if B is not ready
+//!   yet (B may have missed our Ping).
+//! - On `Ready` from B: B joins the peers A can send to.
+//!
+//! Every message may be lost or duplicated: Pongs to a known but not yet
+//! ready peer are repeated with backoff (their answer is the Ready we
+//! lack), Pings repeat until complete, and every handler is idempotent.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use rand::{rngs::SmallRng, SeedableRng};
+
+use super::{
+    backoff::{Backoff, BackoffPolicy},
+    wire::{Control, Ping},
+    Incarnation, Now, PeerInfo, Rank,
+};
+use std::time::Duration;
+
+/// Timing of the discovery handshake.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DiscoveryConfig {
+    /// Spacing of the broadcast pings until the node is complete.
+    pub ping: BackoffPolicy,
+    /// Spacing of repeated Pongs to a peer that has not answered Ready.
+    pub pong: BackoffPolicy,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            ping: BackoffPolicy::new(
+                Duration::from_millis(10),
+                1.5,
+                Duration::from_millis(500),
+                0.2,
+            ),
+            pong: BackoffPolicy::new(Duration::from_millis(50), 2.0, Duration::from_secs(1), 0.2),
+        }
+    }
+}
+
+/// What the driver must send.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DiscoveryTransmit {
+    /// Broadcast on the node-local address.
+    Broadcast(Ping),
+    /// Send over ZeroMQ to `to` (opening a sending socket if there is none).
+    ToPeer { to: PeerInfo, msg: Control },
+}
+
+/// What the application (or the runtime) learns.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DiscoveryEvent {
+    /// We can send to this peer.
+    PeerReady(PeerInfo),
+    /// The peer came back with a new incarnation; everything about its old
+    /// life is void.
+    PeerRestarted(PeerInfo),
+    /// Every expected local peer is ready. Emitted again after a restart
+    /// made the node incomplete and it completed once more.
+    Complete {
+        leader: Rank,
+        members: Vec<PeerInfo>,
+    },
+}
+
+/// Counters of what discovery saw and dropped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiscoveryStats {
+    pub pings_sent: u64,
+    pub pongs_sent: u64,
+    pub readies_sent: u64,
+    /// Pings from another node that share our broadcast domain.
+    pub other_node: u64,
+    /// Messages from an older incarnation of a peer.
+    pub stale: u64,
+    /// Messages claiming our own rank with another incarnation.
+    pub rank_conflicts: u64,
+    /// Ready from a peer we do not know (or from a past incarnation).
+    pub unexpected: u64,
+}
+
+#[derive(Clone, Debug)]
+struct PeerState {
+    info: PeerInfo,
+    /// We received `Ready` from it: our path to it works.
+    ready: bool,
+    /// Repeats our Pong until the peer answers Ready.
+    pong: Backoff,
+}
+
+/// The lowest rank among `members` leads the node.
+pub fn elect_leader<'a>(members: impl IntoIterator<Item = &'a PeerInfo>) -> Option<Rank> {
+    members.into_iter().map(|p| p.rank).min()
+}
+
+/// One instance's view of its node.
+pub struct LocalDiscovery {
+    me: PeerInfo,
+    local_size: u32,
+    config: DiscoveryConfig,
+    peers: BTreeMap<Rank, PeerState>,
+    ping: Backoff,
+    complete: bool,
+    rng: SmallRng,
+    transmits: VecDeque<DiscoveryTransmit>,
+    events: VecDeque<DiscoveryEvent>,
+    stats: DiscoveryStats,
+}
+
+impl LocalDiscovery {
+    /// `local_size` counts every instance of the node, this one included.
+    pub fn new(
+        me: PeerInfo,
+        local_size: u32,
+        config: DiscoveryConfig,
+        now: Now,
+        seed: u64,
+    ) -> Self {
+        let mut d = Self {
+            me,
+            local_size: local_size.max(1),
+            config,
+            peers: BTreeMap::new(),
+            ping: Backoff::start(config.ping, now),
+            complete: false,
+            rng: SmallRng::seed_from_u64(seed),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: DiscoveryStats::default(),
+        };
+        d.check_complete();
+        d
+    }
+
+    pub fn me(&self) -> &PeerInfo {
+        &self.me
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// All instances of the node that are ready, this one included, by rank.
+    pub fn members(&self) -> Vec<PeerInfo> {
+        let mut all: Vec<PeerInfo> = self
+            .peers
+            .values()
+            .filter(|p| p.ready)
+            .map(|p| p.info.clone())
+            .collect();
+        all.push(self.me.clone());
+        all.sort_by_key(|p| p.rank);
+        all
+    }
+
+    /// The node's leader, once the membership is complete.
+    pub fn leader(&self) -> Option<Rank> {
+        self.complete
+            .then(|| elect_leader(&self.members()))
+            .flatten()
+    }
+
+    pub fn peer(&self, rank: Rank) -> Option<&PeerInfo> {
+        self.peers.get(&rank).map(|p| &p.info)
+    }
+
+    pub fn stats(&self) -> &DiscoveryStats {
+        &self.stats
+    }
+
+    /// A beacon heard on the node-local broadcast address.
+    pub fn handle_ping(&mut self, now: Now, ping: Ping) {
+        let Some(rank) = self.learn(now, ping.info) else {
+            return;
+        };
+        let peer = &self.peers[&rank];
+        if !peer.ready {
+            self.send_pong(now, rank);
+        }
+    }
+
+    /// A discovery control message that arrived over ZeroMQ from
+    /// `(from, incarnation)`. Returns false if it is not a discovery message.
+    pub fn handle_control(
+        &mut self,
+        now: Now,
+        from: Rank,
+        incarnation: Incarnation,
+        msg: &Control,
+    ) -> bool {
+        match msg {
+            Control::Pong(info) => {
+                if info.rank != from || info.incarnation != incarnation {
+                    self.stats.unexpected += 1;
+                    return true;
+                }
+                let Some(rank) = self.learn(now, info.clone()) else {
+                    return true;
+                };
+                self.send(rank, Control::Ready);
+                self.stats.readies_sent += 1;
+                if !self.peers[&rank].ready && self.peers[&rank].pong.attempts() == 0 {
+                    self.send_pong(now, rank);
+                }
+            }
+            Control::Ready => match self.peers.get_mut(&from) {
+                Some(peer) if peer.info.incarnation == incarnation => {
+                    if !peer.ready {
+                        peer.ready = true;
+                        self.events
+                            .push_back(DiscoveryEvent::PeerReady(peer.info.clone()));
+                        self.check_complete();
+                    }
+                }
+                _ => self.stats.unexpected += 1,
+            },
+            _ => return false,
+        }
+        true
+    }
+
+    /// Record a peer; returns its rank if the message is current.
+    fn learn(&mut self, now: Now, info: PeerInfo) -> Option<Rank> {
+        if info.rank == self.me.rank {
+            if info.incarnation != self.me.incarnation {
+                self.stats.rank_conflicts += 1;
+            }
+            return None;
+        }
+        if info.node_index != self.me.node_index {
+            self.stats.other_node += 1;
+            return None;
+        }
+        let rank = info.rank;
+        let fresh = PeerState {
+            info: info.clone(),
+            ready: false,
+            pong: Backoff::start(self.config.pong, now),
+        };
+        match self.peers.get(&rank) {
+            None => {
+                self.peers.insert(rank, fresh);
+            }
+            Some(old) if info.incarnation > old.info.incarnation => {
+                let was_ready = old.ready;
+                self.peers.insert(rank, fresh);
+                self.events.push_back(DiscoveryEvent::PeerRestarted(info));
+                if was_ready {
+                    self.complete = false;
+                    self.ping.reset(now);
+                }
+            }
+            Some(old) if info.incarnation < old.info.incarnation => {
+                self.stats.stale += 1;
+                return None;
+            }
+            Some(_) => {}
+        }
+        Some(rank)
+    }
+
+    fn send_pong(&mut self, now: Now, rank: Rank) {
+        let me = self.me.clone();
+        if let Some(peer) = self.peers.get_mut(&rank) {
+            peer.pong.fire(now, &mut self.rng);
+        }
+        self.send(rank, Control::Pong(me));
+        self.stats.pongs_sent += 1;
+    }
+
+    fn send(&mut self, rank: Rank, msg: Control) {
+        if let Some(peer) = self.peers.get(&rank) {
+            self.transmits.push_back(DiscoveryTransmit::ToPeer {
+                to: peer.info.clone(),
+                msg,
+            });
+        }
+    }
+
+    fn check_complete(&mut self) {
+        let ready = self.peers.values().filter(|p| p.ready).count() as u32;
+        if !self.complete && ready + 1 >= self.local_size {
+            self.complete = true;
+            let members = self.members();
+            let leader = elect_leader(&members).unwrap_or(self.me.rank);
+            self.events
+                .push_back(DiscoveryEvent::Complete { leader, members });
+        }
+    }
+
+    /// Earliest time at which [`Self::handle_timeout`] has something to do.
+    pub fn poll_timeout(&self) -> Option<Now> {
+        let ping = (!self.complete).then(|| self.ping.next());
+        let pongs = self
+            .peers
+            .values()
+            .filter(|p| !p.ready)
+            .map(|p| p.pong.next());
+        ping.into_iter().chain(pongs).min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Now) {
+        if !self.complete && self.ping.is_due(now) {
+            self.ping.fire(now, &mut self.rng);
+            self.stats.pings_sent += 1;
+            self.transmits.push_back(DiscoveryTransmit::Broadcast(Ping {
+                info: self.me.clone(),
+                local_size: self.local_size,
+            }));
+        }
+        let due: Vec<Rank> = self
+            .peers
+            .values()
+            .filter(|p| !p.ready && p.pong.is_due(now))
+            .map(|p| p.info.rank)
+            .collect();
+        for rank in due {
+            self.send_pong(now, rank);
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<DiscoveryTransmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<DiscoveryEvent> {
+        self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Endpoints;
+
+    fn info(rank: Rank, inc: u64) -> PeerInfo {
+        PeerInfo {
+            rank,
+            node_index: 0,
+            incarnation: Incarnation(inc),
+            endpoints: Endpoints {
+                ipc: Some(format!("ipc://r{rank}")),
+                tcp: format!("tcp://127.0.0.1:{}", 1000 + rank),
+            },
+        }
+    }
+
+    fn ms(n: u64) -> Now {
+        Duration::from_millis(n)
+    }
+
+    /// In-flight messages between instances; `deliver` decides per message
+    /// whether it arrives (loss) and how often (duplication).
+    struct Net {
+        nodes: Vec<LocalDiscovery>,
+        now: Now,
+        sent: u64,
+    }
+
+    impl Net {
+        fn new(n: u32) -> Self {
+            let nodes = (0..n)
+                .map(|r| {
+                    LocalDiscovery::new(info(r, 1), n, DiscoveryConfig::default(), ms(0), r as u64)
+                })
+                .collect();
+            Self {
+                nodes,
+                now: ms(0),
+                sent: 0,
+            }
+        }
+
+        /// Advance time by 1 ms and move every pending message; `fate`
+        /// returns how many copies of message number k arrive.
+        fn step(&mut self, fate: &mut impl FnMut(u64) -> usize) {
+            self.now += ms(1);
+            for i in 0..self.nodes.len() {
+                self.nodes[i].handle_timeout(self.now);
+            }
+            for i in 0..self.nodes.len() {
+                while let Some(t) = self.nodes[i].poll_transmit() {
+                    self.sent += 1;
+                    let copies = fate(self.sent);
+                    let from = self.nodes[i].me().clone();
+                    for _ in 0..copies {
+                        match &t {
+                            DiscoveryTransmit::Broadcast(p) => {
+                                for j in 0..self.nodes.len() {
+                                    if j != i {
+                                        self.nodes[j].handle_ping(self.now, p.clone());
+                                    }
+                                }
+                            }
+                            DiscoveryTransmit::ToPeer { to, msg } => {
+                                let to = to.rank as usize;
+                                self.nodes[to].handle_control(
+                                    self.now,
+                                    from.rank,
+                                    from.incarnation,
+                                    msg,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        fn all_complete(&self) -> bool {
+            self.nodes.iter().all(|n| n.is_complete())
+        }
+    }
+
+    #[test]
+    fn four_instances_complete_and_agree_on_the_lowest_rank_as_leader() {
+        let mut net = Net::new(4);
+        for _ in 0..100 {
+            net.step(&mut |_| 1);
+        }
+        assert!(net.all_complete());
+        for n in &net.nodes {
+            assert_eq!(n.leader(), Some(0));
+            assert_eq!(
+                n.members().iter().map(|p| p.rank).collect::<Vec<_>>(),
+                vec![0, 1, 2, 3]
+            );
+        }
+    }
+
+    #[test]
+    fn completes_when_a_third_of_all_messages_are_lost_or_duplicated() {
+        for seed in 0..50u64 {
+            let mut net = Net::new(6);
+            let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut fate = |_k: u64| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                match state % 6 {
+                    0 | 1 => 0,
+                    2 => 2,
+                    _ => 1,
+                }
+            };
+            for _ in 0..20_000 {
+                net.step(&mut fate);
+                if net.all_complete() {
+                    break;
+                }
+            }
+            assert!(net.all_complete(), "seed {seed} did not complete");
+            for n in &net.nodes {
+                assert_eq!(n.leader(), Some(0), "seed {seed}");
+            }
+        }
+    }
+
+    #[test]
+    fn lost_first_ping_is_repeated() {
+        let mut a = LocalDiscovery::new(info(0, 1), 2, DiscoveryConfig::default(), ms(0), 1);
+        a.handle_timeout(ms(0));
+        assert!(matches!(
+            a.poll_transmit(),
+            Some(DiscoveryTransmit::Broadcast(_))
+        ));
+        // dropped; the next one comes after the backoff delay
+        a.handle_timeout(ms(1));
+        assert!(a.poll_transmit().is_none());
+        let next = a.poll_timeout().unwrap();
+        a.handle_timeout(next);
+        assert!(matches!(
+            a.poll_transmit(),
+            Some(DiscoveryTransmit::Broadcast(_))
+        ));
+    }
+
+    #[test]
+    fn handshake_exactly_as_designed() {
+        let mut a = LocalDiscovery::new(info(0, 1), 2, DiscoveryConfig::default(), ms(0), 1);
+        let mut b = LocalDiscovery::new(info(1, 1), 2, DiscoveryConfig::default(), ms(0), 2);
+        a.handle_timeout(ms(0));
+        let Some(DiscoveryTransmit::Broadcast(ping)) = a.poll_transmit() else {
+            panic!("no ping")
+        };
+        // B hears A's Ping → Pong(B) to A.
+        b.handle_ping(ms(1), ping);
+        let Some(DiscoveryTransmit::ToPeer { to, msg }) = b.poll_transmit() else {
+            panic!("no pong")
+        };
+        assert_eq!((to.rank, &msg), (0, &Control::Pong(info(1, 1))));
+        // A gets Pong(B) → Ready to B and Pong(A) to B.
+        a.handle_control(ms(2), 1, Incarnation(1), &msg);
+        let out: Vec<_> = std::iter::from_fn(|| a.poll_transmit()).collect();
+        assert!(out.contains(&DiscoveryTransmit::ToPeer {
+            to: info(1, 1),
+            msg: Control::Ready
+        }));
+        assert!(out.contains(&DiscoveryTransmit::ToPeer {
+            to: info(1, 1),
+            msg: Control::Pong(info(0, 1))
+        }));
+        for t in out {
+            if let DiscoveryTransmit::ToPeer { msg, .. } = t {
+                b.handle_control(ms(3), 0, Incarnation(1), &msg);
+            }
+        }
+        // B is complete (got Ready from A); B answers A's Pong with Ready.
+        assert!(b.is_complete());
+        let out: Vec<_> = std::iter::from_fn(|| b.poll_transmit()).collect();
+        assert_eq!(
+            out,
+            vec![DiscoveryTransmit::ToPeer {
+                to: info(0, 1),
+                msg: Control::Ready
+            }]
+        );
+        a.handle_control(ms(4), 1, Incarnation(1), &Control::Ready);
+        assert!(a.is_complete());
+        assert_eq!(a.leader(), Some(0));
+        assert_eq!(b.leader(), Some(0));
+        // A duplicated Ready changes nothing and emits no second event.
+        a.handle_control(ms(5), 1, Incarnation(1), &Control::Ready);
+        let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, DiscoveryEvent::Complete { .. }))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn restarted_peer_is_reported_and_must_handshake_again() {
+        let mut net = Net::new(3);
+        for _ in 0..100 {
+            net.step(&mut |_| 1);
+        }
+        assert!(net.all_complete());
+        while net.nodes[0].poll_event().is_some() {}
+        net.nodes[2] = LocalDiscovery::new(info(2, 2), 3, DiscoveryConfig::default(), net.now, 9);
+        for _ in 0..200 {
+            net.step(&mut |_| 1);
+        }
+        assert!(net.all_complete());
+        let events: Vec<_> = std::iter::from_fn(|| net.nodes[0].poll_event()).collect();
+        assert!(events.contains(&DiscoveryEvent::PeerRestarted(info(2, 2))));
+        assert_eq!(net.nodes[0].peer(2).unwrap().incarnation, Incarnation(2));
+        // Messages from the old life are stale now.
+        net.nodes[0].handle_ping(
+            net.now,
+            Ping {
+                info: info(2, 1),
+                local_size: 3,
+            },
+        );
+        assert_eq!(net.nodes[0].stats().stale, 1);
+    }
+
+    #[test]
+    fn pings_from_another_node_or_claiming_our_rank_are_ignored() {
+        let mut a = LocalDiscovery::new(info(0, 1), 2, DiscoveryConfig::default(), ms(0), 1);
+        let mut other = info(5, 1);
+        other.node_index = 1;
+        a.handle_ping(
+            ms(1),
+            Ping {
+                info: other,
+                local_size: 2,
+            },
+        );
+        a.handle_ping(
+            ms(1),
+            Ping {
+                info: info(0, 99),
+                local_size: 2,
+            },
+        );
+        assert!(a.poll_transmit().is_none());
+        assert_eq!(a.stats().other_node, 1);
+        assert_eq!(a.stats().rank_conflicts, 1);
+        a.handle_control(ms(1), 7, Incarnation(1), &Control::Ready);
+        assert_eq!(a.stats().unexpected, 1);
+        assert!(!a.is_complete());
+    }
+
+    #[test]
+    fn a_single_instance_node_is_complete_at_once() {
+        let mut a = LocalDiscovery::new(info(3, 1), 1, DiscoveryConfig::default(), ms(0), 1);
+        assert!(a.is_complete());
+        assert_eq!(a.leader(), Some(3));
+        assert_eq!(a.poll_timeout(), None);
+        assert!(matches!(
+            a.poll_event(),
+            Some(DiscoveryEvent::Complete { leader: 3, .. })
+        ));
+    }
+}

@@ -1,1 +1,618 @@
-//! global (in progress).
+//! Global join: node leaders register with the coordinator, leaders learn
+//! each other (a full mesh in one round), the coordinator announces *global
+//! ready*, and members resolve remote peers lazily through their leader.
+//!
+//! Owns the coordinator's registry, each leader's directory and each
+//! member's cache of resolved peers. Must not touch sockets or the clock.
+//!
+//! Message flow (every step idempotent, every request repeated with backoff
+//! until answered, so any message may be lost or duplicated):
+//! - leader → coordinator (UDP): `Register { node, leader, members }`;
+//! - coordinator → leader (ZeroMQ): `Welcome` while nodes are missing, then
+//!   `GlobalReady { directory }` to every leader at once when the last node
+//!   is in; a leader stops registering when it has the directory;
+//! - leader → members: `GlobalReady` (no directory); members also ask with
+//!   `AwaitGlobal` until they have it;
+//! - member → leader: `Resolve { ranks }` → `Resolved { peers }`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use rand::{rngs::SmallRng, SeedableRng};
+
+use super::{
+    backoff::{Backoff, BackoffPolicy},
+    wire::{Control, NodeEntry, Register},
+    Now, PeerInfo, Rank,
+};
+
+/// Timing of the global join.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GlobalConfig {
+    /// Spacing of a leader's registrations until it has the directory.
+    pub register: BackoffPolicy,
+    /// Spacing of a member's requests to its leader (AwaitGlobal, Resolve).
+    pub request: BackoffPolicy,
+}
+
+impl Default for GlobalConfig {
+    fn default() -> Self {
+        Self {
+            register: BackoffPolicy::new(
+                Duration::from_millis(20),
+                2.0,
+                Duration::from_secs(1),
+                0.2,
+            ),
+            request: BackoffPolicy::new(
+                Duration::from_millis(20),
+                2.0,
+                Duration::from_millis(500),
+                0.2,
+            ),
+        }
+    }
+}
+
+/// What the driver must send.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GlobalTransmit {
+    /// A UDP registration to the coordinator's known address.
+    Register(Register),
+    /// A ZeroMQ message to `to`.
+    ToPeer { to: PeerInfo, msg: Control },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum GlobalEvent {
+    /// Every node of the job is in.
+    Ready { nodes: u32, size: u32 },
+    /// Where a remote instance receives (answer to [`GlobalJoin::resolve`]).
+    Resolved(PeerInfo),
+}
+
+/// Registrations the coordinator refused, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CoordinatorStats {
+    pub registrations: u64,
+    /// Node index outside the job, or inconsistent member list.
+    pub invalid: u64,
+    /// From an older incarnation of a node's leader than the one we hold.
+    pub stale: u64,
+}
+
+/// The coordinator's registry (runs on the leader of the coordinator node).
+pub struct Coordinator {
+    expected_nodes: u32,
+    size: u32,
+    nodes: BTreeMap<u32, NodeEntry>,
+    announced: bool,
+    transmits: VecDeque<GlobalTransmit>,
+    stats: CoordinatorStats,
+}
+
+impl Coordinator {
+    pub fn new(expected_nodes: u32, size: u32) -> Self {
+        Self {
+            expected_nodes,
+            size,
+            nodes: BTreeMap::new(),
+            announced: false,
+            transmits: VecDeque::new(),
+            stats: CoordinatorStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &CoordinatorStats {
+        &self.stats
+    }
+
+    pub fn registered(&self) -> u32 {
+        self.nodes.len() as u32
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.registered() == self.expected_nodes
+            && self
+                .nodes
+                .values()
+                .map(|n| n.members.len() as u64)
+                .sum::<u64>()
+                == self.size as u64
+    }
+
+    /// A registration that arrived over UDP (already authenticated).
+    pub fn handle_register(&mut self, reg: Register) {
+        self.stats.registrations += 1;
+        let consistent = reg.node_index < self.expected_nodes
+            && reg.leader.node_index == reg.node_index
+            && reg
+                .members
+                .iter()
+                .any(|m| m.rank == reg.leader.rank && m.incarnation == reg.leader.incarnation)
+            && reg
+                .members
+                .iter()
+                .all(|m| m.node_index == reg.node_index && m.rank < self.size);
+        if !consistent {
+            self.stats.invalid += 1;
+            return;
+        }
+        let entry = NodeEntry {
+            node_index: reg.node_index,
+            node_name: reg.node_name,
+            leader: reg.leader.clone(),
+            members: reg.members,
+        };
+        match self.nodes.get(&reg.node_index) {
+            Some(old)
+                if old.leader.rank == entry.leader.rank
+                    && old.leader.incarnation > entry.leader.incarnation =>
+            {
+                self.stats.stale += 1;
+                return;
+            }
+            Some(old) if *old == entry => {}
+            _ => {
+                self.nodes.insert(reg.node_index, entry);
+                // A changed node (new leader or incarnation) after global
+                // ready: everybody needs the new directory.
+                if self.announced {
+                    self.announced = false;
+                }
+            }
+        }
+        if self.is_ready() {
+            if !self.announced {
+                self.announced = true;
+                let msg = self.global_ready();
+                for node in self.nodes.values() {
+                    self.transmits.push_back(GlobalTransmit::ToPeer {
+                        to: node.leader.clone(),
+                        msg: msg.clone(),
+                    });
+                }
+            } else {
+                // A repeated registration: its leader missed the announcement.
+                let msg = self.global_ready();
+                self.transmits.push_back(GlobalTransmit::ToPeer {
+                    to: reg.leader,
+                    msg,
+                });
+            }
+        } else {
+            let msg = Control::Welcome {
+                registered: self.registered(),
+                expected_nodes: self.expected_nodes,
+            };
+            self.transmits.push_back(GlobalTransmit::ToPeer {
+                to: reg.leader,
+                msg,
+            });
+        }
+    }
+
+    fn global_ready(&self) -> Control {
+        Control::GlobalReady {
+            nodes: self.expected_nodes,
+            size: self.size,
+            directory: self.nodes.values().cloned().collect(),
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<GlobalTransmit> {
+        self.transmits.pop_front()
+    }
+}
+
+enum Role {
+    Leader {
+        registration: Register,
+        timer: Backoff,
+    },
+    Member {
+        leader: PeerInfo,
+        timer: Backoff,
+    },
+}
+
+/// One instance's part of the global join, after its node is complete.
+pub struct GlobalJoin {
+    me: Rank,
+    role: Role,
+    config: GlobalConfig,
+    ready: Option<(u32, u32)>,
+    /// Leader: every instance of the job. Member: what it resolved so far.
+    directory: HashMap<Rank, PeerInfo>,
+    /// Member: ranks asked of the leader and not answered yet.
+    pending: BTreeMap<Rank, Backoff>,
+    rng: SmallRng,
+    transmits: VecDeque<GlobalTransmit>,
+    events: VecDeque<GlobalEvent>,
+}
+
+impl GlobalJoin {
+    /// This instance leads its node: register `members` with the coordinator.
+    pub fn leader(
+        me: PeerInfo,
+        node_name: String,
+        members: Vec<PeerInfo>,
+        config: GlobalConfig,
+        now: Now,
+        seed: u64,
+    ) -> Self {
+        let registration = Register {
+            node_index: me.node_index,
+            node_name,
+            leader: me.clone(),
+            members,
+        };
+        Self::with_role(
+            me.rank,
+            Role::Leader {
+                registration,
+                timer: Backoff::start(config.register, now),
+            },
+            config,
+            seed,
+        )
+    }
+
+    /// This instance is a member of a node led by `leader`.
+    pub fn member(me: Rank, leader: PeerInfo, config: GlobalConfig, now: Now, seed: u64) -> Self {
+        Self::with_role(
+            me,
+            Role::Member {
+                leader,
+                timer: Backoff::start(config.request, now),
+            },
+            config,
+            seed,
+        )
+    }
+
+    fn with_role(me: Rank, role: Role, config: GlobalConfig, seed: u64) -> Self {
+        Self {
+            me,
+            role,
+            config,
+            ready: None,
+            directory: HashMap::new(),
+            pending: BTreeMap::new(),
+            rng: SmallRng::seed_from_u64(seed),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        matches!(self.role, Role::Leader { .. })
+    }
+
+    /// `(nodes, size)` once the job is globally ready.
+    pub fn ready(&self) -> Option<(u32, u32)> {
+        self.ready
+    }
+
+    /// Where `rank` receives, if known; otherwise a request goes to the
+    /// leader and a [`GlobalEvent::Resolved`] follows.
+    pub fn resolve(&mut self, now: Now, rank: Rank) -> Option<PeerInfo> {
+        if let Some(p) = self.directory.get(&rank) {
+            return Some(p.clone());
+        }
+        if let Role::Member { leader, .. } = &self.role {
+            if !self.pending.contains_key(&rank) {
+                let leader = leader.clone();
+                let mut timer = Backoff::start(self.config.request, now);
+                timer.fire(now, &mut self.rng);
+                self.pending.insert(rank, timer);
+                self.transmits.push_back(GlobalTransmit::ToPeer {
+                    to: leader,
+                    msg: Control::Resolve { ranks: vec![rank] },
+                });
+            }
+        }
+        None
+    }
+
+    /// A global-join message from a peer. Returns the answer to send back to
+    /// the requester (leaders answer members' requests), if any.
+    pub fn handle_control(&mut self, _now: Now, msg: &Control) -> Option<Control> {
+        match msg {
+            Control::Welcome { .. } => None,
+            Control::GlobalReady {
+                nodes,
+                size,
+                directory,
+            } => {
+                if let Role::Leader { registration, .. } = &self.role {
+                    if directory.is_empty() {
+                        return None;
+                    }
+                    self.directory = directory
+                        .iter()
+                        .flat_map(|n| n.members.iter())
+                        .map(|p| (p.rank, p.clone()))
+                        .collect();
+                    let announce = Control::GlobalReady {
+                        nodes: *nodes,
+                        size: *size,
+                        directory: Vec::new(),
+                    };
+                    if self.ready.is_none() {
+                        for m in registration.members.iter().filter(|m| m.rank != self.me) {
+                            self.transmits.push_back(GlobalTransmit::ToPeer {
+                                to: m.clone(),
+                                msg: announce.clone(),
+                            });
+                        }
+                    }
+                }
+                if self.ready.is_none() {
+                    self.ready = Some((*nodes, *size));
+                    self.events.push_back(GlobalEvent::Ready {
+                        nodes: *nodes,
+                        size: *size,
+                    });
+                }
+                None
+            }
+            Control::AwaitGlobal => match (&self.role, self.ready) {
+                (Role::Leader { .. }, Some((nodes, size))) => Some(Control::GlobalReady {
+                    nodes,
+                    size,
+                    directory: Vec::new(),
+                }),
+                _ => None,
+            },
+            Control::Resolve { ranks } if self.is_leader() && self.ready.is_some() => {
+                Some(Control::Resolved {
+                    peers: ranks
+                        .iter()
+                        .filter_map(|r| self.directory.get(r).cloned())
+                        .collect(),
+                })
+            }
+            Control::Resolved { peers } => {
+                for p in peers {
+                    if self.pending.remove(&p.rank).is_some() {
+                        self.directory.insert(p.rank, p.clone());
+                        self.events.push_back(GlobalEvent::Resolved(p.clone()));
+                    }
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Now> {
+        let role = match &self.role {
+            Role::Leader { timer, .. } | Role::Member { timer, .. } if self.ready.is_none() => {
+                Some(timer.next())
+            }
+            _ => None,
+        };
+        role.into_iter()
+            .chain(self.pending.values().map(|t| t.next()))
+            .min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Now) {
+        if self.ready.is_none() {
+            match &mut self.role {
+                Role::Leader {
+                    registration,
+                    timer,
+                } if timer.is_due(now) => {
+                    timer.fire(now, &mut self.rng);
+                    self.transmits
+                        .push_back(GlobalTransmit::Register(registration.clone()));
+                }
+                Role::Member { leader, timer } if timer.is_due(now) => {
+                    timer.fire(now, &mut self.rng);
+                    self.transmits.push_back(GlobalTransmit::ToPeer {
+                        to: leader.clone(),
+                        msg: Control::AwaitGlobal,
+                    });
+                }
+                _ => {}
+            }
+        }
+        if let Role::Member { leader, .. } = &self.role {
+            let mut due = Vec::new();
+            for (rank, timer) in self.pending.iter_mut() {
+                if timer.is_due(now) {
+                    timer.fire(now, &mut self.rng);
+                    due.push(*rank);
+                }
+            }
+            if !due.is_empty() {
+                self.transmits.push_back(GlobalTransmit::ToPeer {
+                    to: leader.clone(),
+                    msg: Control::Resolve { ranks: due },
+                });
+            }
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<GlobalTransmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<GlobalEvent> {
+        self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Endpoints, Incarnation};
+
+    fn info(rank: Rank, node: u32) -> PeerInfo {
+        PeerInfo {
+            rank,
+            node_index: node,
+            incarnation: Incarnation(1),
+            endpoints: Endpoints {
+                ipc: None,
+                tcp: format!("tcp://198.18.0.{node}:{}", 2000 + rank),
+            },
+        }
+    }
+
+    fn ms(n: u64) -> Now {
+        Duration::from_millis(n)
+    }
+
+    /// `nodes` nodes of `per` instances: joins for all, one coordinator.
+    struct Job {
+        coordinator: Coordinator,
+        joins: Vec<GlobalJoin>,
+        per: u32,
+        messages: u64,
+    }
+
+    impl Job {
+        fn new(nodes: u32, per: u32) -> Self {
+            let mut joins = Vec::new();
+            for n in 0..nodes {
+                let members: Vec<_> = (0..per).map(|i| info(n * per + i, n)).collect();
+                for i in 0..per {
+                    let rank = n * per + i;
+                    joins.push(if i == 0 {
+                        GlobalJoin::leader(
+                            info(rank, n),
+                            format!("n{n}"),
+                            members.clone(),
+                            GlobalConfig::default(),
+                            ms(0),
+                            rank as u64,
+                        )
+                    } else {
+                        GlobalJoin::member(
+                            rank,
+                            info(n * per, n),
+                            GlobalConfig::default(),
+                            ms(0),
+                            rank as u64,
+                        )
+                    });
+                }
+            }
+            Self {
+                coordinator: Coordinator::new(nodes, nodes * per),
+                joins,
+                per,
+                messages: 0,
+            }
+        }
+
+        fn step(&mut self, now: Now, mut keep: impl FnMut(u64) -> bool) {
+            let mut inbox: Vec<(Rank, Rank, Control)> = Vec::new();
+            for j in self.joins.iter_mut() {
+                j.handle_timeout(now);
+            }
+            for (i, j) in self.joins.iter_mut().enumerate() {
+                while let Some(t) = j.poll_transmit() {
+                    self.messages += 1;
+                    if !keep(self.messages) {
+                        continue;
+                    }
+                    match t {
+                        GlobalTransmit::Register(r) => self.coordinator.handle_register(r),
+                        GlobalTransmit::ToPeer { to, msg } => inbox.push((i as Rank, to.rank, msg)),
+                    }
+                }
+            }
+            while let Some(GlobalTransmit::ToPeer { to, msg }) = self.coordinator.poll_transmit() {
+                self.messages += 1;
+                if keep(self.messages) {
+                    inbox.push((u32::MAX, to.rank, msg));
+                }
+            }
+            for (from, to, msg) in inbox {
+                if let Some(answer) = self.joins[to as usize].handle_control(now, &msg) {
+                    if from != u32::MAX {
+                        self.joins[from as usize].handle_control(now, &answer);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn four_nodes_reach_global_ready_and_members_resolve_remote_peers() {
+        let mut job = Job::new(4, 3);
+        for t in 0..50 {
+            job.step(ms(t), |_| true);
+        }
+        assert!(job.coordinator.is_ready());
+        for j in &job.joins {
+            assert_eq!(j.ready(), Some((4, 12)));
+        }
+        // Rank 4 (member of node 1) resolves rank 11 (node 3) via its leader.
+        assert_eq!(job.joins[4].resolve(ms(60), 11), None);
+        job.step(ms(61), |_| true);
+        let events: Vec<_> = std::iter::from_fn(|| job.joins[4].poll_event()).collect();
+        assert!(events.contains(&GlobalEvent::Resolved(info(11, 3))));
+        assert_eq!(job.joins[4].resolve(ms(62), 11), Some(info(11, 3)));
+        assert!(job.per == 3);
+    }
+
+    #[test]
+    fn global_ready_survives_heavy_loss() {
+        for seed in 1..40u64 {
+            let mut job = Job::new(5, 2);
+            let mut s = seed;
+            let mut t = 0;
+            while job.joins.iter().any(|j| j.ready().is_none()) {
+                t += 1;
+                assert!(t < 100_000, "seed {seed}: no global ready");
+                job.step(ms(t), |_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (s >> 33) % 10 >= 4 // 40% loss
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn registrations_grow_linearly_with_nodes() {
+        let mut counts = Vec::new();
+        for nodes in [4u32, 16, 64] {
+            let mut job = Job::new(nodes, 2);
+            let mut t = 0;
+            while job.joins.iter().any(|j| j.ready().is_none()) {
+                t += 1;
+                job.step(ms(t), |_| true);
+            }
+            counts.push(job.messages as f64 / nodes as f64);
+        }
+        // messages per node stay constant (not growing with the node count)
+        assert!(counts[2] < counts[0] * 2.0, "{counts:?}");
+    }
+
+    #[test]
+    fn inconsistent_or_foreign_registrations_are_refused() {
+        let mut c = Coordinator::new(2, 4);
+        c.handle_register(Register {
+            node_index: 7,
+            node_name: "x".into(),
+            leader: info(0, 7),
+            members: vec![info(0, 7)],
+        });
+        c.handle_register(Register {
+            node_index: 0,
+            node_name: "x".into(),
+            leader: info(0, 0),
+            members: vec![info(1, 0)],
+        });
+        assert_eq!(c.stats().invalid, 2);
+        assert_eq!(c.registered(), 0);
+        assert!(c.poll_transmit().is_none());
+    }
+}

@@ -117,8 +117,13 @@ pub enum Control {
         registered: u32,
         expected_nodes: u32,
     },
-    /// Coordinator → leaders, leader → members: every node is in.
-    GlobalReady { directory: Vec<NodeEntry> },
+    /// Coordinator → leaders, leader → members: every node is in. Leaders
+    /// get the whole directory; members get it empty and resolve lazily.
+    GlobalReady {
+        nodes: u32,
+        size: u32,
+        directory: Vec<NodeEntry>,
+    },
     /// Member → leader: "is the job globally ready?" (repeated until answered).
     AwaitGlobal,
     /// Member → leader: resolve where these instances receive.

@@ -1,5 +1,6 @@
 //! cellnet: a communication layer for HPC jobs.
 
 pub mod launch;
+pub mod net;
 pub mod place;
 pub mod proto;

@@ -1,0 +1,322 @@
+//! ZeroMQ sockets: one ROUTER per instance (its *receiving socket*) and one
+//! DEALER per peer it sends to (its *sending sockets*).
+//!
+//! Nothing here drops silently: the ROUTER is `ROUTER_MANDATORY` (a reply
+//! to a vanished peer is an error, not a void), high-water marks are set far
+//! above the credit window, and a full queue is reported as
+//! [`NetError::WouldBlock`] so the reliable channel retries.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+
+use super::NetError;
+use crate::proto::{Endpoints, Incarnation, Rank};
+
+/// High-water mark for every socket, in messages: far above any credit
+/// window, so it is only reached when a peer stopped reading.
+const HWM: i32 = 1_000_000;
+/// How long closing a socket may wait for queued messages. Delivery rests on
+/// acknowledgements, never on linger, so this only has to be short.
+const LINGER_MS: i32 = 200;
+
+/// A message received on one of the sockets.
+#[derive(Debug)]
+pub enum Inbound {
+    /// On the receiving socket; `routing_id` addresses a reply to the sender.
+    Router {
+        routing_id: Vec<u8>,
+        frames: Vec<Vec<u8>>,
+    },
+    /// On the sending socket to `rank` (a reply from that peer).
+    Dealer { rank: Rank, frames: Vec<Vec<u8>> },
+}
+
+struct Dealer {
+    socket: zmq::Socket,
+    incarnation: Incarnation,
+}
+
+/// The instance's ZeroMQ sockets.
+pub struct ZmqTransport {
+    ctx: zmq::Context,
+    router: zmq::Socket,
+    endpoints: Endpoints,
+    ipc_path: Option<PathBuf>,
+    dealers: HashMap<Rank, Dealer>,
+}
+
+fn zerr<'a>(op: &'static str, endpoint: &'a str) -> impl FnOnce(zmq::Error) -> NetError + 'a {
+    move |source| NetError::Zmq {
+        op,
+        endpoint: endpoint.to_string(),
+        source,
+    }
+}
+
+impl ZmqTransport {
+    /// Bind the receiving socket on `tcp://bind_ip:*` and, if `ipc_dir` is
+    /// given, on `ipc://<ipc_dir>/<name>.sock` too.
+    pub fn bind(bind_ip: IpAddr, ipc_dir: Option<&Path>, name: &str) -> Result<Self, NetError> {
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER).map_err(zerr("socket", "ROUTER"))?;
+        let tcp_wanted = format!("tcp://{bind_ip}:*");
+        router
+            .set_router_mandatory(true)
+            .map_err(zerr("setsockopt", &tcp_wanted))?;
+        router
+            .set_sndhwm(HWM)
+            .map_err(zerr("setsockopt", &tcp_wanted))?;
+        router
+            .set_rcvhwm(HWM)
+            .map_err(zerr("setsockopt", &tcp_wanted))?;
+        router
+            .set_linger(LINGER_MS)
+            .map_err(zerr("setsockopt", &tcp_wanted))?;
+        router
+            .bind(&tcp_wanted)
+            .map_err(zerr("bind", &tcp_wanted))?;
+        let tcp = match router.get_last_endpoint() {
+            Ok(Ok(e)) => e,
+            Ok(Err(_)) | Err(_) => {
+                return Err(NetError::Zmq {
+                    op: "get_last_endpoint",
+                    endpoint: tcp_wanted,
+                    source: zmq::Error::EINVAL,
+                })
+            }
+        };
+        let (ipc, ipc_path) = match ipc_dir {
+            Some(dir) => {
+                let path = dir.join(format!("{name}.sock"));
+                let endpoint = format!("ipc://{}", path.display());
+                let _ = std::fs::remove_file(&path);
+                router.bind(&endpoint).map_err(zerr("bind", &endpoint))?;
+                (Some(endpoint), Some(path))
+            }
+            None => (None, None),
+        };
+        Ok(Self {
+            ctx,
+            router,
+            endpoints: Endpoints { ipc, tcp },
+            ipc_path,
+            dealers: HashMap::new(),
+        })
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// The context, for sockets outside this transport (tests, tools).
+    pub fn context(&self) -> &zmq::Context {
+        &self.ctx
+    }
+
+    pub fn has_route(&self, rank: Rank) -> bool {
+        self.dealers.contains_key(&rank)
+    }
+
+    /// Make sure a sending socket to `rank` (incarnation `inc`) exists and
+    /// is connected to `endpoint`; a new incarnation gets a new socket.
+    pub fn connect(
+        &mut self,
+        rank: Rank,
+        inc: Incarnation,
+        endpoint: &str,
+    ) -> Result<(), NetError> {
+        if let Some(d) = self.dealers.get(&rank) {
+            if d.incarnation >= inc {
+                return Ok(());
+            }
+        }
+        let socket = self
+            .ctx
+            .socket(zmq::DEALER)
+            .map_err(zerr("socket", endpoint))?;
+        socket
+            .set_sndhwm(HWM)
+            .map_err(zerr("setsockopt", endpoint))?;
+        socket
+            .set_rcvhwm(HWM)
+            .map_err(zerr("setsockopt", endpoint))?;
+        socket
+            .set_linger(LINGER_MS)
+            .map_err(zerr("setsockopt", endpoint))?;
+        socket
+            .set_reconnect_ivl(20)
+            .map_err(zerr("setsockopt", endpoint))?;
+        socket
+            .set_reconnect_ivl_max(500)
+            .map_err(zerr("setsockopt", endpoint))?;
+        socket
+            .connect(endpoint)
+            .map_err(zerr("connect", endpoint))?;
+        self.dealers.insert(
+            rank,
+            Dealer {
+                socket,
+                incarnation: inc,
+            },
+        );
+        Ok(())
+    }
+
+    /// Close the sending socket to `rank` (peer gone or no longer needed).
+    pub fn disconnect(&mut self, rank: Rank) {
+        self.dealers.remove(&rank);
+    }
+
+    /// Send a multipart message to `rank` through its sending socket.
+    pub fn send(&self, rank: Rank, frames: &[&[u8]]) -> Result<(), NetError> {
+        let dealer = self.dealers.get(&rank).ok_or(NetError::NoRoute(rank))?;
+        send_parts(&dealer.socket, frames).map_err(|e| match e {
+            zmq::Error::EAGAIN => NetError::WouldBlock(rank),
+            source => NetError::Zmq {
+                op: "send",
+                endpoint: format!("rank {rank}"),
+                source,
+            },
+        })
+    }
+
+    /// Reply on the receiving socket to whoever has `routing_id`.
+    pub fn reply(&self, routing_id: &[u8], frames: &[&[u8]]) -> Result<(), NetError> {
+        let res = self
+            .router
+            .send(routing_id, zmq::SNDMORE | zmq::DONTWAIT)
+            .and_then(|()| send_parts(&self.router, frames));
+        res.map_err(|source| NetError::Zmq {
+            op: "reply",
+            endpoint: "ROUTER".into(),
+            source,
+        })
+    }
+
+    /// Wait up to `timeout_ms` (-1: forever) for any socket or any of
+    /// `fds` to become readable; returns which of `fds` are readable.
+    pub fn poll(&self, fds: &[RawFd], timeout_ms: i64) -> Result<Vec<bool>, NetError> {
+        let mut items = Vec::with_capacity(1 + self.dealers.len() + fds.len());
+        for fd in fds {
+            items.push(zmq::PollItem::from_fd(*fd, zmq::POLLIN));
+        }
+        items.push(self.router.as_poll_item(zmq::POLLIN));
+        for d in self.dealers.values() {
+            items.push(d.socket.as_poll_item(zmq::POLLIN));
+        }
+        match zmq::poll(&mut items, timeout_ms) {
+            Ok(_) | Err(zmq::Error::EINTR) => {}
+            Err(source) => {
+                return Err(NetError::Zmq {
+                    op: "poll",
+                    endpoint: "all sockets".into(),
+                    source,
+                })
+            }
+        }
+        Ok(items[..fds.len()].iter().map(|i| i.is_readable()).collect())
+    }
+
+    /// Everything that is waiting on any socket, up to `budget` messages.
+    pub fn drain(&self, budget: usize, out: &mut Vec<Inbound>) -> Result<(), NetError> {
+        let start = out.len();
+        while out.len() - start < budget {
+            match self.router.recv_multipart(zmq::DONTWAIT) {
+                Ok(mut frames) if !frames.is_empty() => {
+                    let routing_id = frames.remove(0);
+                    out.push(Inbound::Router { routing_id, frames });
+                }
+                Ok(_) => {}
+                Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR) => break,
+                Err(source) => {
+                    return Err(NetError::Zmq {
+                        op: "recv",
+                        endpoint: "ROUTER".into(),
+                        source,
+                    })
+                }
+            }
+        }
+        for (rank, d) in &self.dealers {
+            while out.len() - start < budget {
+                match d.socket.recv_multipart(zmq::DONTWAIT) {
+                    Ok(frames) => out.push(Inbound::Dealer {
+                        rank: *rank,
+                        frames,
+                    }),
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn send_parts(socket: &zmq::Socket, frames: &[&[u8]]) -> Result<(), zmq::Error> {
+    let last = frames.len().saturating_sub(1);
+    for (i, f) in frames.iter().enumerate() {
+        let more = if i < last { zmq::SNDMORE } else { 0 };
+        socket.send(*f, more | zmq::DONTWAIT)?;
+    }
+    Ok(())
+}
+
+impl Drop for ZmqTransport {
+    fn drop(&mut self) {
+        if let Some(path) = &self.ipc_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn recv_one(t: &ZmqTransport) -> Inbound {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut out = Vec::new();
+        while out.is_empty() {
+            assert!(Instant::now() < deadline, "nothing arrived");
+            t.poll(&[], 100).unwrap();
+            t.drain(16, &mut out).unwrap();
+        }
+        out.remove(0)
+    }
+
+    #[test]
+    fn dealer_to_router_and_reply_over_ipc_and_tcp() {
+        let dir = std::env::temp_dir();
+        let a = ZmqTransport::bind(
+            "127.0.0.1".parse().unwrap(),
+            Some(&dir),
+            &format!("cellnet-test-a-{}", std::process::id()),
+        )
+        .unwrap();
+        let mut b = ZmqTransport::bind("127.0.0.1".parse().unwrap(), None, "b").unwrap();
+        assert!(a.endpoints().tcp.starts_with("tcp://127.0.0.1:"));
+        for endpoint in [
+            a.endpoints().ipc.clone().unwrap(),
+            a.endpoints().tcp.clone(),
+        ] {
+            b.disconnect(0);
+            b.connect(0, Incarnation(1), &endpoint).unwrap();
+            b.send(0, &[b"hello", b"world"]).unwrap();
+            let Inbound::Router { routing_id, frames } = recv_one(&a) else {
+                panic!("expected a router message")
+            };
+            assert_eq!(frames, vec![b"hello".to_vec(), b"world".to_vec()]);
+            a.reply(&routing_id, &[b"ack"]).unwrap();
+            let Inbound::Dealer { rank, frames } = recv_one(&b) else {
+                panic!("expected a dealer message")
+            };
+            assert_eq!((rank, frames), (0, vec![b"ack".to_vec()]));
+        }
+        // A reply to a routing id nobody has is an error, not a silent drop.
+        assert!(a.reply(b"nobody", &[b"x"]).is_err());
+        assert!(matches!(b.send(9, &[b"x"]), Err(NetError::NoRoute(9))));
+    }
+}

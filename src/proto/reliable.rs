@@ -1,9 +1,1356 @@
-//! Reliable channel: SEND → ACK / ERR with retransmission and deduplication.
+//! Reliable channel: SEND → ACK / ERR with retransmission, deduplication and
+//! coalesced feedback, per ordered pair of instances (DESIGN §5).
+//!
+//! Owns the per-peer send window (tickets, retransmission timers, deadlines)
+//! and the per-sender receive state (watermark, dedup window, cached ERRs,
+//! answers waiting to be sent). Sans-IO like the rest of `proto`: no sockets,
+//! no threads, no clock; randomness (retransmission jitter) comes from a
+//! seeded [`SmallRng`] so a simulator run replays exactly.
+//!
+//! Bounds, all per peer:
+//! - in flight: at most `window` unresolved messages, and never an id more
+//!   than `dedup_window` above the oldest unresolved one, so the receiver's
+//!   dedup window always covers what the sender may still send;
+//! - receive slots: ids above the watermark, at most `dedup_window` of them
+//!   (ids further ahead are dropped and counted);
+//! - cached ERRs: only ids above `watermark - dedup_window`, so at most
+//!   `2 · dedup_window`. A sender only retransmits unresolved ids, which the
+//!   span limit keeps inside that range, so a duplicate of an ERR id is always
+//!   answered with the same ERR.
+//!
+//! Ticket ids (returned by [`ReliableEndpoint::send`], reported in
+//! [`ReliableEvent::Resolved`]) are stable for the life of the endpoint. The
+//! id on the wire ([`DataMsg::id`]) equals the ticket until the peer is reset:
+//! [`ReliableEndpoint::reset_peer`] renumbers the unanswered messages from 1,
+//! so the restarted peer's receive state starts without a gap.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::{rngs::SmallRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-/// Acknowledgements and errors from a receiver to a sender (coalesced).
+use super::backoff::{Backoff, BackoffPolicy};
+use super::wire::{DataKind, DataMsg};
+use super::{Now, Rank};
+
+/// Tuning of the reliable channel. Both ends of a pair should use the same
+/// values (the receiver derives its hole timeout from `deadline`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReliableConfig {
+    /// Spacing of retransmissions of an unanswered message.
+    pub retransmit: BackoffPolicy,
+    /// A message unanswered this long resolves [`Outcome::TimedOut`].
+    pub deadline: Duration,
+    /// Most unanswered messages in flight towards one peer (at least 1).
+    pub window: u32,
+    /// Feedback is flushed this long after the first answer became pending…
+    pub ack_delay: Duration,
+    /// …or as soon as this many answers are pending (at least 1).
+    pub ack_batch: u32,
+    /// Ids tracked above the watermark per sender (at least 1).
+    pub dedup_window: u64,
+}
+
+impl Default for ReliableConfig {
+    fn default() -> Self {
+        Self {
+            retransmit: BackoffPolicy::new(
+                Duration::from_millis(200),
+                2.0,
+                Duration::from_secs(2),
+                0.1,
+            ),
+            deadline: Duration::from_secs(30),
+            window: 256,
+            ack_delay: Duration::from_millis(1),
+            ack_batch: 32,
+            dedup_window: 4096,
+        }
+    }
+}
+
+/// Coalesced ACK/ERR from a receiver to a sender.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Feedback {
-    pub acked: Vec<(u64, u64)>,
+    /// Every id `<= cumulative` has been answered (ACK unless listed in `errors`).
+    pub cumulative: u64,
+    /// Selectively answered ranges above `cumulative`, inclusive `(lo, hi)`.
+    pub ranges: Vec<(u64, u64)>,
+    /// Ids answered with ERR (within `cumulative` or `ranges`).
+    pub errors: Vec<ErrReport>,
+}
+
+/// One message answered with ERR.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrReport {
+    pub id: u64,
+    pub code: u32,
+    pub text: String,
+}
+
+/// How a ticket ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The receiver got the message and its handler accepted it.
+    Ack,
+    /// The receiver got the message but its handler could not process it.
+    Err { code: u32, text: String },
+    /// No answer within the deadline; the message may or may not have arrived.
+    TimedOut,
+}
+
+/// What the endpoint tells its driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReliableEvent {
+    /// A new message from `from` for the handler; never emitted twice for one id.
+    Deliver { from: Rank, msg: DataMsg },
+    /// The ticket `(to, id)` is resolved.
+    Resolved { to: Rank, id: u64, outcome: Outcome },
+}
+
+/// What the driver must put on the wire towards a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReliableTransmit {
+    Data(DataMsg),
+    Feedback(Feedback),
+}
+
+/// Why [`ReliableEndpoint::send`] refused a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SendError {
+    /// Too many messages to this peer are unanswered; wait for a
+    /// [`ReliableEvent::Resolved`] (backpressure).
+    #[error("window to rank {to} is full ({window} messages unanswered)")]
+    WindowFull { to: Rank, window: u32 },
+}
+
+/// Counters, for status output and tests. Everything odd that came off the
+/// network is counted here instead of being acted on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReliableStats {
+    /// Messages accepted by `send`.
+    pub sent: u64,
+    /// Retransmissions after a backoff expired.
+    pub retransmitted: u64,
+    /// Messages sent again because their receiver restarted.
+    pub resent_after_reset: u64,
+    /// Messages handed to the handler (`Deliver` events).
+    pub delivered: u64,
+    /// Data messages seen before (answered again, or ignored while running).
+    pub duplicates_dropped: u64,
+    /// Data messages too far above the watermark, dropped.
+    pub beyond_window: u64,
+    /// Data messages with an impossible id (0), dropped.
+    pub bad_data: u64,
+    /// Tickets resolved with ACK.
+    pub acks_received: u64,
+    /// Tickets resolved with ERR.
+    pub errs_received: u64,
+    /// Tickets resolved with TimedOut.
+    pub timeouts: u64,
+    /// Feedback messages ignored: unknown peer, ids never sent, reversed ranges.
+    pub bogus_feedback: u64,
+    /// Feedback messages produced.
+    pub feedback_sent: u64,
+    /// `complete` calls for messages not running (already completed, reset, never delivered).
+    pub stale_completions: u64,
+    /// Ids the receiver gave up waiting for (the sender's deadline has passed).
+    pub holes_skipped: u64,
+    /// `reset_peer` calls.
+    pub peer_resets: u64,
+}
+
+struct Outgoing {
+    ticket: u64,
+    msg: DataMsg,
+    retry: Backoff,
+    deadline: Now,
+}
+
+/// Sending half towards one peer.
+struct Outbound {
+    next_wire: u64,
+    next_ticket: u64,
+    /// Unresolved messages by wire id.
+    inflight: BTreeMap<u64, Outgoing>,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Self {
+            next_wire: 1,
+            next_ticket: 1,
+            inflight: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// Delivered, the handler has not completed yet.
+    Running,
+    /// Answered (outcome in `Inbound::errors` if ERR).
+    Done,
+}
+
+/// Receiving half from one peer.
+#[derive(Default)]
+struct Inbound {
+    /// Every id `<= watermark` is answered (or given up as a hole).
+    watermark: u64,
+    /// Ids above the watermark, at most `dedup_window` ahead of it.
+    slots: BTreeMap<u64, Slot>,
+    /// ERR outcomes for ids above `watermark - dedup_window`.
+    errors: BTreeMap<u64, (u32, String)>,
+    /// Answered ids whose answer is not sent yet.
+    pending: BTreeSet<u64>,
+    pending_since: Option<Now>,
+    /// Since when `watermark + 1` is missing while later ids are present.
+    hole_since: Option<Now>,
+    running: usize,
+}
+
+impl Inbound {
+    fn answer(&mut self, now: Now, id: u64) {
+        self.pending.insert(id);
+        self.pending_since.get_or_insert(now);
+    }
+
+    fn update_hole(&mut self, now: Now) {
+        let hole = self
+            .slots
+            .first_key_value()
+            .is_some_and(|(&k, _)| k > self.watermark + 1);
+        if !hole {
+            self.hole_since = None;
+        } else if self.hole_since.is_none() {
+            self.hole_since = Some(now);
+        }
+    }
+
+    /// Move the watermark over answered ids and prune what it left behind.
+    fn advance(&mut self, now: Now, dedup_window: u64) {
+        let before = self.watermark;
+        while let Some(entry) = self.slots.first_entry() {
+            if *entry.key() == self.watermark + 1 && *entry.get() == Slot::Done {
+                entry.remove();
+                self.watermark += 1;
+            } else {
+                break;
+            }
+        }
+        if self.watermark > dedup_window {
+            let floor = self.watermark - dedup_window;
+            self.errors = self.errors.split_off(&(floor + 1));
+        }
+        if self.watermark != before {
+            // A new hole starts counting now: later than its true start, so
+            // it is given up late rather than early.
+            self.hole_since = None;
+        }
+        self.update_hole(now);
+    }
+
+    fn feedback(&mut self) -> Feedback {
+        // An ERR the sender may not know yet must not hide under `cumulative`.
+        let cumulative = match self.errors.first_key_value() {
+            Some((&e, _)) => self.watermark.min(e - 1),
+            None => self.watermark,
+        };
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut errors = Vec::new();
+        for &id in self.pending.range(cumulative + 1..) {
+            match ranges.last_mut() {
+                Some((_, hi)) if *hi + 1 == id => *hi = id,
+                _ => ranges.push((id, id)),
+            }
+            if let Some((code, text)) = self.errors.get(&id) {
+                errors.push(ErrReport {
+                    id,
+                    code: *code,
+                    text: text.clone(),
+                });
+            }
+        }
+        self.pending.clear();
+        self.pending_since = None;
+        Feedback {
+            cumulative,
+            ranges,
+            errors,
+        }
+    }
+}
+
+#[derive(Default)]
+struct PeerState {
+    out: Outbound,
+    inb: Inbound,
+}
+
+/// The reliable channel of one instance, with state for every peer it talks to.
+pub struct ReliableEndpoint {
+    config: ReliableConfig,
+    rng: SmallRng,
+    /// Ordered so that timers fire in the same order on every run.
+    peers: BTreeMap<Rank, PeerState>,
+    transmits: VecDeque<(Rank, ReliableTransmit)>,
+    events: VecDeque<ReliableEvent>,
+    stats: ReliableStats,
+}
+
+impl ReliableEndpoint {
+    /// `seed` drives the retransmission jitter. Zero `window`, `ack_batch` or
+    /// `dedup_window` are raised to 1.
+    pub fn new(mut config: ReliableConfig, seed: u64) -> Self {
+        config.window = config.window.max(1);
+        config.ack_batch = config.ack_batch.max(1);
+        config.dedup_window = config.dedup_window.max(1);
+        Self {
+            config,
+            rng: SmallRng::seed_from_u64(seed),
+            peers: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: ReliableStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &ReliableConfig {
+        &self.config
+    }
+
+    /// Free window slots towards `to`.
+    pub fn credits(&self, to: Rank) -> u32 {
+        let Some(out) = self.peers.get(&to).map(|p| &p.out) else {
+            return self.config.window;
+        };
+        let by_count = (self.config.window as usize).saturating_sub(out.inflight.len());
+        let by_span = match out.inflight.first_key_value() {
+            Some((&oldest, _)) => {
+                (oldest.saturating_add(self.config.dedup_window)).saturating_sub(out.next_wire)
+            }
+            None => u64::MAX,
+        };
+        (by_count as u64).min(by_span) as u32
+    }
+
+    /// Queue a message to `to`; returns its ticket id (per receiver, from 1).
+    pub fn send(
+        &mut self,
+        now: Now,
+        to: Rank,
+        frame: u64,
+        kind: DataKind,
+        payload: Bytes,
+    ) -> Result<u64, SendError> {
+        if self.credits(to) == 0 {
+            return Err(SendError::WindowFull {
+                to,
+                window: self.config.window,
+            });
+        }
+        let out = &mut self.peers.entry(to).or_default().out;
+        let msg = DataMsg {
+            id: out.next_wire,
+            frame,
+            kind,
+            payload,
+        };
+        let ticket = out.next_ticket;
+        out.next_wire += 1;
+        out.next_ticket += 1;
+        let mut retry = Backoff::start(self.config.retransmit, now);
+        retry.fire(now, &mut self.rng);
+        self.transmits
+            .push_back((to, ReliableTransmit::Data(msg.clone())));
+        out.inflight.insert(
+            msg.id,
+            Outgoing {
+                ticket,
+                msg,
+                retry,
+                deadline: now + self.config.deadline,
+            },
+        );
+        self.stats.sent += 1;
+        Ok(ticket)
+    }
+
+    /// A data message from `from`: new → `Deliver`; already answered → answer
+    /// again with the cached outcome; handler still running → ignored.
+    pub fn handle_data(&mut self, now: Now, from: Rank, msg: DataMsg) {
+        let dedup_window = self.config.dedup_window;
+        let inb = &mut self.peers.entry(from).or_default().inb;
+        let id = msg.id;
+        if id == 0 {
+            self.stats.bad_data += 1;
+            return;
+        }
+        let slot = inb.slots.get(&id).copied();
+        if id <= inb.watermark || slot == Some(Slot::Done) {
+            self.stats.duplicates_dropped += 1;
+            inb.answer(now, id);
+            self.flush_if_batch_full(from);
+            return;
+        }
+        if slot == Some(Slot::Running) {
+            self.stats.duplicates_dropped += 1;
+            return;
+        }
+        if id - inb.watermark > dedup_window {
+            self.stats.beyond_window += 1;
+            return;
+        }
+        inb.slots.insert(id, Slot::Running);
+        inb.running += 1;
+        inb.update_hole(now);
+        self.stats.delivered += 1;
+        self.events.push_back(ReliableEvent::Deliver { from, msg });
+    }
+
+    /// The handler's outcome for message `id` delivered from `from`.
+    /// Calls for messages not running (completed twice, or delivered before
+    /// `reset_peer(from)`) are ignored and counted.
+    pub fn complete(&mut self, now: Now, from: Rank, id: u64, result: Result<(), (u32, String)>) {
+        let dedup_window = self.config.dedup_window;
+        let Some(inb) = self.peers.get_mut(&from).map(|p| &mut p.inb) else {
+            self.stats.stale_completions += 1;
+            return;
+        };
+        match inb.slots.get_mut(&id) {
+            Some(slot @ Slot::Running) => *slot = Slot::Done,
+            _ => {
+                self.stats.stale_completions += 1;
+                return;
+            }
+        }
+        inb.running -= 1;
+        if let Err((code, text)) = result {
+            inb.errors.insert(id, (code, text));
+        }
+        inb.answer(now, id);
+        inb.advance(now, dedup_window);
+        self.flush_if_batch_full(from);
+    }
+
+    /// Feedback from `to`'s receiver: resolves the tickets it covers. Repeats
+    /// are harmless; feedback about ids never sent is ignored and counted.
+    pub fn handle_feedback(&mut self, _now: Now, from: Rank, fb: Feedback) {
+        let Some(out) = self.peers.get_mut(&from).map(|p| &mut p.out) else {
+            self.stats.bogus_feedback += 1;
+            return;
+        };
+        let last_sent = out.next_wire - 1;
+        let valid = fb.cumulative <= last_sent
+            && fb
+                .ranges
+                .iter()
+                .all(|&(lo, hi)| 1 <= lo && lo <= hi && hi <= last_sent)
+            && fb.errors.iter().all(|e| 1 <= e.id && e.id <= last_sent);
+        if !valid {
+            self.stats.bogus_feedback += 1;
+            return;
+        }
+        let mut answered: Vec<u64> = out
+            .inflight
+            .range(..=fb.cumulative)
+            .map(|(&id, _)| id)
+            .collect();
+        for &(lo, hi) in &fb.ranges {
+            answered.extend(out.inflight.range(lo..=hi).map(|(&id, _)| id));
+        }
+        if answered.is_empty() {
+            return;
+        }
+        let errors: HashMap<u64, &ErrReport> = fb.errors.iter().map(|e| (e.id, e)).collect();
+        for id in answered {
+            let Some(o) = out.inflight.remove(&id) else {
+                continue; // listed twice
+            };
+            let outcome = match errors.get(&id) {
+                Some(e) => {
+                    self.stats.errs_received += 1;
+                    Outcome::Err {
+                        code: e.code,
+                        text: e.text.clone(),
+                    }
+                }
+                None => {
+                    self.stats.acks_received += 1;
+                    Outcome::Ack
+                }
+            };
+            self.events.push_back(ReliableEvent::Resolved {
+                to: from,
+                id: o.ticket,
+                outcome,
+            });
+        }
+    }
+
+    /// Retransmissions, deadlines, hole give-ups and feedback flushes due at `now`.
+    pub fn handle_timeout(&mut self, now: Now) {
+        let hole_timeout = self.hole_timeout();
+        let Self {
+            config,
+            rng,
+            peers,
+            transmits,
+            events,
+            stats,
+        } = self;
+        for (&rank, peer) in peers.iter_mut() {
+            let out = &mut peer.out;
+            let expired: Vec<u64> = out
+                .inflight
+                .iter()
+                .filter(|(_, o)| o.deadline <= now)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in expired {
+                if let Some(o) = out.inflight.remove(&id) {
+                    stats.timeouts += 1;
+                    events.push_back(ReliableEvent::Resolved {
+                        to: rank,
+                        id: o.ticket,
+                        outcome: Outcome::TimedOut,
+                    });
+                }
+            }
+            for o in out.inflight.values_mut() {
+                if o.retry.is_due(now) {
+                    o.retry.fire(now, rng);
+                    stats.retransmitted += 1;
+                    transmits.push_back((rank, ReliableTransmit::Data(o.msg.clone())));
+                }
+            }
+
+            let inb = &mut peer.inb;
+            if inb.hole_since.is_some_and(|t| t + hole_timeout <= now) {
+                if let Some((&first, _)) = inb.slots.first_key_value() {
+                    stats.holes_skipped += first.saturating_sub(inb.watermark + 1);
+                    inb.watermark = first - 1;
+                    inb.advance(now, config.dedup_window);
+                }
+            }
+            if inb
+                .pending_since
+                .is_some_and(|t| t + config.ack_delay <= now)
+            {
+                stats.feedback_sent += 1;
+                transmits.push_back((rank, ReliableTransmit::Feedback(inb.feedback())));
+            }
+        }
+    }
+
+    /// The earliest time [`handle_timeout`](Self::handle_timeout) has work.
+    pub fn poll_timeout(&self) -> Option<Now> {
+        let hole_timeout = self.hole_timeout();
+        let mut earliest: Option<Now> = None;
+        let mut consider = |t: Now| {
+            earliest = Some(earliest.map_or(t, |e| e.min(t)));
+        };
+        for peer in self.peers.values() {
+            for o in peer.out.inflight.values() {
+                consider(o.retry.next().min(o.deadline));
+            }
+            if let Some(t) = peer.inb.pending_since {
+                consider(t + self.config.ack_delay);
+            }
+            if let Some(t) = peer.inb.hole_since {
+                consider(t + hole_timeout);
+            }
+        }
+        earliest
+    }
+
+    /// The next message to put on the wire, with its destination.
+    pub fn poll_transmit(&mut self, _now: Now) -> Option<(Rank, ReliableTransmit)> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ReliableEvent> {
+        self.events.pop_front()
+    }
+
+    /// `peer` restarted (new incarnation): what we received from its old life
+    /// is forgotten (completions still running for it are ignored), and what
+    /// we sent it and is unanswered is sent again, renumbered from 1, keeping
+    /// its ticket and deadline.
+    pub fn reset_peer(&mut self, now: Now, peer: Rank) {
+        self.stats.peer_resets += 1;
+        self.transmits.retain(|(to, _)| *to != peer);
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        state.inb = Inbound::default();
+        let old = std::mem::take(&mut state.out.inflight);
+        let mut wire = 1;
+        for (_, mut o) in old {
+            o.msg.id = wire;
+            o.retry = Backoff::start(self.config.retransmit, now);
+            o.retry.fire(now, &mut self.rng);
+            self.transmits
+                .push_back((peer, ReliableTransmit::Data(o.msg.clone())));
+            self.stats.resent_after_reset += 1;
+            state.out.inflight.insert(wire, o);
+            wire += 1;
+        }
+        state.out.next_wire = wire;
+    }
+
+    /// Outgoing messages not yet resolved (a draining shutdown waits for 0).
+    pub fn unanswered(&self) -> usize {
+        self.peers.values().map(|p| p.out.inflight.len()).sum()
+    }
+
+    /// Delivered messages whose outcome is not sent yet: handlers still
+    /// running plus answers waiting in the feedback coalescer.
+    pub fn pending_answers(&self) -> usize {
+        self.peers
+            .values()
+            .map(|p| p.inb.running + p.inb.pending.len())
+            .sum()
+    }
+
+    pub fn stats(&self) -> &ReliableStats {
+        &self.stats
+    }
+
+    /// How long a receiver waits for a missing id before giving it up: by
+    /// then the sender has resolved it TimedOut and stopped retransmitting.
+    fn hole_timeout(&self) -> Duration {
+        self.config.deadline + self.config.retransmit.ceiling
+    }
+
+    fn flush_if_batch_full(&mut self, from: Rank) {
+        let Some(inb) = self.peers.get_mut(&from).map(|p| &mut p.inb) else {
+            return;
+        };
+        if inb.pending.len() >= self.config.ack_batch as usize {
+            self.stats.feedback_sent += 1;
+            self.transmits
+                .push_back((from, ReliableTransmit::Feedback(inb.feedback())));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{seq::SliceRandom, Rng};
+
+    const A: Rank = 0;
+    const B: Rank = 1;
+    type HandlerResult = Result<(), (u32, String)>;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn no_jitter() -> ReliableConfig {
+        ReliableConfig {
+            retransmit: BackoffPolicy::new(ms(200), 2.0, Duration::from_secs(2), 0.0),
+            ..ReliableConfig::default()
+        }
+    }
+
+    /// Two endpoints, ranks 0 and 1, wired through in-memory queues with a
+    /// manual clock. Tests drop or duplicate packets by editing the queues.
+    struct Pair {
+        now: Now,
+        ep: [ReliableEndpoint; 2],
+        /// Packets on the way to endpoint `i`.
+        wire: [Vec<ReliableTransmit>; 2],
+        /// Delivered messages whose handler has not completed, per endpoint.
+        running: [Vec<(Rank, DataMsg)>; 2],
+        delivered: [Vec<DataMsg>; 2],
+        resolved: [Vec<(u64, Outcome)>; 2],
+        feedback_count: [usize; 2],
+    }
+
+    impl Pair {
+        fn new(config: ReliableConfig) -> Self {
+            Self {
+                now: Duration::ZERO,
+                ep: [
+                    ReliableEndpoint::new(config.clone(), 1),
+                    ReliableEndpoint::new(config, 2),
+                ],
+                wire: [Vec::new(), Vec::new()],
+                running: [Vec::new(), Vec::new()],
+                delivered: [Vec::new(), Vec::new()],
+                resolved: [Vec::new(), Vec::new()],
+                feedback_count: [0, 0],
+            }
+        }
+
+        fn send(&mut self, from: usize, payload: &str) -> u64 {
+            let to = 1 - from as Rank;
+            self.ep[from]
+                .send(
+                    self.now,
+                    to,
+                    0,
+                    DataKind::Cell,
+                    Bytes::copy_from_slice(payload.as_bytes()),
+                )
+                .unwrap()
+        }
+
+        /// Move everything the endpoints want to transmit onto the wire.
+        fn transmit(&mut self) {
+            for i in 0..2 {
+                while let Some((to, t)) = self.ep[i].poll_transmit(self.now) {
+                    assert_eq!(to as usize, 1 - i);
+                    if matches!(t, ReliableTransmit::Feedback(_)) {
+                        self.feedback_count[i] += 1;
+                    }
+                    self.wire[to as usize].push(t);
+                }
+            }
+        }
+
+        /// Hand every packet on the wire to its endpoint and collect events.
+        fn receive(&mut self) {
+            for i in 0..2 {
+                let from = 1 - i as Rank;
+                for t in std::mem::take(&mut self.wire[i]) {
+                    match t {
+                        ReliableTransmit::Data(m) => self.ep[i].handle_data(self.now, from, m),
+                        ReliableTransmit::Feedback(f) => {
+                            self.ep[i].handle_feedback(self.now, from, f)
+                        }
+                    }
+                }
+            }
+            self.collect();
+        }
+
+        fn collect(&mut self) {
+            for i in 0..2 {
+                while let Some(ev) = self.ep[i].poll_event() {
+                    match ev {
+                        ReliableEvent::Deliver { from, msg } => {
+                            self.delivered[i].push(msg.clone());
+                            self.running[i].push((from, msg));
+                        }
+                        ReliableEvent::Resolved { id, outcome, .. } => {
+                            self.resolved[i].push((id, outcome))
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Complete every running handler at endpoint `i` with `f`.
+        fn complete_all(&mut self, i: usize, f: impl Fn(&DataMsg) -> HandlerResult) {
+            for (from, msg) in std::mem::take(&mut self.running[i]) {
+                self.ep[i].complete(self.now, from, msg.id, f(&msg));
+            }
+            self.collect();
+        }
+
+        /// Advance the clock to `t` and run timers.
+        fn advance_to(&mut self, t: Now) {
+            self.now = self.now.max(t);
+            for ep in &mut self.ep {
+                ep.handle_timeout(self.now);
+            }
+            self.collect();
+        }
+
+        /// Jump to the next timer of either endpoint.
+        fn next_timer(&mut self) -> bool {
+            let next = self.ep.iter().filter_map(|e| e.poll_timeout()).min();
+            match next {
+                Some(t) => {
+                    self.advance_to(t);
+                    true
+                }
+                None => false,
+            }
+        }
+
+        /// Exchange packets, completing handlers with `f`, until nothing is left to do.
+        fn run(&mut self, f: impl Fn(&DataMsg) -> HandlerResult) {
+            for _ in 0..10_000 {
+                self.transmit();
+                self.receive();
+                self.complete_all(0, &f);
+                self.complete_all(1, &f);
+                self.transmit();
+                if self.wire.iter().all(Vec::is_empty) && !self.next_timer() {
+                    return;
+                }
+            }
+            panic!("pair did not settle");
+        }
+    }
+
+    fn ok(_: &DataMsg) -> HandlerResult {
+        Ok(())
+    }
+
+    #[test]
+    fn send_deliver_complete_resolves_ack() {
+        let mut p = Pair::new(ReliableConfig::default());
+        let t = p.send(0, "cell");
+        assert_eq!(t, 1);
+        assert_eq!(p.ep[0].credits(B), 255);
+        p.transmit();
+        p.receive();
+        assert_eq!(p.delivered[1].len(), 1);
+        assert_eq!(&p.delivered[1][0].payload[..], b"cell");
+        assert_eq!(p.ep[1].pending_answers(), 1);
+        p.complete_all(1, ok);
+        p.run(ok);
+        assert_eq!(p.resolved[0], vec![(1, Outcome::Ack)]);
+        assert_eq!(p.ep[0].credits(B), 256);
+        assert_eq!(p.ep[0].unanswered(), 0);
+        assert_eq!(p.ep[1].pending_answers(), 0);
+    }
+
+    #[test]
+    fn handler_err_resolves_err_with_its_code_and_text() {
+        let mut p = Pair::new(ReliableConfig::default());
+        p.send(0, "bad");
+        p.run(|_| Err((7, "cell out of domain".into())));
+        assert_eq!(
+            p.resolved[0],
+            vec![(
+                1,
+                Outcome::Err {
+                    code: 7,
+                    text: "cell out of domain".into()
+                }
+            )]
+        );
+        assert_eq!(p.ep[0].stats().errs_received, 1);
+    }
+
+    #[test]
+    fn lost_data_is_retransmitted_and_delivered_once() {
+        let mut p = Pair::new(no_jitter());
+        p.send(0, "x");
+        p.transmit();
+        p.wire[1].clear(); // lost
+        p.receive();
+        assert!(p.delivered[1].is_empty());
+        assert_eq!(p.ep[0].poll_timeout(), Some(ms(200)));
+        p.run(ok);
+        assert_eq!(p.delivered[1].len(), 1);
+        assert_eq!(p.resolved[0], vec![(1, Outcome::Ack)]);
+        assert_eq!(p.ep[0].stats().retransmitted, 1);
+    }
+
+    #[test]
+    fn lost_feedback_is_answered_again_from_cache_without_calling_the_handler() {
+        let mut p = Pair::new(no_jitter());
+        p.send(0, "x");
+        p.transmit();
+        p.receive();
+        p.complete_all(1, ok);
+        p.advance_to(ms(1));
+        p.transmit();
+        assert!(matches!(p.wire[0][..], [ReliableTransmit::Feedback(_)]));
+        p.wire[0].clear(); // feedback lost
+        p.run(ok);
+        assert_eq!(p.delivered[1].len(), 1, "handler must not run twice");
+        assert_eq!(p.ep[1].stats().duplicates_dropped, 1);
+        assert_eq!(p.resolved[0], vec![(1, Outcome::Ack)]);
+    }
+
+    #[test]
+    fn duplicate_of_an_err_id_is_answered_with_the_same_err_after_the_watermark_passed_it() {
+        let mut p = Pair::new(no_jitter());
+        p.send(0, "bad");
+        p.transmit();
+        p.receive();
+        p.complete_all(1, |_| Err((3, "nope".into())));
+        p.advance_to(ms(1));
+        p.transmit();
+        p.wire[0].clear(); // the ERR is lost
+        for i in 0..10 {
+            p.send(0, &format!("good {i}"));
+        }
+        p.transmit();
+        p.receive();
+        p.complete_all(1, ok);
+        p.advance_to(ms(2));
+        p.transmit();
+        p.receive();
+        // 2..=11 resolved, the cumulative answer must not claim 1 as ACK.
+        assert_eq!(p.resolved[0].len(), 10);
+        assert!(p.resolved[0]
+            .iter()
+            .all(|(id, o)| *id > 1 && *o == Outcome::Ack));
+        p.run(ok);
+        assert_eq!(
+            p.resolved[0].last(),
+            Some(&(
+                1,
+                Outcome::Err {
+                    code: 3,
+                    text: "nope".into()
+                }
+            ))
+        );
+        assert_eq!(p.delivered[1].len(), 11);
+    }
+
+    #[test]
+    fn duplicate_while_the_handler_runs_is_neither_delivered_nor_answered() {
+        let mut p = Pair::new(no_jitter());
+        p.send(0, "slow");
+        p.transmit();
+        p.receive();
+        assert_eq!(p.running[1].len(), 1);
+        let held = std::mem::take(&mut p.running[1]);
+        for _ in 0..3 {
+            p.next_timer(); // retransmissions
+            p.transmit();
+            p.receive();
+            assert!(p.wire[0].is_empty());
+            p.transmit();
+            assert!(p.wire[0].is_empty(), "nothing answered while running");
+        }
+        assert_eq!(p.delivered[1].len(), 1);
+        assert_eq!(p.ep[1].stats().duplicates_dropped, 3);
+        p.running[1] = held;
+        p.run(ok);
+        assert_eq!(p.resolved[0], vec![(1, Outcome::Ack)]);
+        assert_eq!(p.delivered[1].len(), 1);
+    }
+
+    #[test]
+    fn deadline_resolves_timed_out_and_returns_the_credit() {
+        let cfg = ReliableConfig {
+            window: 2,
+            deadline: Duration::from_secs(5),
+            ..no_jitter()
+        };
+        let mut ep = ReliableEndpoint::new(cfg, 9);
+        let now = Duration::ZERO;
+        ep.send(now, B, 0, DataKind::Cell, Bytes::new()).unwrap();
+        ep.send(now, B, 0, DataKind::Cell, Bytes::new()).unwrap();
+        assert_eq!(ep.credits(B), 0);
+        assert_eq!(
+            ep.send(now, B, 0, DataKind::Cell, Bytes::new()),
+            Err(SendError::WindowFull { to: B, window: 2 })
+        );
+        let mut t = now;
+        while let Some(next) = ep.poll_timeout() {
+            assert!(
+                next <= Duration::from_secs(5),
+                "nothing waits past the deadline"
+            );
+            t = next;
+            ep.handle_timeout(t);
+        }
+        assert_eq!(t, Duration::from_secs(5));
+        let outcomes: Vec<_> = std::iter::from_fn(|| ep.poll_event()).collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                ReliableEvent::Resolved {
+                    to: B,
+                    id: 1,
+                    outcome: Outcome::TimedOut
+                },
+                ReliableEvent::Resolved {
+                    to: B,
+                    id: 2,
+                    outcome: Outcome::TimedOut
+                },
+            ]
+        );
+        assert_eq!(ep.credits(B), 2);
+        assert_eq!(ep.stats().timeouts, 2);
+        assert!(ep.stats().retransmitted >= 4);
+    }
+
+    #[test]
+    fn full_window_refuses_until_feedback_returns_credits() {
+        let cfg = ReliableConfig {
+            window: 4,
+            ..ReliableConfig::default()
+        };
+        let mut p = Pair::new(cfg);
+        for i in 0..4 {
+            p.send(0, &i.to_string());
+        }
+        let err = p.ep[0].send(p.now, B, 0, DataKind::Cell, Bytes::new());
+        assert_eq!(err, Err(SendError::WindowFull { to: B, window: 4 }));
+        assert_eq!(
+            err.unwrap_err().to_string(),
+            "window to rank 1 is full (4 messages unanswered)"
+        );
+        p.run(ok);
+        assert_eq!(p.ep[0].credits(B), 4);
+        assert_eq!(p.send(0, "next"), 5);
+    }
+
+    #[test]
+    fn out_of_order_completions_are_coalesced_into_few_feedbacks() {
+        let mut p = Pair::new(ReliableConfig::default());
+        for i in 0..100 {
+            p.send(0, &i.to_string());
+        }
+        p.transmit();
+        p.receive();
+        let mut running = std::mem::take(&mut p.running[1]);
+        running.shuffle(&mut SmallRng::seed_from_u64(5));
+        for (from, msg) in running {
+            let result = if msg.id % 10 == 0 {
+                Err((1, format!("e{}", msg.id)))
+            } else {
+                Ok(())
+            };
+            p.ep[1].complete(p.now, from, msg.id, result);
+        }
+        p.run(ok);
+        assert!(
+            p.feedback_count[1] <= 5,
+            "{} feedbacks for 100 answers",
+            p.feedback_count[1]
+        );
+        assert_eq!(p.resolved[0].len(), 100);
+        for (id, outcome) in &p.resolved[0] {
+            let want = if id % 10 == 0 {
+                Outcome::Err {
+                    code: 1,
+                    text: format!("e{id}"),
+                }
+            } else {
+                Outcome::Ack
+            };
+            assert_eq!(outcome, &want, "ticket {id}");
+        }
+        assert_eq!(p.ep[0].stats().retransmitted, 0);
+    }
+
+    #[test]
+    fn bogus_feedback_and_data_are_ignored_and_counted() {
+        let mut ep = ReliableEndpoint::new(ReliableConfig::default(), 1);
+        let now = Duration::ZERO;
+        ep.handle_feedback(
+            now,
+            42,
+            Feedback {
+                cumulative: 5,
+                ..Feedback::default()
+            },
+        );
+        for _ in 0..3 {
+            ep.send(now, B, 0, DataKind::Cell, Bytes::new()).unwrap();
+        }
+        let err = |id| ErrReport {
+            id,
+            code: 1,
+            text: "x".into(),
+        };
+        let bogus = [
+            Feedback {
+                cumulative: u64::MAX,
+                ..Feedback::default()
+            },
+            Feedback {
+                cumulative: 4,
+                ..Feedback::default()
+            },
+            Feedback {
+                ranges: vec![(3, 2)],
+                ..Feedback::default()
+            },
+            Feedback {
+                ranges: vec![(0, u64::MAX)],
+                ..Feedback::default()
+            },
+            Feedback {
+                ranges: vec![(2, 1 << 40)],
+                ..Feedback::default()
+            },
+            Feedback {
+                ranges: vec![(0, 0)],
+                ..Feedback::default()
+            },
+            Feedback {
+                cumulative: 3,
+                errors: vec![err(99)],
+                ..Feedback::default()
+            },
+        ];
+        for fb in bogus {
+            ep.handle_feedback(now, B, fb);
+        }
+        assert_eq!(ep.stats().bogus_feedback, 8);
+        assert_eq!(ep.unanswered(), 3);
+        assert!(std::iter::from_fn(|| ep.poll_event()).next().is_none());
+        // A valid answer still works afterwards, and repeating it is harmless.
+        let fb = Feedback {
+            cumulative: 1,
+            ranges: vec![(3, 3)],
+            errors: vec![err(3)],
+        };
+        ep.handle_feedback(now, B, fb.clone());
+        ep.handle_feedback(now, B, fb);
+        let events: Vec<_> = std::iter::from_fn(|| ep.poll_event()).collect();
+        assert_eq!(events.len(), 2);
+        assert_eq!(ep.unanswered(), 1);
+
+        ep.handle_data(
+            now,
+            A,
+            DataMsg {
+                id: 0,
+                frame: 0,
+                kind: DataKind::Cell,
+                payload: Bytes::new(),
+            },
+        );
+        ep.handle_data(
+            now,
+            A,
+            DataMsg {
+                id: u64::MAX,
+                frame: 0,
+                kind: DataKind::Cell,
+                payload: Bytes::new(),
+            },
+        );
+        ep.complete(now, A, 77, Ok(()));
+        ep.complete(now, 99, 1, Err((1, "x".into())));
+        assert_eq!(ep.stats().bad_data, 1);
+        assert_eq!(ep.stats().beyond_window, 1);
+        assert_eq!(ep.stats().stale_completions, 2);
+        assert!(ep.poll_event().is_none());
+    }
+
+    #[test]
+    fn reset_peer_resends_unanswered_messages_renumbered_with_their_tickets() {
+        let mut p = Pair::new(no_jitter());
+        p.send(0, "one");
+        p.run(ok);
+        assert_eq!(p.resolved[0], vec![(1, Outcome::Ack)]);
+        p.send(0, "two");
+        p.send(0, "three");
+        p.transmit();
+        p.wire[1].clear(); // lost with the old incarnation of B
+                           // B restarts: a fresh endpoint; A learns of the new incarnation.
+        p.ep[1] = ReliableEndpoint::new(no_jitter(), 3);
+        p.delivered[1].clear();
+        p.ep[0].reset_peer(p.now, B);
+        assert_eq!(p.ep[0].stats().resent_after_reset, 2);
+        p.run(ok);
+        let got: Vec<_> = p.delivered[1]
+            .iter()
+            .map(|m| (m.id, m.payload.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(1, Bytes::from("two")), (2, Bytes::from("three"))]
+        );
+        assert_eq!(&p.resolved[0][1..], &[(2, Outcome::Ack), (3, Outcome::Ack)]);
+        assert_eq!(p.ep[0].stats().retransmitted, 0);
+    }
+
+    #[test]
+    fn reset_peer_forgets_receive_state_and_ignores_old_completions() {
+        let mut p = Pair::new(no_jitter());
+        p.send(0, "old life");
+        p.transmit();
+        p.receive();
+        let stale = std::mem::take(&mut p.running[1]);
+        p.ep[1].reset_peer(p.now, A);
+        assert_eq!(p.ep[1].pending_answers(), 0);
+        for (from, msg) in stale {
+            p.ep[1].complete(p.now, from, msg.id, Ok(()));
+        }
+        assert_eq!(p.ep[1].stats().stale_completions, 1);
+        // A restarted too: its new life numbers from 1 again and is delivered.
+        p.ep[0] = ReliableEndpoint::new(no_jitter(), 4);
+        p.send(0, "new life");
+        p.run(ok);
+        assert_eq!(p.delivered[1].len(), 2);
+        assert_eq!(p.resolved[0], vec![(1, Outcome::Ack)]);
+    }
+
+    #[test]
+    fn timed_out_message_does_not_wedge_the_receivers_dedup_window() {
+        let cfg = ReliableConfig {
+            window: 8,
+            dedup_window: 8,
+            deadline: Duration::from_secs(3),
+            // Retries every 200 ms: messages refused while the receiver still
+            // waits for the hole (deadline + ceiling) get through in time.
+            retransmit: BackoffPolicy::new(ms(200), 1.0, ms(200), 0.0),
+            ..ReliableConfig::default()
+        };
+        let mut p = Pair::new(cfg);
+        p.send(0, "lost forever");
+        let mut sent = 1;
+        for _ in 0..200 {
+            p.transmit();
+            p.wire[1].retain(
+                |t| !matches!(t, ReliableTransmit::Data(m) if &m.payload[..] == b"lost forever"),
+            );
+            p.receive();
+            p.complete_all(1, ok);
+            p.transmit();
+            while sent < 40 && p.ep[0].credits(B) > 0 {
+                p.send(0, "later");
+                sent += 1;
+            }
+            if p.wire.iter().all(Vec::is_empty) && !p.next_timer() {
+                break;
+            }
+        }
+        assert_eq!(sent, 40);
+        assert_eq!(p.resolved[0].len(), 40);
+        assert_eq!(
+            p.resolved[0]
+                .iter()
+                .filter(|(_, o)| *o == Outcome::TimedOut)
+                .count(),
+            1
+        );
+        assert_eq!(p.delivered[1].len(), 39);
+        assert_eq!(p.ep[1].stats().holes_skipped, 1);
+    }
+
+    /// Both directions carry data; packets are lost, duplicated and
+    /// reordered; handlers complete in random order, some with ERR.
+    fn lossy_run(seed: u64, per_side: u64) {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let cfg = ReliableConfig {
+            deadline: Duration::from_secs(3600),
+            window: 16,
+            ack_batch: 8,
+            ..ReliableConfig::default()
+        };
+        let mut ep = [
+            ReliableEndpoint::new(cfg.clone(), seed),
+            ReliableEndpoint::new(cfg, !seed),
+        ];
+        let mut now = Duration::ZERO;
+        let mut wire: [Vec<ReliableTransmit>; 2] = [Vec::new(), Vec::new()];
+        let mut running: [Vec<(Rank, u64, u64)>; 2] = [Vec::new(), Vec::new()];
+        let mut delivered: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+        let mut tickets: [BTreeMap<u64, u64>; 2] = [BTreeMap::new(), BTreeMap::new()];
+        let mut outcomes: [BTreeMap<u64, Outcome>; 2] = [BTreeMap::new(), BTreeMap::new()];
+        let mut next_payload = [0u64; 2];
+        let expected = |n: u64| {
+            if n % 7 == 0 {
+                Err((7, format!("p{n}")))
+            } else {
+                Ok(())
+            }
+        };
+        for _round in 0..100_000 {
+            for i in 0..2 {
+                while next_payload[i] < per_side
+                    && ep[i].credits(1 - i as Rank) > 0
+                    && rng.gen_bool(0.5)
+                {
+                    let n = next_payload[i];
+                    let t = ep[i]
+                        .send(
+                            now,
+                            1 - i as Rank,
+                            0,
+                            DataKind::Cell,
+                            Bytes::copy_from_slice(&n.to_le_bytes()),
+                        )
+                        .unwrap();
+                    tickets[i].insert(t, n);
+                    next_payload[i] += 1;
+                }
+                while let Some((to, t)) = ep[i].poll_transmit(now) {
+                    let q = &mut wire[to as usize];
+                    if rng.gen_bool(0.2) {
+                        continue; // lost
+                    }
+                    let copies = if rng.gen_bool(0.1) { 2 } else { 1 };
+                    for _ in 0..copies {
+                        let at = rng.gen_range(0..=q.len());
+                        q.insert(at, t.clone()); // reordered
+                    }
+                }
+            }
+            for i in 0..2 {
+                let from = 1 - i as Rank;
+                let take = rng.gen_range(0..=wire[i].len());
+                for t in wire[i].drain(..take).collect::<Vec<_>>() {
+                    match t {
+                        ReliableTransmit::Data(m) => ep[i].handle_data(now, from, m),
+                        ReliableTransmit::Feedback(f) => ep[i].handle_feedback(now, from, f),
+                    }
+                }
+                while let Some(ev) = ep[i].poll_event() {
+                    match ev {
+                        ReliableEvent::Deliver { from, msg } => {
+                            let n = u64::from_le_bytes(msg.payload[..].try_into().unwrap());
+                            delivered[i].push(n);
+                            running[i].push((from, msg.id, n));
+                        }
+                        ReliableEvent::Resolved { id, outcome, .. } => {
+                            assert!(
+                                outcomes[i].insert(id, outcome).is_none(),
+                                "ticket resolved twice"
+                            );
+                        }
+                    }
+                }
+                running[i].shuffle(&mut rng);
+                let done = rng.gen_range(0..=running[i].len());
+                for (from, id, n) in running[i].drain(..done).collect::<Vec<_>>() {
+                    ep[i].complete(now, from, id, expected(n));
+                }
+            }
+            let finished = (0..2)
+                .all(|i| outcomes[i].len() as u64 == per_side && ep[i].pending_answers() == 0);
+            if finished {
+                break;
+            }
+            now += ms(rng.gen_range(0..50));
+            for e in &mut ep {
+                e.handle_timeout(now);
+            }
+        }
+        for i in 0..2 {
+            let j = 1 - i;
+            assert_eq!(
+                outcomes[i].len() as u64,
+                per_side,
+                "seed {seed}: every ticket resolves"
+            );
+            for (t, outcome) in &outcomes[i] {
+                let n = tickets[i][t];
+                let want = match expected(n) {
+                    Ok(()) => Outcome::Ack,
+                    Err((code, text)) => Outcome::Err { code, text },
+                };
+                assert_eq!(outcome, &want, "seed {seed}: ticket {t}");
+            }
+            let mut got = delivered[j].clone();
+            got.sort_unstable();
+            assert_eq!(
+                got,
+                (0..per_side).collect::<Vec<_>>(),
+                "seed {seed}: exactly once"
+            );
+            assert_eq!(ep[i].unanswered(), 0);
+        }
+    }
+
+    #[test]
+    fn lossy_duplicating_reordering_network_delivers_exactly_once_and_resolves_every_ticket() {
+        for seed in 0..30 {
+            lossy_run(seed, 100);
+        }
+    }
 }

@@ -1,1 +1,274 @@
-fn main() {}
+//! The `cellnet` binary: the main job, the probe, and (later) benchmarks
+//! and the simulator. Every bad input ends in one line on stderr and exit
+//! code 2; a failed run ends with exit code 1.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use cellnet::app::{life, probe};
+use cellnet::config::{parse_duration, Config, VARIABLES};
+use cellnet::launch::{self, LaunchMode};
+use cellnet::place::PlacementPolicy;
+use cellnet::runtime::{Communicator, RuntimeError};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cellnet",
+    version,
+    about = "Communication layer for HPC jobs: discovery, node leaders, confirmed in-order cell exchange",
+    after_help = env_help()
+)]
+struct Cli {
+    #[command(flatten)]
+    opts: CommonOpts,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+fn env_help() -> String {
+    let mut s = String::from("Environment (flags win over variables):\n");
+    for (var, default, meaning) in VARIABLES {
+        s.push_str(&format!("  {var}\n      {meaning} [default: {default}]\n"));
+    }
+    s.push_str(
+        "\nExamples:\n  mpirun -n 4 --bind-to none cellnet life\n  srun --mpi=pmix cellnet life --frames 1000\n  \
+         CELLNET_RANK=0 CELLNET_SIZE=2 cellnet probe & CELLNET_RANK=1 CELLNET_SIZE=2 cellnet probe\n",
+    );
+    s
+}
+
+/// Settings shared by every command; each overrides its CELLNET_* variable.
+#[derive(Args, Debug)]
+struct CommonOpts {
+    /// Where identity comes from: auto, mpi, slurm, explicit, single
+    #[arg(long, global = true, value_name = "MODE")]
+    launch: Option<LaunchMode>,
+    /// Core binding: compact, scatter, none
+    #[arg(long, global = true, value_name = "POLICY")]
+    placement: Option<PlacementPolicy>,
+    /// Rayon workers for the cell handler (0 = one per bound PU)
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    /// UDP port of node-local discovery
+    #[arg(long, global = true, value_name = "PORT")]
+    discovery_port: Option<u16>,
+    /// host:port where node leaders register
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    coordinator: Option<String>,
+    /// IP address of this instance's tcp:// receiving socket
+    #[arg(long, global = true, value_name = "IP")]
+    bind_ip: Option<std::net::IpAddr>,
+    /// Give up if the job is not globally ready after this long (e.g. 30s)
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    join_timeout: Option<Duration>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The main job: Game of Life, halos through cellnet, verified against a serial run
+    Life(LifeArgs),
+    /// Print each instance's rank, node, leader, binding and endpoints; optionally exchange cells
+    Probe(ProbeArgs),
+}
+
+#[derive(Args, Debug)]
+struct LifeArgs {
+    /// Grid rows
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    rows: u32,
+    /// Grid columns
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    cols: u32,
+    /// Frames (generations) to run
+    #[arg(long, default_value_t = 100)]
+    frames: u64,
+    /// Seed of the initial soup
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Longest wait for one frame's halos before failing
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    frame_timeout: Duration,
+    /// No per-frame progress lines
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct ProbeArgs {
+    /// After probing, send this many cells to every other instance and check the ACKs
+    #[arg(long, default_value_t = 0)]
+    exchange: u32,
+}
+
+fn config(opts: &CommonOpts) -> Result<Config, RuntimeError> {
+    let mut c = Config::from_env()?;
+    if let Some(v) = opts.launch {
+        c.launch = v;
+    }
+    if let Some(v) = opts.placement {
+        c.placement = v;
+    }
+    if let Some(v) = opts.threads {
+        c.threads = v;
+    }
+    if let Some(v) = opts.discovery_port {
+        c.discovery_port = v;
+    }
+    if let Some(v) = &opts.coordinator {
+        c.coordinator = Some(v.clone());
+    }
+    if let Some(v) = opts.bind_ip {
+        c.bind_ip = Some(v);
+    }
+    if let Some(v) = opts.join_timeout {
+        c.join_timeout = v;
+    }
+    Ok(c)
+}
+
+/// A failure and the exit code it deserves.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<RuntimeError> for Failure {
+    fn from(e: RuntimeError) -> Self {
+        Failure {
+            code: 2,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: 1,
+        message: message.to_string(),
+    }
+}
+
+fn start(
+    config: Config,
+    handler: Option<cellnet::runtime::Handler>,
+) -> Result<Communicator, Failure> {
+    let (info, mpi) = launch::detect(config.launch).map_err(RuntimeError::from)?;
+    let mut b = Communicator::builder().config(config).launch_info(info);
+    if let Some(mpi) = mpi {
+        b = b.mpi_session(mpi);
+    }
+    if let Some(h) = handler {
+        b = b.handler_arc(h);
+    }
+    Ok(b.start()?)
+}
+
+fn run_life(config: Config, a: &LifeArgs) -> Result<(), Failure> {
+    let params = life::LifeParams {
+        rows: a.rows as usize,
+        cols: a.cols as usize,
+        frames: a.frames,
+        seed: a.seed,
+        frame_timeout: a.frame_timeout,
+        quiet: a.quiet,
+    };
+    // The partition depends on the job size, known only after launch
+    // detection; the handler is built from it before the runtime starts.
+    let (info, mpi) = launch::detect(config.launch).map_err(RuntimeError::from)?;
+    let part =
+        cellnet::partition::Partition2d::new(params.rows, params.cols, info.size).map_err(|e| {
+            Failure {
+                code: 2,
+                message: e.to_string(),
+            }
+        })?;
+    let handler = life::handler(part, info.rank, params.frames);
+    let mut b = Communicator::builder()
+        .config(config)
+        .launch_info(info)
+        .handler(handler);
+    if let Some(mpi) = mpi {
+        b = b.mpi_session(mpi);
+    }
+    let comm = b.start()?;
+    if comm.rank() == 0 {
+        let s = comm.status();
+        println!(
+            "cellnet life: {}x{} grid, {} frames, {} instances on {} node(s), global ready",
+            params.rows,
+            params.cols,
+            params.frames,
+            comm.size(),
+            s.global.map_or(0, |g| g.0)
+        );
+    }
+    let report = life::run(&comm, &params).map_err(fail)?;
+    comm.shutdown()?;
+    if let Some(sum) = report.checksum {
+        println!(
+            "cellnet life: {} frames in {:.3} s, {:.3e} cells/s, checksum {sum:#018x} equals the serial run: verified",
+            params.frames,
+            report.elapsed.as_secs_f64(),
+            report.cells_per_sec
+        );
+    }
+    Ok(())
+}
+
+fn run_probe(config: Config, a: &ProbeArgs) -> Result<(), Failure> {
+    let comm = start(config, None)?;
+    println!("{}", probe::line(&comm));
+    if a.exchange > 0 {
+        let others: Vec<u32> = (0..comm.size()).filter(|&r| r != comm.rank()).collect();
+        let report = probe::exchange(&comm, &others, a.exchange).map_err(fail)?;
+        println!("{report}");
+    }
+    comm.shutdown()?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("cellnet: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CELLNET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
+    let result = config(&cli.opts)
+        .map_err(Failure::from)
+        .and_then(|config| match &cli.cmd {
+            Cmd::Life(a) => run_life(config, a),
+            Cmd::Probe(a) => run_probe(config, a),
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("cellnet: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -21,13 +21,24 @@ pub struct UdpEndpoint {
 impl UdpEndpoint {
     /// Bind `addr` with address/port reuse and broadcast enabled.
     pub fn bind(addr: SocketAddrV4) -> Result<Self, NetError> {
+        Self::bind_with(addr, true)
+    }
+
+    /// Bind `addr` for this process alone (no `SO_REUSEPORT`): the
+    /// coordinator's port, where a second job must get an error rather
+    /// than half of the registrations.
+    pub fn bind_exclusive(addr: SocketAddrV4) -> Result<Self, NetError> {
+        Self::bind_with(addr, false)
+    }
+
+    fn bind_with(addr: SocketAddrV4, shared: bool) -> Result<Self, NetError> {
         let err = |source| NetError::UdpBind {
             addr: addr.to_string(),
             source,
         };
         let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
-        socket.set_reuse_address(true).map_err(err)?;
-        socket.set_reuse_port(true).map_err(err)?;
+        socket.set_reuse_address(shared).map_err(err)?;
+        socket.set_reuse_port(shared).map_err(err)?;
         socket.set_broadcast(true).map_err(err)?;
         socket.set_nonblocking(true).map_err(err)?;
         // Bursts of beacons from 100 instances must not overflow the queue.

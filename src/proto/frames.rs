@@ -1,9 +1,10 @@
-//! Frame assembly: cells and `FrameEnd` markers from the expected peers,
-//! handed to the application strictly in frame order (DESIGN §5 "Frames").
+//! Frame assembly: cells carry a frame number, each sender ends its part of
+//! a frame with a frame-end marker carrying its cell count, and complete
+//! frames are handed over strictly in order.
 //!
-//! Owns the buffer of frames not yet handed over, bounded to `max_ahead`
-//! frames past the next one. It sits after the reliable channel (which has
-//! removed duplicates) and must not touch sockets, threads or the clock.
+//! Owns the per-frame, per-sender bookkeeping and the bound on how far
+//! ahead of the application frames may be buffered. Must not touch sockets
+//! or the clock.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,117 +12,134 @@ use bytes::Bytes;
 
 use super::Rank;
 
-/// A frame with every expected peer's cells, ready for the application.
+/// A cell or marker that does not fit the frame bookkeeping.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame {frame} was already handed over (next is {next})")]
+    Stale { frame: u64, next: u64 },
+    #[error("frame {frame} is too far ahead (next is {next}, at most {max_ahead} buffered)")]
+    TooFarAhead {
+        frame: u64,
+        next: u64,
+        max_ahead: u64,
+    },
+    #[error("rank {from} is not expected to send in frame {frame}")]
+    UnexpectedPeer { from: Rank, frame: u64 },
+    #[error("rank {from} sent more cells in frame {frame} than its frame end announced ({count})")]
+    CountExceeded { from: Rank, frame: u64, count: u32 },
+}
+
+/// A frame with every expected sender's part complete.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompleteFrame {
     pub frame: u64,
-    /// Cells of each expected peer ordered by message id (empty if it sent none).
+    /// Accepted cells of each sender, in the order they were sent.
     pub cells: BTreeMap<Rank, Vec<Bytes>>,
 }
 
-/// Why a cell or frame end was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum FrameError {
-    /// The frame was already handed to the application.
-    #[error("rank {from} sent for frame {frame}, already handed over (next is {next})")]
-    Stale { from: Rank, frame: u64, next: u64 },
-    /// The frame is beyond the buffer; the sender must wait (backpressure).
-    #[error("rank {from} sent for frame {frame}, too far ahead (frames below {limit} accepted)")]
-    TooFarAhead { from: Rank, frame: u64, limit: u64 },
-    /// The sender is not among the peers expected to send to us.
-    #[error("rank {from} is not expected to send frames here (frame {frame})")]
-    UnexpectedPeer { from: Rank, frame: u64 },
-    /// More cells than the sender announced in its `FrameEnd`.
-    #[error("rank {from} sent {received} cells for frame {frame} but announced {count}")]
-    CountExceeded {
-        from: Rank,
-        frame: u64,
-        count: u32,
-        received: usize,
-    },
-    /// Two `FrameEnd` markers for one frame with different counts.
-    #[error("rank {from} ended frame {frame} twice with different counts ({first} then {second})")]
-    ConflictingEnd {
-        from: Rank,
-        frame: u64,
-        first: u32,
-        second: u32,
-    },
-}
-
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Part {
+    /// Accepted cells by message id (ids grow in send order).
     cells: BTreeMap<u64, Bytes>,
+    /// Cells the handler refused: received, counted, not handed over.
+    rejected: BTreeSet<u64>,
     end: Option<u32>,
 }
 
 impl Part {
+    fn received(&self) -> usize {
+        self.cells.len() + self.rejected.len()
+    }
+
     fn complete(&self) -> bool {
-        self.end.is_some_and(|c| c as usize == self.cells.len())
+        self.end.is_some_and(|n| n as usize == self.received())
     }
 }
 
-/// Buffers frames until every expected peer's part is in, then hands them over in order.
+/// In-order frame delivery for one receiving instance.
+#[derive(Debug)]
 pub struct FrameAssembler {
     next: u64,
     max_ahead: u64,
-    expected: BTreeSet<Rank>,
-    frames: BTreeMap<u64, BTreeMap<Rank, Part>>,
+    /// Expected senders from a frame on (the last entry at or below a frame
+    /// applies to it).
+    expected: BTreeMap<u64, BTreeSet<Rank>>,
+    parts: BTreeMap<u64, BTreeMap<Rank, Part>>,
 }
 
 impl FrameAssembler {
-    /// Frames `>= first_frame + max_ahead` are refused (`max_ahead` at least 1).
+    /// Frames `>= next + max_ahead` are refused until the application
+    /// catches up: the buffer is bounded.
     pub fn new(first_frame: u64, max_ahead: u64) -> Self {
         Self {
             next: first_frame,
             max_ahead: max_ahead.max(1),
-            expected: BTreeSet::new(),
-            frames: BTreeMap::new(),
+            expected: BTreeMap::new(),
+            parts: BTreeMap::new(),
         }
     }
 
-    /// Who sends to us every frame (our neighbours). With nobody expected,
-    /// no frame is ever complete.
+    /// Who sends to us every frame from the next one on.
     pub fn set_expected(&mut self, peers: impl IntoIterator<Item = Rank>) {
-        self.expected = peers.into_iter().collect();
+        self.set_expected_from(self.next, peers);
     }
 
-    fn limit(&self) -> u64 {
-        self.next.saturating_add(self.max_ahead)
+    /// Who sends to us from `frame` on (later settings stay in force).
+    pub fn set_expected_from(&mut self, frame: u64, peers: impl IntoIterator<Item = Rank>) {
+        self.expected
+            .insert(frame.max(self.next), peers.into_iter().collect());
     }
 
-    /// False when `frame` is too far ahead or already handed over.
+    fn expected_in(&self, frame: u64) -> Option<&BTreeSet<Rank>> {
+        self.expected.range(..=frame).next_back().map(|(_, s)| s)
+    }
+
+    pub fn next_frame(&self) -> u64 {
+        self.next
+    }
+
+    /// Whether a cell of `frame` would be taken now.
     pub fn accepts(&self, frame: u64) -> bool {
-        frame >= self.next && frame < self.limit()
+        frame >= self.next && frame - self.next < self.max_ahead
     }
 
     fn part(&mut self, from: Rank, frame: u64) -> Result<&mut Part, FrameError> {
         if frame < self.next {
             return Err(FrameError::Stale {
-                from,
                 frame,
                 next: self.next,
             });
         }
-        if frame >= self.limit() {
+        if !self.accepts(frame) {
             return Err(FrameError::TooFarAhead {
-                from,
                 frame,
-                limit: self.limit(),
+                next: self.next,
+                max_ahead: self.max_ahead,
             });
         }
-        if !self.expected.contains(&from) {
+        // Before the application says whom it expects (start-up races its
+        // first `set_expected`), cells are held, not refused.
+        if self.expected_in(frame).is_some_and(|s| !s.contains(&from)) {
             return Err(FrameError::UnexpectedPeer { from, frame });
         }
         Ok(self
-            .frames
+            .parts
             .entry(frame)
             .or_default()
             .entry(from)
             .or_default())
     }
 
-    /// A cell (message `id`) of `frame` from `from`. A repeated id is ignored.
+    fn check_count(part: &Part, from: Rank, frame: u64, extra: usize) -> Result<(), FrameError> {
+        match part.end {
+            Some(count) if part.received() + extra > count as usize => {
+                Err(FrameError::CountExceeded { from, frame, count })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// An accepted cell (message `id`) of `frame` from `from`.
     pub fn handle_cell(
         &mut self,
         from: Rank,
@@ -130,24 +148,27 @@ impl FrameAssembler {
         payload: Bytes,
     ) -> Result<(), FrameError> {
         let part = self.part(from, frame)?;
-        if part.cells.contains_key(&id) {
+        if part.cells.contains_key(&id) || part.rejected.contains(&id) {
             return Ok(());
         }
-        if let Some(count) = part.end {
-            if part.cells.len() >= count as usize {
-                return Err(FrameError::CountExceeded {
-                    from,
-                    frame,
-                    count,
-                    received: part.cells.len() + 1,
-                });
-            }
-        }
+        Self::check_count(part, from, frame, 1)?;
         part.cells.insert(id, payload);
         Ok(())
     }
 
-    /// `from` sent `count` cells of `frame` (0 when it had nothing to send).
+    /// A cell the handler refused: it counts towards the frame's
+    /// completeness but is not handed over.
+    pub fn handle_rejected(&mut self, from: Rank, id: u64, frame: u64) -> Result<(), FrameError> {
+        let part = self.part(from, frame)?;
+        if part.cells.contains_key(&id) || part.rejected.contains(&id) {
+            return Ok(());
+        }
+        Self::check_count(part, from, frame, 1)?;
+        part.rejected.insert(id);
+        Ok(())
+    }
+
+    /// `from` sent `count` cells in `frame`.
     pub fn handle_frame_end(
         &mut self,
         from: Rank,
@@ -155,80 +176,55 @@ impl FrameAssembler {
         count: u32,
     ) -> Result<(), FrameError> {
         let part = self.part(from, frame)?;
-        match part.end {
-            Some(first) if first != count => {
-                return Err(FrameError::ConflictingEnd {
-                    from,
-                    frame,
-                    first,
-                    second: count,
-                })
-            }
-            _ => {}
-        }
-        if part.cells.len() > count as usize {
-            return Err(FrameError::CountExceeded {
-                from,
-                frame,
-                count,
-                received: part.cells.len(),
-            });
+        if part.received() > count as usize {
+            return Err(FrameError::CountExceeded { from, frame, count });
         }
         part.end = Some(count);
         Ok(())
     }
 
-    /// The next frame, once every expected peer's part of it is complete.
-    pub fn poll_frame(&mut self) -> Option<CompleteFrame> {
-        if self.expected.is_empty() {
-            return None;
-        }
-        let parts = self.frames.get(&self.next)?;
-        let done = self
-            .expected
+    /// Expected senders whose part of `frame` is not complete yet.
+    pub fn missing(&self, frame: u64) -> Vec<Rank> {
+        let Some(expected) = self.expected_in(frame) else {
+            return Vec::new();
+        };
+        let parts = self.parts.get(&frame);
+        expected
             .iter()
-            .all(|r| parts.get(r).is_some_and(Part::complete));
-        if !done {
+            .filter(|r| !parts.and_then(|p| p.get(r)).is_some_and(Part::complete))
+            .copied()
+            .collect()
+    }
+
+    /// The next frame, if every expected sender's part of it is complete.
+    /// Nothing comes out before the expected senders are set; with an empty
+    /// set, frames are complete at once (an instance without neighbours).
+    pub fn poll_frame(&mut self) -> Option<CompleteFrame> {
+        if self.expected_in(self.next).is_none() || !self.missing(self.next).is_empty() {
             return None;
         }
         let frame = self.next;
-        let mut parts = self.frames.remove(&frame).unwrap_or_default();
+        let parts = self.parts.remove(&frame).unwrap_or_default();
         self.next += 1;
-        let cells = self
-            .expected
-            .iter()
-            .map(|&r| {
-                let part = parts.remove(&r).unwrap_or_default();
-                (r, part.cells.into_values().collect())
-            })
+        // Settings for frames now past are no longer needed (keep the one in force).
+        while self.expected.range(..=self.next).count() > 1 {
+            let Some((&k, _)) = self.expected.iter().next() else {
+                break;
+            };
+            self.expected.remove(&k);
+        }
+        let cells = parts
+            .into_iter()
+            .map(|(rank, part)| (rank, part.cells.into_values().collect()))
             .collect();
         Some(CompleteFrame { frame, cells })
     }
 
-    /// The frame [`poll_frame`](Self::poll_frame) hands over next.
-    pub fn next_frame(&self) -> u64 {
-        self.next
-    }
-
-    /// Expected peers whose part of `frame` is incomplete (empty for frames
-    /// already handed over).
-    pub fn missing(&self, frame: u64) -> Vec<Rank> {
-        if frame < self.next {
-            return Vec::new();
-        }
-        let parts = self.frames.get(&frame);
-        self.expected
-            .iter()
-            .copied()
-            .filter(|r| !parts.and_then(|p| p.get(r)).is_some_and(Part::complete))
-            .collect()
-    }
-
-    /// Cells held for frames not yet handed over.
+    /// Cells held for frames not handed over yet.
     pub fn buffered_cells(&self) -> usize {
-        self.frames
+        self.parts
             .values()
-            .flat_map(|f| f.values())
+            .flat_map(|p| p.values())
             .map(|p| p.cells.len())
             .sum()
     }
@@ -238,151 +234,104 @@ impl FrameAssembler {
 mod tests {
     use super::*;
 
-    fn cell(s: &str) -> Bytes {
-        Bytes::copy_from_slice(s.as_bytes())
-    }
-
-    fn assembler() -> FrameAssembler {
-        let mut fa = FrameAssembler::new(3, 8);
-        fa.set_expected([1, 2]);
-        fa
-    }
-
-    /// Peer `from` sends one cell and its frame end for `frame`.
-    fn one_cell_frame(fa: &mut FrameAssembler, from: Rank, frame: u64) {
-        fa.handle_cell(from, frame * 10, frame, cell(&format!("{from}@{frame}")))
-            .unwrap();
-        fa.handle_frame_end(from, frame, 1).unwrap();
+    fn b(x: u8) -> Bytes {
+        Bytes::from(vec![x])
     }
 
     #[test]
-    fn frames_completed_out_of_order_are_handed_over_in_order() {
-        let mut fa = assembler();
-        for frame in [4, 5, 6] {
-            one_cell_frame(&mut fa, 1, frame);
-            one_cell_frame(&mut fa, 2, frame);
+    fn frames_complete_out_of_order_come_out_in_order() {
+        let mut a = FrameAssembler::new(3, 8);
+        a.set_expected([1, 2]);
+        for f in [4u64, 5, 6] {
+            for peer in [1, 2] {
+                a.handle_cell(peer, f * 10, f, b(f as u8)).unwrap();
+                a.handle_frame_end(peer, f, 1).unwrap();
+            }
         }
-        assert_eq!(fa.poll_frame(), None, "frame 3 is not complete");
-        assert_eq!(fa.buffered_cells(), 6);
-        one_cell_frame(&mut fa, 2, 3);
-        assert_eq!(fa.poll_frame(), None);
-        one_cell_frame(&mut fa, 1, 3);
-        let order: Vec<u64> = std::iter::from_fn(|| fa.poll_frame())
+        assert_eq!(a.poll_frame(), None, "frame 3 is not complete yet");
+        assert_eq!(a.missing(3), vec![1, 2]);
+        a.handle_frame_end(1, 3, 0).unwrap();
+        assert_eq!(a.missing(3), vec![2]);
+        a.handle_frame_end(2, 3, 1).unwrap();
+        assert_eq!(a.poll_frame(), None);
+        a.handle_cell(2, 1, 3, b(3)).unwrap(); // cell after its frame end
+        let order: Vec<u64> = std::iter::from_fn(|| a.poll_frame())
             .map(|f| f.frame)
             .collect();
         assert_eq!(order, vec![3, 4, 5, 6]);
-        assert_eq!(fa.next_frame(), 7);
-        assert_eq!(fa.buffered_cells(), 0);
+        assert_eq!(a.buffered_cells(), 0);
     }
 
     #[test]
-    fn cells_after_their_frame_end_complete_the_frame_ordered_by_id() {
-        let mut fa = assembler();
-        fa.handle_frame_end(1, 3, 2).unwrap();
-        fa.handle_frame_end(2, 3, 0).unwrap();
-        fa.handle_cell(1, 9, 3, cell("second")).unwrap();
-        assert_eq!(fa.poll_frame(), None);
-        assert_eq!(fa.missing(3), vec![1]);
-        fa.handle_cell(1, 8, 3, cell("first")).unwrap();
-        let f = fa.poll_frame().unwrap();
-        assert_eq!(f.frame, 3);
-        assert_eq!(f.cells[&1], vec![cell("first"), cell("second")]);
-        assert_eq!(f.cells[&2], Vec::<Bytes>::new());
+    fn cells_of_a_sender_come_out_in_send_order_and_duplicates_once() {
+        let mut a = FrameAssembler::new(0, 4);
+        a.set_expected([7]);
+        a.handle_cell(7, 3, 0, b(3)).unwrap();
+        a.handle_cell(7, 1, 0, b(1)).unwrap();
+        a.handle_cell(7, 1, 0, b(1)).unwrap();
+        a.handle_rejected(7, 2, 0).unwrap();
+        a.handle_frame_end(7, 0, 3).unwrap();
+        let f = a.poll_frame().unwrap();
+        assert_eq!(f.cells[&7], vec![b(1), b(3)]);
     }
 
     #[test]
-    fn more_cells_than_announced_is_an_error_in_either_order() {
-        let mut fa = assembler();
-        fa.handle_frame_end(1, 3, 1).unwrap();
-        fa.handle_cell(1, 1, 3, cell("a")).unwrap();
-        fa.handle_cell(1, 1, 3, cell("a")).unwrap(); // repeat of the same id
-        assert_eq!(
-            fa.handle_cell(1, 2, 3, cell("b")),
-            Err(FrameError::CountExceeded {
-                from: 1,
-                frame: 3,
-                count: 1,
-                received: 2
-            })
-        );
-        fa.handle_cell(2, 1, 4, cell("a")).unwrap();
-        fa.handle_cell(2, 2, 4, cell("b")).unwrap();
-        assert_eq!(
-            fa.handle_frame_end(2, 4, 1),
-            Err(FrameError::CountExceeded {
-                from: 2,
-                frame: 4,
-                count: 1,
-                received: 2
-            })
-        );
+    fn bounds_and_bad_senders_are_errors() {
+        let mut a = FrameAssembler::new(0, 2);
+        a.set_expected([1]);
         assert!(matches!(
-            fa.handle_frame_end(1, 3, 5),
-            Err(FrameError::ConflictingEnd {
-                first: 1,
-                second: 5,
-                ..
-            })
+            a.handle_cell(1, 1, 2, b(0)),
+            Err(FrameError::TooFarAhead { .. })
         ));
+        assert!(!a.accepts(2));
+        assert!(matches!(
+            a.handle_cell(9, 1, 0, b(0)),
+            Err(FrameError::UnexpectedPeer { .. })
+        ));
+        a.handle_frame_end(1, 0, 1).unwrap();
+        a.handle_cell(1, 1, 0, b(0)).unwrap();
+        assert!(matches!(
+            a.handle_cell(1, 2, 0, b(0)),
+            Err(FrameError::CountExceeded { .. })
+        ));
+        assert!(a.poll_frame().is_some());
+        assert!(matches!(
+            a.handle_cell(1, 3, 0, b(0)),
+            Err(FrameError::Stale { .. })
+        ));
+        assert!(a.accepts(2));
     }
 
     #[test]
-    fn frames_too_far_ahead_stale_or_from_strangers_are_refused() {
-        let mut fa = assembler();
-        assert!(fa.accepts(10));
-        assert!(!fa.accepts(11));
-        assert_eq!(
-            fa.handle_cell(1, 1, 11, cell("x")),
-            Err(FrameError::TooFarAhead {
-                from: 1,
-                frame: 11,
-                limit: 11
-            })
-        );
-        assert!(fa.handle_frame_end(1, u64::MAX, 0).is_err());
-        assert_eq!(
-            fa.handle_frame_end(7, 3, 0),
-            Err(FrameError::UnexpectedPeer { from: 7, frame: 3 })
-        );
-        fa.handle_frame_end(1, 3, 0).unwrap();
-        fa.handle_frame_end(2, 3, 0).unwrap();
-        assert!(fa.poll_frame().is_some());
-        assert!(!fa.accepts(3));
-        assert!(fa.accepts(11), "the window slides with the next frame");
-        assert_eq!(
-            fa.handle_cell(1, 5, 3, cell("late")),
-            Err(FrameError::Stale {
-                from: 1,
-                frame: 3,
-                next: 4
-            })
-        );
-        assert_eq!(fa.buffered_cells(), 0);
+    fn no_frame_before_senders_are_set_and_empty_frames_without_senders() {
+        let mut a = FrameAssembler::new(0, 4);
+        assert_eq!(a.poll_frame(), None);
+        // A cell that arrives before the expectations are set is held.
+        let mut early = FrameAssembler::new(0, 4);
+        early.handle_cell(5, 1, 0, b(9)).unwrap();
+        early.handle_frame_end(5, 0, 1).unwrap();
+        early.set_expected([5]);
+        assert_eq!(early.poll_frame().unwrap().cells[&5], vec![b(9)]);
+        a.set_expected([]);
+        assert_eq!(a.poll_frame().map(|f| f.frame), Some(0));
+        assert_eq!(a.poll_frame().map(|f| f.frame), Some(1));
     }
 
     #[test]
-    fn missing_names_the_laggard() {
-        let mut fa = FrameAssembler::new(0, 4);
-        fa.set_expected([1, 2, 3]);
-        assert_eq!(fa.missing(0), vec![1, 2, 3]);
-        one_cell_frame(&mut fa, 1, 0);
-        fa.handle_frame_end(3, 0, 0).unwrap();
-        fa.handle_frame_end(2, 0, 1).unwrap(); // its cell is still on the way
-        assert_eq!(fa.missing(0), vec![2]);
-        assert_eq!(fa.poll_frame(), None);
-        fa.handle_cell(2, 4, 0, cell("late")).unwrap();
-        assert_eq!(fa.poll_frame().map(|f| f.frame), Some(0));
-        assert!(fa.missing(0).is_empty());
-    }
-
-    #[test]
-    fn nothing_expected_means_no_frame_is_ever_complete() {
-        let mut fa = FrameAssembler::new(0, 0);
-        assert!(fa.accepts(0), "max_ahead 0 is raised to 1");
-        assert_eq!(fa.poll_frame(), None);
-        assert_eq!(
-            fa.handle_frame_end(1, 0, 0),
-            Err(FrameError::UnexpectedPeer { from: 1, frame: 0 })
-        );
+    fn a_later_frame_can_expect_other_senders() {
+        let mut a = FrameAssembler::new(0, 8);
+        a.set_expected([1]);
+        a.set_expected_from(2, [1, 2, 3]);
+        // Rank 3 may send for frame 2 before frames 0 and 1 are done.
+        a.handle_cell(3, 1, 2, b(3)).unwrap();
+        assert!(matches!(
+            a.handle_cell(3, 2, 1, b(3)),
+            Err(FrameError::UnexpectedPeer { .. })
+        ));
+        for f in 0..2 {
+            a.handle_frame_end(1, f, 0).unwrap();
+            assert_eq!(a.poll_frame().unwrap().frame, f);
+        }
+        assert_eq!(a.missing(2), vec![1, 2, 3]);
     }
 }

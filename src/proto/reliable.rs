@@ -101,6 +101,13 @@ pub enum Outcome {
     TimedOut,
 }
 
+impl Outcome {
+    /// The receiver's handler accepted the message.
+    pub fn is_ack(&self) -> bool {
+        matches!(self, Outcome::Ack)
+    }
+}
+
 /// What the endpoint tells its driver.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReliableEvent {

@@ -1,0 +1,5 @@
+//! `app`: what the `cellnet` binary runs — the main job (`life`) and the
+//! probe. Library code, so tests can drive it too.
+
+pub mod life;
+pub mod probe;

@@ -1,0 +1,337 @@
+//! One `Config` for the whole library: defaults, then `CELLNET_*`
+//! environment variables, then CLI flags (applied by the binary).
+//!
+//! Every variable is listed in [`VARIABLES`]; the README's table and
+//! `cellnet --help` are made from the same list.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::launch::LaunchMode;
+use crate::place::PlacementPolicy;
+use crate::proto::{discovery::DiscoveryConfig, global::GlobalConfig, reliable::ReliableConfig};
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// `(variable, default, meaning)` of every setting.
+pub const VARIABLES: &[(&str, &str, &str)] = &[
+    (
+        "CELLNET_LAUNCH",
+        "auto",
+        "where identity comes from: auto, mpi, slurm, explicit, single",
+    ),
+    (
+        "CELLNET_RANK / _SIZE / _NODE / _NODE_INDEX / _LOCAL_RANK / _LOCAL_SIZE / _NODES",
+        "-",
+        "explicit identity (launch mode explicit)",
+    ),
+    (
+        "CELLNET_JOB_KEY",
+        "from MPI/Slurm",
+        "separates jobs sharing a node and a discovery port",
+    ),
+    (
+        "CELLNET_SECRET",
+        "derived from the job key",
+        "key of the HMAC tag on discovery datagrams",
+    ),
+    (
+        "CELLNET_PLACEMENT",
+        "compact",
+        "core binding: compact, scatter, none (keep the launcher's binding)",
+    ),
+    (
+        "CELLNET_THREADS",
+        "0 (= PUs bound)",
+        "rayon workers that run the cell handler",
+    ),
+    (
+        "CELLNET_DISCOVERY_PORT",
+        "47400",
+        "UDP port of node-local discovery beacons",
+    ),
+    (
+        "CELLNET_BROADCAST",
+        "127.255.255.255",
+        "node-local broadcast address for beacons",
+    ),
+    (
+        "CELLNET_COORDINATOR",
+        "first node of the job, port 47401",
+        "host:port where node leaders register",
+    ),
+    (
+        "CELLNET_BIND_IP",
+        "127.0.0.1 on one node, else the host's address",
+        "IP of the ZeroMQ tcp:// receiving socket",
+    ),
+    (
+        "CELLNET_IPC_DIR",
+        "/tmp",
+        "directory of ipc:// sockets for same-node peers; 'none' disables ipc",
+    ),
+    (
+        "CELLNET_JOIN_TIMEOUT",
+        "60s",
+        "give up when the job is not globally ready by then",
+    ),
+    (
+        "CELLNET_SEND_DEADLINE",
+        "30s",
+        "a cell unanswered this long resolves as timed out",
+    ),
+    (
+        "CELLNET_RETRANSMIT",
+        "200ms",
+        "first retransmission timeout (doubles up to CELLNET_RETRANSMIT_MAX)",
+    ),
+    (
+        "CELLNET_RETRANSMIT_MAX",
+        "2s",
+        "retransmission timeout ceiling",
+    ),
+    (
+        "CELLNET_WINDOW",
+        "256",
+        "unanswered cells in flight per peer before send blocks",
+    ),
+    (
+        "CELLNET_FRAMES_AHEAD",
+        "64",
+        "frames buffered ahead of the one the application waits for",
+    ),
+];
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub launch: LaunchMode,
+    pub placement: PlacementPolicy,
+    /// Rayon workers; 0 = one per PU of the binding.
+    pub threads: usize,
+    pub discovery_port: u16,
+    pub broadcast: Ipv4Addr,
+    /// `host:port` of the coordinator; `None` = derived from the launch.
+    pub coordinator: Option<String>,
+    pub coordinator_port: u16,
+    /// `None` = 127.0.0.1 on one node, else the address of the hostname.
+    pub bind_ip: Option<std::net::IpAddr>,
+    /// `None` disables ipc:// between same-node peers.
+    pub ipc_dir: Option<PathBuf>,
+    pub secret: Option<Vec<u8>>,
+    pub join_timeout: Duration,
+    pub frames_ahead: u64,
+    pub discovery: DiscoveryConfig,
+    pub global: GlobalConfig,
+    pub reliable: ReliableConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            launch: LaunchMode::Auto,
+            placement: PlacementPolicy::Compact,
+            threads: 0,
+            discovery_port: 47_400,
+            broadcast: Ipv4Addr::new(127, 255, 255, 255),
+            coordinator: None,
+            coordinator_port: 47_401,
+            bind_ip: None,
+            ipc_dir: Some(std::env::temp_dir()),
+            secret: None,
+            join_timeout: Duration::from_secs(60),
+            frames_ahead: 64,
+            discovery: DiscoveryConfig::default(),
+            global: GlobalConfig::default(),
+            reliable: ReliableConfig::default(),
+        }
+    }
+}
+
+/// Parse a duration: `250ms`, `2s`, `1.5s`, `3m`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| "not a duration (try 250ms, 2s, 1m)".to_string())?;
+    if !v.is_finite() || v < 0.0 || v * scale > 1e9 {
+        return Err("duration out of range".into());
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+impl Config {
+    /// Defaults overridden by the `CELLNET_*` variables of the process.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(&std::env::vars().collect())
+    }
+
+    /// Defaults overridden by the `CELLNET_*` entries of `vars`.
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let mut c = Config::default();
+        fn get<T>(
+            vars: &HashMap<String, String>,
+            var: &'static str,
+            parse: impl FnOnce(&str) -> Result<T, String>,
+        ) -> Result<Option<T>, ConfigError> {
+            match vars.get(var) {
+                None => Ok(None),
+                Some(value) => parse(value).map(Some).map_err(|reason| ConfigError {
+                    var,
+                    value: value.clone(),
+                    reason,
+                }),
+            }
+        }
+        fn from_str<T: FromStr>(s: &str) -> Result<T, String>
+        where
+            T::Err: std::fmt::Display,
+        {
+            s.trim().parse::<T>().map_err(|e| e.to_string())
+        }
+        if let Some(v) = get(vars, "CELLNET_LAUNCH", from_str)? {
+            c.launch = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_PLACEMENT", from_str)? {
+            c.placement = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_THREADS", from_str)? {
+            c.threads = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_DISCOVERY_PORT", from_str)? {
+            c.discovery_port = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_BROADCAST", from_str)? {
+            c.broadcast = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_COORDINATOR", |s| {
+            if s.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            {
+                Ok(s.trim().to_string())
+            } else {
+                Err("expected host:port".into())
+            }
+        })? {
+            c.coordinator = Some(v);
+        }
+        if let Some(v) = get(vars, "CELLNET_BIND_IP", from_str)? {
+            c.bind_ip = Some(v);
+        }
+        if let Some(v) = get(vars, "CELLNET_IPC_DIR", |s| Ok(s.to_string()))? {
+            c.ipc_dir = (v != "none").then(|| PathBuf::from(v));
+        }
+        if let Some(v) = get(vars, "CELLNET_SECRET", |s| Ok(s.as_bytes().to_vec()))? {
+            c.secret = Some(v);
+        }
+        if let Some(v) = get(vars, "CELLNET_JOIN_TIMEOUT", parse_duration)? {
+            c.join_timeout = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_SEND_DEADLINE", parse_duration)? {
+            c.reliable.deadline = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_RETRANSMIT", parse_duration)? {
+            c.reliable.retransmit.initial = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_RETRANSMIT_MAX", parse_duration)? {
+            c.reliable.retransmit.ceiling = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_WINDOW", |s| {
+            from_str::<u32>(s).and_then(|w| {
+                if w == 0 {
+                    Err("must be at least 1".into())
+                } else {
+                    Ok(w)
+                }
+            })
+        })? {
+            c.reliable.window = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_FRAMES_AHEAD", |s| {
+            from_str::<u64>(s).and_then(|w| {
+                if w == 0 {
+                    Err("must be at least 1".into())
+                } else {
+                    Ok(w)
+                }
+            })
+        })? {
+            c.frames_ahead = v;
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn variables_override_defaults() {
+        let c = Config::from_vars(&vars(&[
+            ("CELLNET_DISCOVERY_PORT", "5000"),
+            ("CELLNET_COORDINATOR", "n001:6000"),
+            ("CELLNET_WINDOW", "8"),
+            ("CELLNET_SEND_DEADLINE", "1500ms"),
+            ("CELLNET_IPC_DIR", "none"),
+            ("CELLNET_PLACEMENT", "none"),
+        ]))
+        .unwrap();
+        assert_eq!(c.discovery_port, 5000);
+        assert_eq!(c.coordinator.as_deref(), Some("n001:6000"));
+        assert_eq!(c.reliable.window, 8);
+        assert_eq!(c.reliable.deadline, Duration::from_millis(1500));
+        assert_eq!(c.ipc_dir, None);
+        assert_eq!(c.placement, PlacementPolicy::None);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, value) in [
+            ("CELLNET_DISCOVERY_PORT", "70000"),
+            ("CELLNET_COORDINATOR", "nohostport"),
+            ("CELLNET_WINDOW", "0"),
+            ("CELLNET_JOIN_TIMEOUT", "soon"),
+            ("CELLNET_BROADCAST", "1.2.3"),
+            ("CELLNET_PLACEMENT", "sideways"),
+        ] {
+            let err = Config::from_vars(&vars(&[(var, value)])).unwrap_err();
+            assert_eq!(err.var, var);
+            assert!(err.to_string().contains(value), "{err}");
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("NaNs").is_err());
+    }
+}

@@ -1,0 +1,728 @@
+//! The I/O thread: runs every `proto` state machine over the sockets.
+//!
+//! One loop: take commands and handler outcomes, fire timers, flush what
+//! the state machines want to send, then sleep in `zmq::poll` until a
+//! socket, the wake-up eventfd or the next timer.
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use super::shared::{CreditGate, Metrics, StatusCell, Waker};
+use super::{codes, Cell, Command, Handler, HandlerError, ShutdownReport};
+use crate::config::Config;
+use crate::launch::LaunchInfo;
+use crate::net::{
+    udp::UdpEndpoint,
+    zmq_transport::{Inbound, ZmqTransport},
+    NetError,
+};
+use crate::proto::{
+    discovery::{DiscoveryEvent, DiscoveryTransmit, LocalDiscovery},
+    frames::{CompleteFrame, FrameAssembler},
+    global::{Coordinator, GlobalEvent, GlobalJoin, GlobalTransmit},
+    reliable::{Outcome, ReliableEndpoint, ReliableEvent, ReliableTransmit},
+    wire::{self, Control, DataKind, DataMsg, Datagram, JobSecret, PeerMsg, WireError},
+    Now, PeerInfo, Rank,
+};
+
+/// Everything the driver is built from.
+pub(crate) struct Parts {
+    pub config: Config,
+    pub info: LaunchInfo,
+    pub me: PeerInfo,
+    pub coordinator: SocketAddrV4,
+    pub transport: ZmqTransport,
+    pub udp: UdpEndpoint,
+    pub pool: rayon::ThreadPool,
+    pub handler: Handler,
+    pub commands: Receiver<Command>,
+    pub frames: Sender<CompleteFrame>,
+    pub waker: Arc<Waker>,
+    pub credits: Arc<CreditGate>,
+    pub status: Arc<StatusCell>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A handler's verdict on a cell, on its way back to the I/O thread.
+struct HandlerDone {
+    cell: Cell,
+    result: Result<(), HandlerError>,
+}
+
+pub(crate) struct Driver {
+    p: Parts,
+    epoch: Instant,
+    secret: JobSecret,
+    discovery: LocalDiscovery,
+    global: Option<GlobalJoin>,
+    coordinator: Option<(Coordinator, UdpEndpoint)>,
+    reliable: ReliableEndpoint,
+    assembler: FrameAssembler,
+    /// Where peers receive: node-mates from discovery, others resolved.
+    peers: HashMap<Rank, PeerInfo>,
+    /// Latest routing id seen per sender, for replies on the ROUTER.
+    routes: HashMap<Rank, Vec<u8>>,
+    /// Data for peers not resolved yet (bounded by the credit window).
+    parked: HashMap<Rank, Vec<DataMsg>>,
+    tickets: HashMap<(Rank, u64), Sender<crate::proto::reliable::Outcome>>,
+    /// Cells sent per (peer, frame), for the frame-end count.
+    frame_counts: HashMap<(Rank, u64), u32>,
+    /// A complete frame waiting for room in the application's channel.
+    ready_frame: Option<CompleteFrame>,
+    done_tx: Sender<HandlerDone>,
+    done_rx: Receiver<HandlerDone>,
+    handlers_running: usize,
+    shutdown_since: Option<Now>,
+    /// Reused buffer of received messages.
+    inbox: Vec<Inbound>,
+}
+
+const DRAIN_GRACE: Duration = Duration::from_millis(300);
+
+impl Driver {
+    pub fn new(p: Parts) -> Self {
+        let epoch = Instant::now();
+        let seed = p.me.incarnation.0 ^ ((p.me.rank as u64) << 32);
+        let secret = JobSecret::new(
+            p.config
+                .secret
+                .clone()
+                .unwrap_or_else(|| format!("cellnet-job-{:016x}", p.info.job_key.0).into_bytes()),
+        );
+        let discovery = LocalDiscovery::new(
+            p.me.clone(),
+            p.info.local_size,
+            p.config.discovery,
+            Duration::ZERO,
+            seed,
+        );
+        let reliable = ReliableEndpoint::new(p.config.reliable.clone(), seed.rotate_left(17));
+        let assembler = FrameAssembler::new(0, p.config.frames_ahead);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        Self {
+            p,
+            epoch,
+            secret,
+            discovery,
+            global: None,
+            coordinator: None,
+            reliable,
+            assembler,
+            peers: HashMap::new(),
+            routes: HashMap::new(),
+            parked: HashMap::new(),
+            tickets: HashMap::new(),
+            frame_counts: HashMap::new(),
+            ready_frame: None,
+            done_tx,
+            done_rx,
+            handlers_running: 0,
+            shutdown_since: None,
+            inbox: Vec::new(),
+        }
+    }
+
+    fn now(&self) -> Now {
+        self.epoch.elapsed()
+    }
+
+    pub fn run(mut self) -> ShutdownReport {
+        let result = self.run_loop();
+        let report = ShutdownReport {
+            unanswered: self.reliable.unanswered(),
+            unacknowledged: self.reliable.pending_answers() + self.handlers_running,
+        };
+        // Tickets still open resolve now: nothing waits forever.
+        for ((to, _), tx) in self.tickets.drain() {
+            let _ = tx.send(Outcome::TimedOut);
+            self.p.credits.release(to);
+        }
+        self.p.status.update(|s| {
+            s.stopped = true;
+            if let Err(e) = result {
+                s.failed = Some(e);
+            }
+        });
+        report
+    }
+
+    fn run_loop(&mut self) -> Result<(), String> {
+        let join_deadline = self.p.config.join_timeout;
+        loop {
+            let now = self.now();
+            self.take_commands(now);
+            self.take_handler_results(now);
+            self.fire_timers(now);
+            self.flush(now)?;
+            if let Some(since) = self.shutdown_since {
+                let drained = self.reliable.unanswered() == 0
+                    && self.reliable.pending_answers() == 0
+                    && self.handlers_running == 0;
+                let deadline = since + self.p.config.reliable.deadline + DRAIN_GRACE;
+                if (drained && now >= since + DRAIN_GRACE) || now >= deadline {
+                    return Ok(());
+                }
+            }
+            if self.global.as_ref().and_then(|g| g.ready()).is_none() && now >= join_deadline {
+                return Err(self.join_failure());
+            }
+            let wait = self.next_deadline().map_or(100, |t| {
+                let d = t.saturating_sub(self.now());
+                d.as_micros().div_ceil(1000).min(100) as i64
+            });
+            let mut fds = vec![self.p.waker.fd(), self.p.udp.raw_fd()];
+            if let Some((_, udp)) = &self.coordinator {
+                fds.push(udp.raw_fd());
+            }
+            let readable = self
+                .p
+                .transport
+                .poll(&fds, wait)
+                .map_err(|e| e.to_string())?;
+            if readable[0] {
+                self.p.waker.clear();
+            }
+            let now = self.now();
+            if readable[1] {
+                self.read_datagrams(now, false)?;
+            }
+            if readable.get(2) == Some(&true) {
+                self.read_datagrams(now, true)?;
+            }
+            self.read_zmq(now)?;
+        }
+    }
+
+    fn join_failure(&self) -> String {
+        if !self.discovery.is_complete() {
+            let missing = self.p.info.local_size as usize - self.discovery.members().len();
+            format!(
+                "not globally ready after {:?}: local discovery is missing {missing} of {} instances on node {} \
+                 (discovery port {}, broadcast {})",
+                self.p.config.join_timeout,
+                self.p.info.local_size,
+                self.p.info.node_name,
+                self.p.config.discovery_port,
+                self.p.config.broadcast
+            )
+        } else {
+            format!(
+                "not globally ready after {:?}: no answer from the coordinator at {} for all {} nodes \
+                 (unreachable, or not every node started?)",
+                self.p.config.join_timeout, self.p.coordinator, self.p.info.nodes
+            )
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Now> {
+        let global = self.global.as_ref().and_then(|g| g.poll_timeout());
+        [
+            self.discovery.poll_timeout(),
+            global,
+            self.reliable.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn take_commands(&mut self, now: Now) {
+        loop {
+            match self.p.commands.try_recv() {
+                Ok(Command::Send {
+                    to,
+                    frame,
+                    kind,
+                    payload,
+                    ticket,
+                }) => {
+                    let kind = match kind {
+                        DataKind::Cell => {
+                            *self.frame_counts.entry((to, frame)).or_insert(0) += 1;
+                            Metrics::add(&self.p.metrics.cells_sent, 1);
+                            DataKind::Cell
+                        }
+                        DataKind::FrameEnd { .. } => DataKind::FrameEnd {
+                            count: self.frame_counts.remove(&(to, frame)).unwrap_or(0),
+                        },
+                    };
+                    match self.reliable.send(now, to, frame, kind, payload) {
+                        Ok(id) => {
+                            self.tickets.insert((to, id), ticket);
+                        }
+                        Err(_) => {
+                            // The credit gate keeps this from happening; if it
+                            // does, the ticket says so rather than hanging.
+                            let _ = ticket.send(Outcome::TimedOut);
+                            self.p.credits.release(to);
+                        }
+                    }
+                }
+                Ok(Command::Expect { from_frame, peers }) => {
+                    let from = from_frame.unwrap_or_else(|| self.assembler.next_frame());
+                    self.assembler.set_expected_from(from, peers);
+                }
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
+                    if self.shutdown_since.is_none() {
+                        self.shutdown_since = Some(now);
+                    }
+                    break;
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+    }
+
+    fn take_handler_results(&mut self, now: Now) {
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.handlers_running -= 1;
+            let HandlerDone { cell, result } = done;
+            match result {
+                Ok(()) => {
+                    match self
+                        .assembler
+                        .handle_cell(cell.from, cell.id, cell.frame, cell.payload)
+                    {
+                        Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
+                        Err(e) => {
+                            Metrics::add(&self.p.metrics.cells_refused, 1);
+                            self.reliable.complete(
+                                now,
+                                cell.from,
+                                cell.id,
+                                Err((codes::FRAME_REFUSED, e.to_string())),
+                            );
+                        }
+                    }
+                }
+                Err(HandlerError { code, text }) => {
+                    self.assembler
+                        .handle_rejected(cell.from, cell.id, cell.frame)
+                        .ok();
+                    self.reliable
+                        .complete(now, cell.from, cell.id, Err((code, text)));
+                }
+            }
+        }
+        self.pump_frames();
+    }
+
+    /// Move complete frames to the application, one at a time, only while
+    /// its channel has room: frames (even empty ones) never pile up.
+    fn pump_frames(&mut self) {
+        loop {
+            let frame = match self.ready_frame.take() {
+                Some(f) => f,
+                None => match self.assembler.poll_frame() {
+                    Some(f) => f,
+                    None => return,
+                },
+            };
+            if let Err(e) = self.p.frames.try_send(frame) {
+                self.ready_frame = Some(e.into_inner());
+                return;
+            }
+        }
+    }
+
+    fn fire_timers(&mut self, now: Now) {
+        self.discovery.handle_timeout(now);
+        if let Some(g) = &mut self.global {
+            g.handle_timeout(now);
+        }
+        self.reliable.handle_timeout(now);
+    }
+
+    /// Send everything the state machines queued and act on their events.
+    fn flush(&mut self, now: Now) -> Result<(), String> {
+        for _ in 0..4 {
+            let mut progressed = false;
+            while let Some(t) = self.discovery.poll_transmit() {
+                progressed = true;
+                match t {
+                    DiscoveryTransmit::Broadcast(ping) => {
+                        let bytes = wire::encode_datagram(
+                            self.p.info.job_key,
+                            &self.secret,
+                            &Datagram::Ping(ping),
+                        );
+                        let to = SocketAddrV4::new(
+                            self.p.config.broadcast,
+                            self.p.config.discovery_port,
+                        );
+                        self.p.udp.send_to(&bytes, to).map_err(|e| e.to_string())?;
+                    }
+                    DiscoveryTransmit::ToPeer { to, msg } => self.send_control(&to, &msg),
+                }
+            }
+            while let Some(e) = self.discovery.poll_event() {
+                progressed = true;
+                self.on_discovery_event(now, e)?;
+            }
+            let mut coordinator_out = Vec::new();
+            if let Some((c, _)) = &mut self.coordinator {
+                while let Some(t) = c.poll_transmit() {
+                    if let GlobalTransmit::ToPeer { to, msg } = t {
+                        coordinator_out.push((to, msg));
+                    }
+                }
+            }
+            progressed |= !coordinator_out.is_empty();
+            for (to, msg) in coordinator_out {
+                self.send_control(&to, &msg);
+            }
+            if let Some(g) = &mut self.global {
+                let mut out = Vec::new();
+                while let Some(t) = g.poll_transmit() {
+                    out.push(t);
+                }
+                let mut events = Vec::new();
+                while let Some(e) = g.poll_event() {
+                    events.push(e);
+                }
+                progressed |= !out.is_empty() || !events.is_empty();
+                for t in out {
+                    match t {
+                        GlobalTransmit::Register(reg) => {
+                            let bytes = wire::encode_datagram(
+                                self.p.info.job_key,
+                                &self.secret,
+                                &Datagram::Register(reg),
+                            );
+                            self.p
+                                .udp
+                                .send_to(&bytes, self.p.coordinator)
+                                .map_err(|e| e.to_string())?;
+                        }
+                        GlobalTransmit::ToPeer { to, msg } => self.send_control(&to, &msg),
+                    }
+                }
+                for e in events {
+                    self.on_global_event(e);
+                }
+            }
+            while let Some(t) = self.reliable.poll_transmit(now) {
+                progressed = true;
+                match t {
+                    (to, ReliableTransmit::Data(msg)) => self.send_data(now, to, msg),
+                    (to, ReliableTransmit::Feedback(fb)) => self.reply(to, &Control::Feedback(fb)),
+                }
+            }
+            while let Some(e) = self.reliable.poll_event() {
+                progressed = true;
+                self.on_reliable_event(now, e);
+            }
+            self.pump_frames();
+            if !progressed {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_discovery_event(&mut self, now: Now, e: DiscoveryEvent) -> Result<(), String> {
+        match e {
+            DiscoveryEvent::PeerReady(info) => {
+                self.peers.insert(info.rank, info);
+            }
+            DiscoveryEvent::PeerRestarted(info) => {
+                self.reliable.reset_peer(now, info.rank);
+                self.routes.remove(&info.rank);
+                self.peers.insert(info.rank, info);
+            }
+            DiscoveryEvent::Complete { leader, members } => {
+                self.p.status.update(|s| {
+                    s.local_complete = true;
+                    s.leader = Some(leader);
+                    s.members = members.clone();
+                });
+                if self.global.is_none() {
+                    let seed = self.p.me.incarnation.0.rotate_left(7);
+                    let cfg = self.p.config.global;
+                    if leader == self.p.me.rank {
+                        if self.p.me.node_index == 0 {
+                            let udp = UdpEndpoint::bind_exclusive(self.p.coordinator).map_err(|e| {
+                                format!(
+                                    "this instance leads node 0 and so must run the coordinator, but {e} \
+                                     (CELLNET_COORDINATOR must be an address of the first node, and its port free)"
+                                )
+                            })?;
+                            self.coordinator =
+                                Some((Coordinator::new(self.p.info.nodes, self.p.info.size), udp));
+                        }
+                        self.global = Some(GlobalJoin::leader(
+                            self.p.me.clone(),
+                            self.p.info.node_name.clone(),
+                            members,
+                            cfg,
+                            now,
+                            seed,
+                        ));
+                    } else if let Some(l) = members.iter().find(|m| m.rank == leader) {
+                        self.global = Some(GlobalJoin::member(
+                            self.p.me.rank,
+                            l.clone(),
+                            cfg,
+                            now,
+                            seed,
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_global_event(&mut self, e: GlobalEvent) {
+        match e {
+            GlobalEvent::Ready { nodes, size } => {
+                self.p.status.update(|s| s.global = Some((nodes, size)));
+            }
+            GlobalEvent::Resolved(info) => {
+                let rank = info.rank;
+                self.peers.insert(rank, info);
+                for msg in self.parked.remove(&rank).unwrap_or_default() {
+                    let now = self.now();
+                    self.send_data(now, rank, msg);
+                }
+            }
+        }
+    }
+
+    fn on_reliable_event(&mut self, now: Now, e: ReliableEvent) {
+        match e {
+            ReliableEvent::Deliver { from, msg } => match msg.kind {
+                DataKind::FrameEnd { count } => {
+                    let answer = self
+                        .assembler
+                        .handle_frame_end(from, msg.frame, count)
+                        .map_err(|e| (codes::UNEXPECTED_SENDER, e.to_string()));
+                    if answer.is_err() {
+                        Metrics::add(&self.p.metrics.cells_refused, 1);
+                    }
+                    self.reliable.complete(now, from, msg.id, answer);
+                }
+                DataKind::Cell => {
+                    Metrics::add(&self.p.metrics.cells_delivered, 1);
+                    if !self.assembler.accepts(msg.frame) {
+                        Metrics::add(&self.p.metrics.cells_refused, 1);
+                        let text = format!("frame {} is not accepted now", msg.frame);
+                        self.reliable.complete(
+                            now,
+                            from,
+                            msg.id,
+                            Err((codes::FRAME_REFUSED, text)),
+                        );
+                        return;
+                    }
+                    let cell = Cell {
+                        from,
+                        frame: msg.frame,
+                        id: msg.id,
+                        payload: msg.payload,
+                    };
+                    let handler = self.p.handler.clone();
+                    let done = self.done_tx.clone();
+                    let waker = self.p.waker.clone();
+                    self.handlers_running += 1;
+                    self.p.pool.spawn(move || {
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            handler(&cell)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(HandlerError::new(u32::MAX, "the cell handler panicked"))
+                        });
+                        let _ = done.send(HandlerDone { cell, result });
+                        waker.wake();
+                    });
+                }
+            },
+            ReliableEvent::Resolved { to, id, outcome } => {
+                let counter = match &outcome {
+                    Outcome::Ack => &self.p.metrics.acks_received,
+                    Outcome::Err { .. } => &self.p.metrics.errs_received,
+                    Outcome::TimedOut => &self.p.metrics.timeouts,
+                };
+                Metrics::add(counter, 1);
+                if let Some(tx) = self.tickets.remove(&(to, id)) {
+                    let _ = tx.send(outcome);
+                    self.p.credits.release(to);
+                }
+            }
+        }
+    }
+
+    /// Make sure there is a sending socket to `rank`; false if its endpoint
+    /// is unknown yet (a resolution is then under way).
+    fn route(&mut self, now: Now, rank: Rank) -> bool {
+        if self.p.transport.has_route(rank) {
+            return true;
+        }
+        let info = match self.peers.get(&rank) {
+            Some(i) => i.clone(),
+            None => match self.global.as_mut().and_then(|g| g.resolve(now, rank)) {
+                Some(i) => {
+                    self.peers.insert(rank, i.clone());
+                    i
+                }
+                None => return false,
+            },
+        };
+        self.connect(&info)
+    }
+
+    fn connect(&mut self, info: &PeerInfo) -> bool {
+        let same_node = info.node_index == self.p.me.node_index;
+        let endpoint = info.endpoints.for_peer(same_node).to_string();
+        match self
+            .p
+            .transport
+            .connect(info.rank, info.incarnation, &endpoint)
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("cannot connect to rank {} at {endpoint}: {e}", info.rank);
+                false
+            }
+        }
+    }
+
+    fn send_control(&mut self, to: &PeerInfo, msg: &Control) {
+        if !self.connect(to) {
+            return;
+        }
+        let [head, body] = wire::encode_control(self.p.me.rank, self.p.me.incarnation, msg);
+        if let Err(e) = self.p.transport.send(to.rank, &[&head, &body]) {
+            tracing::debug!("control message to rank {} not sent: {e}", to.rank);
+        }
+    }
+
+    fn send_data(&mut self, now: Now, to: Rank, msg: DataMsg) {
+        if !self.route(now, to) {
+            let parked = self.parked.entry(to).or_default();
+            if parked.len() < self.p.credits.window() as usize {
+                parked.push(msg);
+            }
+            return;
+        }
+        let head = wire::data_header(self.p.me.rank, self.p.me.incarnation, &msg);
+        match self.p.transport.send(to, &[&head, &msg.payload]) {
+            Ok(()) => {}
+            // Lost like on a lossy wire: the reliable channel retransmits.
+            Err(NetError::WouldBlock(_)) => {}
+            Err(e) => tracing::debug!("data to rank {to} not sent: {e}"),
+        }
+    }
+
+    /// Answer `to` on the connection its messages came from (ROUTER), or
+    /// through our own sending socket if we have never heard from it.
+    fn reply(&mut self, to: Rank, msg: &Control) {
+        let [head, body] = wire::encode_control(self.p.me.rank, self.p.me.incarnation, msg);
+        if let Some(route) = self.routes.get(&to) {
+            if self.p.transport.reply(route, &[&head, &body]).is_ok() {
+                return;
+            }
+        }
+        let now = self.now();
+        if !(self.route(now, to) && self.p.transport.send(to, &[&head, &body]).is_ok()) {
+            Metrics::add(&self.p.metrics.replies_failed, 1);
+        }
+    }
+
+    fn read_datagrams(&mut self, now: Now, coordinator: bool) -> Result<(), String> {
+        let mut buf = vec![0u8; wire::MAX_DATAGRAM + 1];
+        for _ in 0..1024 {
+            let socket = match (&self.coordinator, coordinator) {
+                (Some((_, udp)), true) => udp,
+                _ => &self.p.udp,
+            };
+            let Some(bytes) = socket.try_recv(&mut buf).map_err(|e| e.to_string())? else {
+                break;
+            };
+            Metrics::add(&self.p.metrics.datagrams_received, 1);
+            match wire::decode_datagram(self.p.info.job_key, &self.secret, bytes) {
+                Ok(Datagram::Ping(ping)) if !coordinator => self.discovery.handle_ping(now, ping),
+                Ok(Datagram::Register(reg)) if coordinator => {
+                    if let Some((c, _)) = &mut self.coordinator {
+                        let before = c.stats().invalid;
+                        c.handle_register(reg);
+                        if c.stats().invalid > before {
+                            Metrics::add(&self.p.metrics.registrations_refused, 1);
+                        }
+                    }
+                }
+                Ok(_) => Metrics::add(&self.p.metrics.datagrams_malformed, 1),
+                Err(e) => self.count_wire_error(&e),
+            }
+        }
+        Ok(())
+    }
+
+    fn count_wire_error(&self, e: &WireError) {
+        let m = &self.p.metrics;
+        let counter: &AtomicU64 = match e {
+            WireError::ForeignJob(_) => &m.datagrams_foreign_job,
+            WireError::BadTag => &m.datagrams_bad_tag,
+            _ => &m.datagrams_malformed,
+        };
+        counter.fetch_add(1, Relaxed);
+        tracing::debug!("dropped datagram: {e}");
+    }
+
+    fn read_zmq(&mut self, now: Now) -> Result<(), String> {
+        let mut inbox = std::mem::take(&mut self.inbox);
+        self.p
+            .transport
+            .drain(4096, &mut inbox)
+            .map_err(|e| e.to_string())?;
+        for inbound in inbox.drain(..) {
+            let (routing_id, frames) = match inbound {
+                Inbound::Router { routing_id, frames } => (Some(routing_id), frames),
+                Inbound::Dealer { frames, .. } => (None, frames),
+            };
+            let parts: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+            let (header, msg) = match wire::decode_peer_msg(&parts) {
+                Ok(m) => m,
+                Err(e) => {
+                    Metrics::add(&self.p.metrics.zmq_malformed, 1);
+                    tracing::debug!("dropped ZeroMQ message: {e}");
+                    continue;
+                }
+            };
+            if header.from >= self.p.info.size {
+                Metrics::add(&self.p.metrics.zmq_malformed, 1);
+                continue;
+            }
+            if let Some(rid) = &routing_id {
+                if self.routes.get(&header.from) != Some(rid) {
+                    self.routes.insert(header.from, rid.clone());
+                }
+            }
+            match msg {
+                PeerMsg::Data(data) => self.reliable.handle_data(now, header.from, data),
+                PeerMsg::Control(Control::Feedback(fb)) => {
+                    self.reliable.handle_feedback(now, header.from, fb)
+                }
+                PeerMsg::Control(c) => {
+                    if self
+                        .discovery
+                        .handle_control(now, header.from, header.incarnation, &c)
+                    {
+                        continue;
+                    }
+                    let answer = self.global.as_mut().and_then(|g| g.handle_control(now, &c));
+                    if let Some(answer) = answer {
+                        self.reply(header.from, &answer);
+                    }
+                }
+            }
+        }
+        self.inbox = inbox;
+        Ok(())
+    }
+}

@@ -1,0 +1,653 @@
+//! `runtime`: drives `proto` over `net` and hands the application a
+//! [`Communicator`].
+//!
+//! Owns the threads and the clock: one I/O thread per instance runs every
+//! state machine and every socket (ZeroMQ sockets are single-threaded), a
+//! rayon pool bound inside the instance's cpuset runs the cell handler, and
+//! the application's threads talk to the I/O thread through bounded
+//! channels plus an eventfd that wakes it.
+//!
+//! ```no_run
+//! use cellnet::runtime::Communicator;
+//! let comm = Communicator::builder().start()?;        // launch, pin, discover, join
+//! let right = (comm.rank() + 1) % comm.size();
+//! let left = (comm.rank() + comm.size() - 1) % comm.size();
+//! comm.expect_from([left])?;                           // who sends to us every frame
+//! let ticket = comm.send(right, 0, vec![1u8, 2, 3])?;  // SEND ...
+//! comm.end_frame(0, &[right])?;
+//! let frame = comm.recv_frame(std::time::Duration::from_secs(10))?; // frame 0, in order
+//! assert!(ticket.wait()?.is_ack());                    // ... → ACK
+//! comm.shutdown()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod driver;
+mod shared;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+
+use self::shared::{CreditGate, Metrics, StatusCell, Waker};
+pub use self::shared::{MetricsSnapshot, Status};
+use crate::config::{Config, ConfigError};
+use crate::launch::{self, LaunchError, LaunchInfo, MpiSession};
+use crate::net::{self, NetError};
+use crate::place::{self, Binding, PlaceError, PlacementPolicy};
+use crate::proto::{
+    frames::CompleteFrame, reliable::Outcome, wire::DataKind, Endpoints, PeerInfo, Rank,
+};
+
+/// A cell handed to the handler: `payload` from rank `from`, for `frame`.
+#[derive(Clone, Debug)]
+pub struct Cell {
+    pub from: Rank,
+    pub frame: u64,
+    pub id: u64,
+    pub payload: Bytes,
+}
+
+/// The handler's refusal of a cell; the sender's ticket resolves to
+/// `Outcome::Err { code, text }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerError {
+    pub code: u32,
+    pub text: String,
+}
+
+impl HandlerError {
+    pub fn new(code: u32, text: impl Into<String>) -> Self {
+        Self {
+            code,
+            text: text.into(),
+        }
+    }
+}
+
+/// Runs on the rayon pool for every received cell; `Ok` acknowledges it.
+pub type Handler = Arc<dyn Fn(&Cell) -> Result<(), HandlerError> + Send + Sync>;
+
+/// Error codes cellnet itself answers with (handlers use their own).
+pub mod codes {
+    /// The cell's frame is too far ahead of the one the application reads.
+    pub const FRAME_REFUSED: u32 = 0xCE00_0001;
+    /// The sender is not expected for that frame.
+    pub const UNEXPECTED_SENDER: u32 = 0xCE00_0002;
+}
+
+/// Why a communicator could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("placement: {0}")]
+    Place(#[from] PlaceError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("cannot create the wake-up eventfd: {0}")]
+    Waker(std::io::Error),
+    #[error("cannot start the I/O thread: {0}")]
+    Thread(std::io::Error),
+    #[error("{0}")]
+    Join(String),
+    #[error("the I/O thread stopped: {0}")]
+    Stopped(String),
+}
+
+/// Why a send did not go out.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SendError {
+    #[error("rank {to} does not exist (job size {size})")]
+    NoSuchRank { to: Rank, size: u32 },
+    #[error("cannot send to myself (rank {0})")]
+    ToSelf(Rank),
+    #[error("window to rank {to} is full ({window} cells unanswered)")]
+    WouldBlock { to: Rank, window: u32 },
+    #[error("the communicator is shut down")]
+    Closed,
+}
+
+/// Why no frame was received.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecvError {
+    #[error("frame {frame} incomplete after {waited:?}: still missing ranks {missing:?}")]
+    Timeout {
+        frame: u64,
+        waited: Duration,
+        missing: Vec<Rank>,
+    },
+    #[error("the communicator is shut down")]
+    Closed,
+}
+
+/// The promise of an answer to one sent cell.
+#[must_use = "a ticket tells whether the cell was acknowledged"]
+pub struct Ticket {
+    to: Rank,
+    rx: Receiver<Outcome>,
+}
+
+impl Ticket {
+    pub fn to(&self) -> Rank {
+        self.to
+    }
+
+    /// Wait for the answer: ACK, ERR, or timed out after the send deadline.
+    pub fn wait(&self) -> Result<Outcome, SendError> {
+        self.rx.recv().map_err(|_| SendError::Closed)
+    }
+
+    /// The answer if it is there already.
+    pub fn try_outcome(&self) -> Option<Outcome> {
+        self.rx.try_recv().ok()
+    }
+}
+
+pub(crate) enum Command {
+    Send {
+        to: Rank,
+        frame: u64,
+        kind: DataKind,
+        payload: Bytes,
+        ticket: Sender<Outcome>,
+    },
+    Expect {
+        from_frame: Option<u64>,
+        peers: Vec<Rank>,
+    },
+    Shutdown,
+}
+
+/// How the I/O thread ended, for [`Communicator::shutdown`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Sent cells still unanswered at the drain deadline (0 on a clean drain).
+    pub unanswered: usize,
+    /// Received cells whose answer was not sent.
+    pub unacknowledged: usize,
+}
+
+/// Builds a [`Communicator`].
+#[derive(Default)]
+pub struct Builder {
+    config: Option<Config>,
+    launch: Option<LaunchInfo>,
+    handler: Option<Handler>,
+    mpi: Option<MpiSession>,
+}
+
+impl Builder {
+    /// Keep this MPI session alive as long as the communicator (use with
+    /// [`Self::launch_info`] when the identity came from MPI).
+    pub fn mpi_session(mut self, mpi: MpiSession) -> Self {
+        self.mpi = Some(mpi);
+        self
+    }
+
+    /// Like [`Self::handler`], for a handler already shared.
+    pub fn handler_arc(mut self, handler: Handler) -> Self {
+        self.handler = Some(handler);
+        self
+    }
+
+    /// Use this configuration instead of `Config::from_env()`.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// Use this identity instead of detecting it from MPI/Slurm/variables.
+    pub fn launch_info(mut self, info: LaunchInfo) -> Self {
+        self.launch = Some(info);
+        self
+    }
+
+    /// Run `handler` on the rayon pool for every received cell.
+    pub fn handler(
+        mut self,
+        handler: impl Fn(&Cell) -> Result<(), HandlerError> + Send + Sync + 'static,
+    ) -> Self {
+        self.handler = Some(Arc::new(handler));
+        self
+    }
+
+    /// Launch detection, pinning, socket binding, local discovery, leader
+    /// election and global join; returns once the job is globally ready.
+    pub fn start(self) -> Result<Communicator, RuntimeError> {
+        let config = match self.config {
+            Some(c) => c,
+            None => Config::from_env()?,
+        };
+        let (info, mpi) = match self.launch {
+            Some(info) => (info, self.mpi),
+            None => launch::detect(config.launch)?,
+        };
+        Communicator::start(config, info, mpi, self.handler)
+    }
+}
+
+/// One instance's handle on the job.
+pub struct Communicator {
+    info: LaunchInfo,
+    config: Config,
+    binding: Binding,
+    me: PeerInfo,
+    coordinator: SocketAddrV4,
+    commands: Sender<Command>,
+    frames: Receiver<CompleteFrame>,
+    waker: Arc<Waker>,
+    credits: Arc<CreditGate>,
+    status: Arc<StatusCell>,
+    metrics: Arc<Metrics>,
+    io: Option<JoinHandle<ShutdownReport>>,
+    next_frame: std::cell::Cell<u64>,
+    // Dropped last: MPI is finalized after our sockets are closed.
+    mpi: Option<MpiSession>,
+}
+
+impl Communicator {
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    fn start(
+        config: Config,
+        info: LaunchInfo,
+        mpi: Option<MpiSession>,
+        handler: Option<Handler>,
+    ) -> Result<Self, RuntimeError> {
+        let binding = match config.placement {
+            PlacementPolicy::None => place::current_binding(PlacementPolicy::None)?,
+            policy => place::apply(policy, info.local_rank, info.local_size)?,
+        };
+        let pool = place::build_pool(config.threads, &binding)?;
+        let incarnation = crate::proto::Incarnation(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(1),
+        );
+        let bind_ip = match config.bind_ip {
+            Some(ip) => ip,
+            None => default_bind_ip(&info)?,
+        };
+        let coordinator = coordinator_addr(&config, &info)?;
+        let name = format!(
+            "cellnet-{:x}-{}-{:x}",
+            info.job_key.0, info.rank, incarnation.0
+        );
+        let transport =
+            net::zmq_transport::ZmqTransport::bind(bind_ip, config.ipc_dir.as_deref(), &name)?;
+        let udp = net::udp::UdpEndpoint::discovery(config.discovery_port)?;
+        let me = PeerInfo {
+            rank: info.rank,
+            node_index: info.node_index,
+            incarnation,
+            endpoints: transport.endpoints().clone(),
+        };
+        let waker = Arc::new(Waker::new().map_err(RuntimeError::Waker)?);
+        let credits = Arc::new(CreditGate::new(config.reliable.window));
+        let status = Arc::new(StatusCell::new(Status {
+            endpoints: me.endpoints.clone(),
+            ..Status::default()
+        }));
+        let metrics = Arc::new(Metrics::default());
+        // Bounded: the credit window bounds what the application can queue.
+        let (cmd_tx, cmd_rx) = bounded(1024);
+        let (frame_tx, frame_rx) = bounded(config.frames_ahead as usize);
+        let driver = driver::Driver::new(driver::Parts {
+            config: config.clone(),
+            info: info.clone(),
+            me: me.clone(),
+            coordinator,
+            transport,
+            udp,
+            pool,
+            handler: handler.unwrap_or_else(|| Arc::new(|_: &Cell| Ok(()))),
+            commands: cmd_rx,
+            frames: frame_tx,
+            waker: waker.clone(),
+            credits: credits.clone(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+        });
+        let io = std::thread::Builder::new()
+            .name(format!("cellnet-io-{}", info.rank))
+            .spawn(move || driver.run())
+            .map_err(RuntimeError::Thread)?;
+        let comm = Communicator {
+            info,
+            binding,
+            me,
+            coordinator,
+            commands: cmd_tx,
+            frames: frame_rx,
+            waker,
+            credits,
+            status,
+            metrics,
+            io: Some(io),
+            next_frame: std::cell::Cell::new(0),
+            mpi,
+            config,
+        };
+        let deadline = Instant::now() + comm.config.join_timeout;
+        let s = comm.status.wait_until(deadline, |s| {
+            s.global.is_some() || s.failed.is_some() || s.stopped
+        });
+        if let Some(why) = s.failed {
+            return Err(RuntimeError::Join(why));
+        }
+        if s.global.is_none() {
+            return Err(RuntimeError::Join(comm.join_diagnosis(&s)));
+        }
+        Ok(comm)
+    }
+
+    fn join_diagnosis(&self, s: &Status) -> String {
+        let waited = self.config.join_timeout;
+        if !s.local_complete {
+            format!(
+                "not globally ready after {waited:?}: local discovery found {} of {} instances of node {} \
+                 (discovery port {}, broadcast {})",
+                s.members.len().max(1),
+                self.info.local_size,
+                self.info.node_name,
+                self.config.discovery_port,
+                self.config.broadcast
+            )
+        } else {
+            format!(
+                "not globally ready after {waited:?}: the coordinator at {} did not announce all {} nodes \
+                 (is it reachable, and are all nodes started?)",
+                self.coordinator, self.info.nodes
+            )
+        }
+    }
+
+    pub fn rank(&self) -> Rank {
+        self.info.rank
+    }
+
+    pub fn size(&self) -> u32 {
+        self.info.size
+    }
+
+    pub fn launch_info(&self) -> &LaunchInfo {
+        &self.info
+    }
+
+    pub fn binding(&self) -> &Binding {
+        &self.binding
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.me.endpoints
+    }
+
+    pub fn coordinator(&self) -> SocketAddrV4 {
+        self.coordinator
+    }
+
+    pub fn mpi(&self) -> Option<&MpiSession> {
+        self.mpi.as_ref()
+    }
+
+    /// Status as of now (leader, node members, global readiness).
+    pub fn status(&self) -> Status {
+        self.status.get()
+    }
+
+    pub fn leader(&self) -> Option<Rank> {
+        self.status.get().leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.rank())
+    }
+
+    /// Ranks of this node's instances, this one included.
+    pub fn local_peers(&self) -> Vec<Rank> {
+        self.status.get().members.iter().map(|p| p.rank).collect()
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    fn check_target(&self, to: Rank) -> Result<(), SendError> {
+        if to >= self.size() {
+            return Err(SendError::NoSuchRank {
+                to,
+                size: self.size(),
+            });
+        }
+        if to == self.rank() {
+            return Err(SendError::ToSelf(to));
+        }
+        Ok(())
+    }
+
+    fn submit(
+        &self,
+        to: Rank,
+        frame: u64,
+        kind: DataKind,
+        payload: Bytes,
+    ) -> Result<Ticket, SendError> {
+        let (tx, rx) = bounded(1);
+        let cmd = Command::Send {
+            to,
+            frame,
+            kind,
+            payload,
+            ticket: tx,
+        };
+        if self.commands.send(cmd).is_err() {
+            self.credits.release(to);
+            return Err(SendError::Closed);
+        }
+        self.waker.wake();
+        Ok(Ticket { to, rx })
+    }
+
+    /// Send a cell of `frame` to `to`; blocks while the window to `to` is
+    /// full (backpressure). The ticket resolves to ACK, ERR or timed out.
+    pub fn send(
+        &self,
+        to: Rank,
+        frame: u64,
+        payload: impl Into<Bytes>,
+    ) -> Result<Ticket, SendError> {
+        self.check_target(to)?;
+        self.acquire(to, None)?;
+        self.submit(to, frame, DataKind::Cell, payload.into())
+    }
+
+    /// Like [`Self::send`], but fails with [`SendError::WouldBlock`] instead
+    /// of waiting for a credit.
+    pub fn try_send(
+        &self,
+        to: Rank,
+        frame: u64,
+        payload: impl Into<Bytes>,
+    ) -> Result<Ticket, SendError> {
+        self.check_target(to)?;
+        if !self.credits.acquire(to, None) {
+            return Err(SendError::WouldBlock {
+                to,
+                window: self.credits.window(),
+            });
+        }
+        self.submit(to, frame, DataKind::Cell, payload.into())
+    }
+
+    /// Like [`Self::send`], waiting at most `timeout` for a credit.
+    pub fn send_timeout(
+        &self,
+        to: Rank,
+        frame: u64,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Ticket, SendError> {
+        self.check_target(to)?;
+        self.acquire(to, Some(Instant::now() + timeout))?;
+        self.submit(to, frame, DataKind::Cell, payload.into())
+    }
+
+    fn acquire(&self, to: Rank, deadline: Option<Instant>) -> Result<(), SendError> {
+        // Without a deadline, wait in slices so a stopped I/O thread is noticed.
+        loop {
+            let slice = Instant::now() + Duration::from_millis(200);
+            let until = deadline.map_or(slice, |d| d.min(slice));
+            if self.credits.acquire(to, Some(until)) {
+                return Ok(());
+            }
+            if self.status.get().stopped {
+                return Err(SendError::Closed);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(SendError::WouldBlock {
+                    to,
+                    window: self.credits.window(),
+                });
+            }
+        }
+    }
+
+    /// End this instance's part of `frame` towards each of `to`: they learn
+    /// how many cells of the frame to wait for.
+    pub fn end_frame(&self, frame: u64, to: &[Rank]) -> Result<Vec<Ticket>, SendError> {
+        to.iter()
+            .map(|&t| {
+                self.check_target(t)?;
+                self.acquire(t, None)?;
+                // The I/O thread fills in the count of cells sent.
+                self.submit(t, frame, DataKind::FrameEnd { count: 0 }, Bytes::new())
+            })
+            .collect()
+    }
+
+    /// The instances that send to this one every frame (its neighbours),
+    /// from the next frame to be received on.
+    pub fn expect_from(&self, peers: impl IntoIterator<Item = Rank>) -> Result<(), SendError> {
+        self.set_expected(None, peers)
+    }
+
+    /// The instances that send to this one from `frame` on (for example
+    /// everybody, for a final gather frame).
+    pub fn expect_from_frame(
+        &self,
+        frame: u64,
+        peers: impl IntoIterator<Item = Rank>,
+    ) -> Result<(), SendError> {
+        self.set_expected(Some(frame), peers)
+    }
+
+    fn set_expected(
+        &self,
+        from_frame: Option<u64>,
+        peers: impl IntoIterator<Item = Rank>,
+    ) -> Result<(), SendError> {
+        let peers: Vec<Rank> = peers.into_iter().collect();
+        if let Some(&bad) = peers
+            .iter()
+            .find(|&&p| p >= self.size() || p == self.rank())
+        {
+            return self.check_target(bad);
+        }
+        self.commands
+            .send(Command::Expect { from_frame, peers })
+            .map_err(|_| SendError::Closed)?;
+        self.waker.wake();
+        Ok(())
+    }
+
+    /// The next frame, strictly in order, once every expected peer's part
+    /// of it is complete.
+    pub fn recv_frame(&self, timeout: Duration) -> Result<BTreeMap<Rank, Vec<Bytes>>, RecvError> {
+        let frame = self.next_frame.get();
+        match self.frames.recv_timeout(timeout) {
+            Ok(f) => {
+                self.next_frame.set(f.frame + 1);
+                Ok(f.cells)
+            }
+            Err(RecvTimeoutError::Timeout) => Err(RecvError::Timeout {
+                frame,
+                waited: timeout,
+                missing: Vec::new(),
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(RecvError::Closed),
+        }
+    }
+
+    /// Drain: wait until every sent cell is answered (or timed out) and
+    /// every received cell answered, then close the sockets.
+    pub fn shutdown(mut self) -> Result<ShutdownReport, RuntimeError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<ShutdownReport, RuntimeError> {
+        let Some(io) = self.io.take() else {
+            return Ok(ShutdownReport::default());
+        };
+        let _ = self.commands.send(Command::Shutdown);
+        self.waker.wake();
+        let report = io
+            .join()
+            .map_err(|_| RuntimeError::Stopped("the I/O thread panicked".into()))?;
+        match self.status.get().failed {
+            Some(why) => Err(RuntimeError::Stopped(why)),
+            None => Ok(report),
+        }
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// 127.0.0.1 when the whole job is on one node; otherwise the first IPv4
+/// address the hostname resolves to that is not loopback.
+fn default_bind_ip(info: &LaunchInfo) -> Result<IpAddr, RuntimeError> {
+    if info.nodes <= 1 {
+        return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    use std::net::ToSocketAddrs;
+    let host = launch::hostname();
+    let addrs = (host.as_str(), 0)
+        .to_socket_addrs()
+        .map_err(|e| NetError::Resolve {
+            addr: host.clone(),
+            reason: format!("{e}; set CELLNET_BIND_IP to this node's address"),
+        })?;
+    addrs
+        .map(|a| a.ip())
+        .find(|ip| ip.is_ipv4() && !ip.is_loopback())
+        .ok_or_else(|| {
+            RuntimeError::Net(NetError::Resolve {
+                addr: host,
+                reason: "no non-loopback IPv4 address; set CELLNET_BIND_IP".into(),
+            })
+        })
+}
+
+/// The coordinator's known `host:port`: configured, else the first node of
+/// the job's node list, else loopback.
+fn coordinator_addr(config: &Config, info: &LaunchInfo) -> Result<SocketAddrV4, RuntimeError> {
+    let addr = match (&config.coordinator, info.node_list.first()) {
+        (Some(a), _) => a.clone(),
+        (None, Some(first)) if info.nodes > 1 => format!("{first}:{}", config.coordinator_port),
+        _ => format!("127.0.0.1:{}", config.coordinator_port),
+    };
+    Ok(net::resolve_v4(&addr)?)
+}

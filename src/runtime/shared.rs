@@ -1,0 +1,224 @@
+//! State shared between the I/O thread and the application's threads: the
+//! wake-up fd, the credit gate (backpressure), status and counters.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::proto::{PeerInfo, Rank};
+
+/// Lock a mutex, surviving a panicked holder (the data is plain counters
+/// and status that stay consistent at every await point).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An eventfd that wakes the I/O thread out of `zmq::poll`.
+pub(crate) struct Waker {
+    fd: RawFd,
+}
+
+impl Waker {
+    pub fn new() -> std::io::Result<Self> {
+        // SAFETY: plain syscall; the fd is owned by this struct.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { fd })
+    }
+
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our own eventfd. A full
+        // counter (EAGAIN) means a wake-up is pending anyway.
+        unsafe { libc::write(self.fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+
+    pub fn clear(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64 from our own eventfd.
+        unsafe { libc::read(self.fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+}
+
+impl Drop for Waker {
+    fn drop(&mut self) {
+        // SAFETY: closing the fd we own, once.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// Per-peer send credits: at most `window` unanswered messages per peer.
+/// The application takes a credit before a message is queued; the I/O
+/// thread returns it when the ticket resolves. This is what bounds every
+/// queue between the user and the socket.
+pub(crate) struct CreditGate {
+    window: u32,
+    in_use: Mutex<HashMap<Rank, u32>>,
+    freed: Condvar,
+}
+
+impl CreditGate {
+    pub fn new(window: u32) -> Self {
+        Self {
+            window: window.max(1),
+            in_use: Mutex::new(HashMap::new()),
+            freed: Condvar::new(),
+        }
+    }
+
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// Take a credit for `to`, waiting until `deadline` (`None`: don't wait).
+    pub fn acquire(&self, to: Rank, deadline: Option<Instant>) -> bool {
+        let mut in_use = lock(&self.in_use);
+        loop {
+            let used = in_use.entry(to).or_insert(0);
+            if *used < self.window {
+                *used += 1;
+                return true;
+            }
+            let Some(deadline) = deadline else {
+                return false;
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            in_use = self
+                .freed
+                .wait_timeout(in_use, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    pub fn release(&self, to: Rank) {
+        let mut in_use = lock(&self.in_use);
+        if let Some(used) = in_use.get_mut(&to) {
+            *used = used.saturating_sub(1);
+        }
+        drop(in_use);
+        self.freed.notify_all();
+    }
+}
+
+/// Where the instance is in its life, for the application's queries.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub endpoints: crate::proto::Endpoints,
+    /// Local discovery complete: every node-mate is ready.
+    pub local_complete: bool,
+    pub leader: Option<Rank>,
+    /// This node's instances, this one included, by rank.
+    pub members: Vec<PeerInfo>,
+    /// `(nodes, size)` once the job is globally ready.
+    pub global: Option<(u32, u32)>,
+    /// Why the I/O thread stopped, if it failed.
+    pub failed: Option<String>,
+    pub stopped: bool,
+}
+
+pub(crate) struct StatusCell {
+    status: Mutex<Status>,
+    changed: Condvar,
+}
+
+impl StatusCell {
+    pub fn new(status: Status) -> Self {
+        Self {
+            status: Mutex::new(status),
+            changed: Condvar::new(),
+        }
+    }
+
+    pub fn get(&self) -> Status {
+        lock(&self.status).clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut lock(&self.status));
+        self.changed.notify_all();
+    }
+
+    /// Wait until `done(status)` holds, or the deadline passes.
+    pub fn wait_until(&self, deadline: Instant, done: impl Fn(&Status) -> bool) -> Status {
+        let mut s = lock(&self.status);
+        while !done(&s) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, (deadline - now).min(Duration::from_millis(100)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        s.clone()
+    }
+}
+
+macro_rules! metrics {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Counters of what this instance did and dropped.
+        #[derive(Default)]
+        pub struct Metrics { $($(#[$doc])* pub $name: AtomicU64,)* }
+
+        /// A copy of [`Metrics`] at one moment.
+        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        pub struct MetricsSnapshot { $($(#[$doc])* pub $name: u64,)* }
+
+        impl Metrics {
+            pub fn snapshot(&self) -> MetricsSnapshot {
+                MetricsSnapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+
+        impl MetricsSnapshot {
+            /// `(name, value)` of every counter, for reports.
+            pub fn entries(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+    };
+}
+
+metrics! {
+    /// Datagrams received on the discovery or coordinator port.
+    datagrams_received,
+    /// Datagrams that did not parse (junk, truncated, oversized, bad version).
+    datagrams_malformed,
+    /// Datagrams carrying another job's key.
+    datagrams_foreign_job,
+    /// Datagrams whose HMAC tag did not verify.
+    datagrams_bad_tag,
+    /// ZeroMQ messages that did not parse.
+    zmq_malformed,
+    /// Registrations the coordinator refused as inconsistent.
+    registrations_refused,
+    cells_sent,
+    cells_delivered,
+    acks_received,
+    errs_received,
+    timeouts,
+    /// Replies that could not be sent (peer gone).
+    replies_failed,
+    /// Cells refused by frame ordering (too far ahead, unexpected sender).
+    cells_refused,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}

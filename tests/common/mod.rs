@@ -1,0 +1,114 @@
+//! Helpers for tests that run the real `cellnet` binary: free ports, a
+//! unique job key per test, and child processes under a hard deadline.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cellnet");
+
+/// A port nobody uses right now (bound to 0 and released).
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind udp 0");
+    s.local_addr().expect("local addr").port()
+}
+
+/// A job key no other concurrent test uses.
+pub fn job_key() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    format!("{}", t ^ ((std::process::id() as u64) << 40))
+}
+
+/// What a finished child printed.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Wait for `child`, killing it (and failing the test) after `limit`.
+pub fn wait(mut child: Child, limit: Duration, what: &str) -> Output {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait().expect("try_wait") {
+            Some(status) => {
+                let mut stdout = String::new();
+                let mut stderr = String::new();
+                if let Some(mut o) = child.stdout.take() {
+                    o.read_to_string(&mut stdout).ok();
+                }
+                if let Some(mut e) = child.stderr.take() {
+                    e.read_to_string(&mut stderr).ok();
+                }
+                return Output {
+                    code: status.code(),
+                    stdout,
+                    stderr,
+                };
+            }
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not finish within {limit:?}: killed");
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Run `cellnet args…` with `env`, under a deadline.
+pub fn run(args: &[&str], env: &[(&str, String)], limit: Duration) -> Output {
+    let child = spawn(args, env);
+    wait(child, limit, &format!("cellnet {}", args.join(" ")))
+}
+
+pub fn spawn(args: &[&str], env: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("CELLNET_PLACEMENT", "none");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn cellnet")
+}
+
+/// `mpirun` as root on loopback, under `timeout`.
+pub fn mpirun(n: u32, args: &[&str], env: &[(&str, String)], limit: Duration) -> Output {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("--kill-after=5")
+        .arg(format!("{}", limit.as_secs()))
+        .arg("mpirun")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+            "-n",
+        ])
+        .arg(n.to_string())
+        .args(["--mca", "btl", "self,vader,tcp"])
+        .env("OMPI_MCA_btl_tcp_if_include", "lo")
+        .env("OMPI_MCA_oob_tcp_if_include", "lo")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    for (k, v) in env {
+        cmd.arg("-x").arg(format!("{k}={v}"));
+    }
+    cmd.arg(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .expect("spawn mpirun (is openmpi-bin installed?)");
+    wait(child, limit + Duration::from_secs(10), "mpirun")
+}

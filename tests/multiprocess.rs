@@ -1,0 +1,127 @@
+//! Several `cellnet` processes on this host, launched with explicit
+//! `CELLNET_*` variables (no MPI): discovery, one leader per node, global
+//! ready, cells exchanged with ACKs in both directions.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+/// Start one process per `(rank, node_index, local_rank, local_size)`.
+fn launch(layout: &[(u32, u32, u32, u32)], nodes: u32, args: &[&str]) -> Vec<Output> {
+    let port = free_udp_port().to_string();
+    let coord = format!("127.0.0.1:{}", free_udp_port());
+    let key = job_key();
+    let size = layout.len().to_string();
+    let children: Vec<_> = layout
+        .iter()
+        .map(|&(rank, node, local_rank, local_size)| {
+            let env = [
+                ("CELLNET_RANK", rank.to_string()),
+                ("CELLNET_SIZE", size.clone()),
+                ("CELLNET_NODES", nodes.to_string()),
+                ("CELLNET_NODE", format!("node{node}")),
+                ("CELLNET_NODE_INDEX", node.to_string()),
+                ("CELLNET_LOCAL_RANK", local_rank.to_string()),
+                ("CELLNET_LOCAL_SIZE", local_size.to_string()),
+                ("CELLNET_DISCOVERY_PORT", port.clone()),
+                ("CELLNET_COORDINATOR", coord.clone()),
+                ("CELLNET_BIND_IP", "127.0.0.1".to_string()),
+                ("CELLNET_JOB_KEY", key.clone()),
+                ("CELLNET_JOIN_TIMEOUT", "30s".to_string()),
+            ];
+            spawn(args, &env)
+        })
+        .collect();
+    children
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| wait(c, Duration::from_secs(90), &format!("instance {i}")))
+        .collect()
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let rest = &line[line
+        .find(key)
+        .unwrap_or_else(|| panic!("{key} missing in {line}"))
+        + key.len()..];
+    rest.split_whitespace().next().unwrap_or("")
+}
+
+#[test]
+fn four_instances_on_one_node_discover_elect_one_leader_and_exchange() {
+    let layout: Vec<_> = (0..4).map(|r| (r, 0, r, 4)).collect();
+    let outs = launch(&layout, 1, &["probe", "--exchange", "25"]);
+    for (rank, out) in outs.iter().enumerate() {
+        assert_eq!(out.code, Some(0), "rank {rank} failed: {}", out.stderr);
+        let probe = out
+            .stdout
+            .lines()
+            .find(|l| l.contains("leader"))
+            .expect("probe line");
+        assert_eq!(field(probe, "leader "), "0", "rank {rank}: {probe}");
+        assert_eq!(field(probe, "peers-on-node "), "4", "rank {rank}: {probe}");
+        assert!(field(probe, "ipc ").starts_with("ipc://"), "{probe}");
+        let ex = out
+            .stdout
+            .lines()
+            .find(|l| l.contains("exchange ok"))
+            .expect("exchange line");
+        assert!(
+            ex.contains("sent 75 cells to 3 peers, 75 acked, received 75 cells"),
+            "{ex}"
+        );
+    }
+}
+
+#[test]
+fn two_nodes_on_one_host_join_through_the_coordinator() {
+    // Nodes 0 and 1 share the loopback broadcast domain here; discovery
+    // must keep them apart by node index, and cells between nodes go
+    // over tcp:// through the directory their leaders hold.
+    let layout = [(0, 0, 0, 2), (1, 0, 1, 2), (2, 1, 0, 2), (3, 1, 1, 2)];
+    let outs = launch(&layout, 2, &["probe", "--exchange", "10"]);
+    let mut leaders = Vec::new();
+    for (rank, out) in outs.iter().enumerate() {
+        assert_eq!(out.code, Some(0), "rank {rank} failed: {}", out.stderr);
+        let probe = out
+            .stdout
+            .lines()
+            .find(|l| l.contains("leader"))
+            .expect("probe line");
+        leaders.push(field(probe, "leader ").to_string());
+        assert_eq!(field(probe, "peers-on-node "), "2", "{probe}");
+        assert!(
+            out.stdout
+                .contains("sent 30 cells to 3 peers, 30 acked, received 30 cells"),
+            "{}",
+            out.stdout
+        );
+    }
+    assert_eq!(
+        leaders,
+        vec!["0", "0", "2", "2"],
+        "one leader per node, the lowest rank"
+    );
+}
+
+#[test]
+fn life_across_four_plain_processes_is_verified() {
+    let layout: Vec<_> = (0..4).map(|r| (r, 0, r, 4)).collect();
+    let outs = launch(
+        &layout,
+        1,
+        &["life", "--rows", "96", "--cols", "80", "--frames", "30"],
+    );
+    for (rank, out) in outs.iter().enumerate() {
+        assert_eq!(out.code, Some(0), "rank {rank} failed: {}", out.stderr);
+    }
+    assert!(outs[0].stdout.contains("verified"), "{}", outs[0].stdout);
+    assert_eq!(
+        outs[0]
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("frame"))
+            .count(),
+        30
+    );
+}

@@ -1,1 +1,127 @@
-fn main() {}
+//! Criterion benchmarks of the pure parts: wire encode/decode, the reliable
+//! channel's cost per cell (sans-IO, no sockets), frame assembly and
+//! partition lookups.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use cellnet::partition::Partition2d;
+use cellnet::proto::frames::FrameAssembler;
+use cellnet::proto::reliable::{ReliableConfig, ReliableEndpoint, ReliableEvent, ReliableTransmit};
+use cellnet::proto::wire::{self, Control, DataKind, Header, MsgKind};
+use cellnet::proto::Incarnation;
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+fn wire_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wire");
+    let header = Header {
+        kind: MsgKind::Cell,
+        from: 7,
+        incarnation: Incarnation(3),
+        id: 123_456,
+        frame: 42,
+        aux: 0,
+    };
+    g.bench_function("header_encode", |b| {
+        b.iter(|| black_box(black_box(&header).encode()))
+    });
+    let bytes = header.encode();
+    g.bench_function("header_decode", |b| {
+        b.iter(|| Header::decode(black_box(&bytes)))
+    });
+    let fb = Control::Feedback(cellnet::proto::reliable::Feedback {
+        cumulative: 1000,
+        ranges: vec![(1002, 1010), (1020, 1030)],
+        errors: Vec::new(),
+    });
+    let [h, body] = wire::encode_control(1, Incarnation(1), &fb);
+    g.bench_function("feedback_decode", |b| {
+        b.iter(|| wire::decode_peer_msg(black_box(&[h.as_slice(), body.as_slice()])))
+    });
+    g.finish();
+}
+
+/// One cell through two endpoints in memory: send → deliver → complete →
+/// feedback → resolved, in batches of 64 (the coalesced-ACK path).
+fn reliable_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("reliable");
+    const BATCH: u64 = 64;
+    g.throughput(Throughput::Elements(BATCH));
+    let payload = Bytes::from(vec![0u8; 64]);
+    g.bench_function("cell_round_trip_x64", |b| {
+        b.iter_batched(
+            || {
+                (
+                    ReliableEndpoint::new(ReliableConfig::default(), 1),
+                    ReliableEndpoint::new(ReliableConfig::default(), 2),
+                )
+            },
+            |(mut a, mut r)| {
+                let now = Duration::from_millis(1);
+                for _ in 0..BATCH {
+                    a.send(now, 1, 0, DataKind::Cell, payload.clone()).unwrap();
+                }
+                while let Some((_, t)) = a.poll_transmit(now) {
+                    if let ReliableTransmit::Data(m) = t {
+                        r.handle_data(now, 0, m);
+                    }
+                }
+                while let Some(e) = r.poll_event() {
+                    if let ReliableEvent::Deliver { from, msg } = e {
+                        r.complete(now, from, msg.id, Ok(()));
+                    }
+                }
+                let later = now + Duration::from_millis(5);
+                r.handle_timeout(later);
+                while let Some((_, t)) = r.poll_transmit(later) {
+                    if let ReliableTransmit::Feedback(fb) = t {
+                        a.handle_feedback(later, 1, fb);
+                    }
+                }
+                let mut resolved = 0;
+                while let Some(e) = a.poll_event() {
+                    resolved += u64::from(matches!(e, ReliableEvent::Resolved { .. }));
+                }
+                assert_eq!(resolved, BATCH);
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn frame_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frames");
+    g.throughput(Throughput::Elements(8 * 8));
+    g.bench_function("assemble_8_peers_x8_cells", |b| {
+        b.iter_batched(
+            || {
+                let mut a = FrameAssembler::new(0, 4);
+                a.set_expected(0..8);
+                a
+            },
+            |mut a| {
+                let cell = Bytes::from_static(&[0u8; 64]);
+                for peer in 0..8 {
+                    for id in 1..=8 {
+                        a.handle_cell(peer, id, 0, cell.clone()).unwrap();
+                    }
+                    a.handle_frame_end(peer, 0, 8).unwrap();
+                }
+                black_box(a.poll_frame().unwrap())
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let p = Partition2d::new(4096, 4096, 6400).unwrap();
+    g.bench_function("owner_of_6400_parts", |b| {
+        b.iter(|| p.owner_of(black_box(3000), black_box(1234)))
+    });
+    g.bench_function("neighbours_6400_parts", |b| {
+        b.iter(|| p.neighbours(black_box(3333)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, wire_benches, reliable_benches, frame_benches);
+criterion_main!(benches);

@@ -19,3 +19,8 @@ pub mod partition;
 pub mod place;
 pub mod proto;
 pub mod runtime;
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -174,7 +174,7 @@ macro_rules! metrics {
         #[derive(Default)]
         pub struct Metrics { $($(#[$doc])* pub $name: AtomicU64,)* }
 
-        /// A copy of [`Metrics`] at one moment.
+        /// A copy of the instance's counters at one moment.
         #[derive(Clone, Debug, Default, PartialEq, Eq)]
         pub struct MetricsSnapshot { $($(#[$doc])* pub $name: u64,)* }
 

@@ -19,6 +19,7 @@ pub mod partition;
 pub mod place;
 pub mod proto;
 pub mod runtime;
+pub mod sim;
 
 /// The README's examples, compiled as doc tests so they stay true.
 #[cfg(doctest)]

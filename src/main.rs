@@ -1,5 +1,5 @@
-//! The `cellnet` binary: the main job, the probe, and (later) benchmarks
-//! and the simulator. Every bad input ends in one line on stderr and exit
+//! The `cellnet` binary: the main job, the probe, the simulator, and
+//! (later) benchmarks. Every bad input ends in one line on stderr and exit
 //! code 2; a failed run ends with exit code 1.
 
 use std::process::ExitCode;
@@ -71,6 +71,128 @@ enum Cmd {
     Life(LifeArgs),
     /// Print each instance's rank, node, leader, binding and endpoints; optionally exchange cells
     Probe(ProbeArgs),
+    /// Run the proto state machines of a whole job over a simulated, faulty network and check the invariants
+    Sim(SimArgs),
+}
+
+#[derive(Args, Debug)]
+struct SimArgs {
+    /// Nodes of the simulated job
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    nodes: u32,
+    /// Instances per node
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    per_node: u32,
+    /// Probability that a message is lost, in [0, 1)
+    #[arg(long, default_value_t = 0.0, value_parser = probability)]
+    loss: f64,
+    /// Probability that a message is duplicated, in [0, 1)
+    #[arg(long, default_value_t = 0.0, value_parser = probability)]
+    dup: f64,
+    /// Fraction of messages delayed by up to --reorder-delay more (reordered), in [0, 1)
+    #[arg(long, default_value_t = 0.0, value_parser = probability)]
+    reorder: f64,
+    /// Largest extra delay of a reordered message
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    reorder_delay: Duration,
+    /// Base one-way delay of every message
+    #[arg(long, default_value = "50us", value_parser = parse_micros)]
+    delay: Duration,
+    /// Uniform random extra delay up to this
+    #[arg(long, default_value = "50us", value_parser = parse_micros)]
+    jitter: Duration,
+    /// Frames of neighbour exchange after global ready
+    #[arg(long, default_value_t = 3)]
+    frames: u64,
+    /// Seed of every random choice: the same seed replays the same run
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Crash RANK once it handed over FRAME, restart it DOWN later: RANK@FRAME+DOWN, e.g. 5@1+300ms
+    #[arg(long, value_name = "RANK@FRAME+DOWN", value_parser = parse_crash)]
+    crash: Option<cellnet::sim::CrashSpec>,
+    /// Cut NODE off from the other nodes from START for DURATION: NODE@START+DURATION, e.g. 1@10ms+2s
+    #[arg(long, value_name = "NODE@START+DURATION", value_parser = parse_partition)]
+    partition: Option<cellnet::sim::PartitionSpec>,
+    /// Fail if work is still pending at this virtual time
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    time_limit: Duration,
+}
+
+fn probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err("must be a number in [0, 1)".into()),
+    }
+}
+
+/// A duration that may also be given in microseconds (`50us`).
+fn parse_micros(s: &str) -> Result<Duration, String> {
+    match s.trim().strip_suffix("us") {
+        Some(n) => n
+            .trim()
+            .parse::<u64>()
+            .map(Duration::from_micros)
+            .map_err(|_| "not a duration (try 50us, 2ms, 1s)".into()),
+        None => parse_duration(s),
+    }
+}
+
+/// `A@B+C` → (A, B, C).
+fn split_spec(s: &str) -> Result<(&str, &str, &str), String> {
+    let (a, rest) = s.split_once('@').ok_or("expected A@B+C")?;
+    let (b, c) = rest.split_once('+').ok_or("expected A@B+C")?;
+    Ok((a.trim(), b.trim(), c.trim()))
+}
+
+fn parse_crash(s: &str) -> Result<cellnet::sim::CrashSpec, String> {
+    let (rank, frame, down) = split_spec(s)?;
+    Ok(cellnet::sim::CrashSpec {
+        rank: rank.parse().map_err(|_| format!("bad rank {rank:?}"))?,
+        after_frame: frame.parse().map_err(|_| format!("bad frame {frame:?}"))?,
+        down_for: parse_duration(down)?,
+    })
+}
+
+fn parse_partition(s: &str) -> Result<cellnet::sim::PartitionSpec, String> {
+    let (node, start, duration) = split_spec(s)?;
+    Ok(cellnet::sim::PartitionSpec {
+        node: node.parse().map_err(|_| format!("bad node {node:?}"))?,
+        start: parse_duration(start)?,
+        duration: parse_duration(duration)?,
+    })
+}
+
+fn run_sim(a: &SimArgs) -> Result<(), Failure> {
+    let cfg = cellnet::sim::SimConfig {
+        nodes: a.nodes,
+        per_node: a.per_node,
+        loss: a.loss,
+        dup: a.dup,
+        reorder: a.reorder,
+        reorder_delay: a.reorder_delay,
+        delay: a.delay,
+        jitter: a.jitter,
+        frames: a.frames,
+        seed: a.seed,
+        crash: a.crash.clone(),
+        partition: a.partition.clone(),
+        time_limit: a.time_limit,
+        ..Default::default()
+    };
+    match cellnet::sim::run(&cfg) {
+        Ok(report) => {
+            println!("{report}");
+            Ok(())
+        }
+        Err(e @ cellnet::sim::SimViolation::InvalidConfig(_)) => Err(Failure {
+            code: 2,
+            message: e.to_string(),
+        }),
+        Err(e) => Err(fail(format!(
+            "violation: {e} (replay with --seed {})",
+            a.seed
+        ))),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -258,12 +380,17 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .try_init();
-    let result = config(&cli.opts)
-        .map_err(Failure::from)
-        .and_then(|config| match &cli.cmd {
-            Cmd::Life(a) => run_life(config, a),
-            Cmd::Probe(a) => run_probe(config, a),
-        });
+    let result = match &cli.cmd {
+        // The simulator runs in this process only: no launch, no config.
+        Cmd::Sim(a) => run_sim(a),
+        cmd => config(&cli.opts)
+            .map_err(Failure::from)
+            .and_then(|config| match cmd {
+                Cmd::Life(a) => run_life(config, a),
+                Cmd::Probe(a) => run_probe(config, a),
+                Cmd::Sim(a) => run_sim(a),
+            }),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {

@@ -443,6 +443,35 @@ impl GlobalJoin {
     pub fn poll_event(&mut self) -> Option<GlobalEvent> {
         self.events.pop_front()
     }
+
+    /// Member: the node's leader is now `leader` (typically the same rank
+    /// in a new incarnation, after a restart: discovery reports it with
+    /// `PeerRestarted` and a new `Complete`). Requests still unanswered go
+    /// to it at once; without this they would be repeated forever to an
+    /// endpoint that no longer exists. Leaders ignore it.
+    pub fn follow_leader(&mut self, now: Now, new_leader: PeerInfo) {
+        let Role::Member { leader, timer } = &mut self.role else {
+            return;
+        };
+        if *leader == new_leader {
+            return;
+        }
+        *leader = new_leader.clone();
+        if self.ready.is_none() {
+            timer.reset(now);
+        }
+        let ranks: Vec<Rank> = self.pending.keys().copied().collect();
+        for t in self.pending.values_mut() {
+            t.reset(now);
+            t.fire(now, &mut self.rng);
+        }
+        if !ranks.is_empty() {
+            self.transmits.push_back(GlobalTransmit::ToPeer {
+                to: new_leader,
+                msg: Control::Resolve { ranks },
+            });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -614,5 +643,52 @@ mod tests {
         assert_eq!(c.stats().invalid, 2);
         assert_eq!(c.registered(), 0);
         assert!(c.poll_transmit().is_none());
+    }
+
+    /// Found by `cellnet sim` (crash mix, seed 15: rank 3, leader of node 1,
+    /// crashed while rank 4 waited for a resolution): the member kept asking
+    /// the dead life of its leader and its cells to remote peers timed out.
+    #[test]
+    fn member_resolving_through_a_restarted_leader_asks_its_new_life() {
+        let old = info(0, 0);
+        let mut m = GlobalJoin::member(1, old.clone(), GlobalConfig::default(), ms(0), 1);
+        m.handle_control(
+            ms(1),
+            &Control::GlobalReady {
+                nodes: 2,
+                size: 4,
+                directory: Vec::new(),
+            },
+        );
+        assert_eq!(m.resolve(ms(2), 3), None);
+        let asked: Vec<_> = std::iter::from_fn(|| m.poll_transmit()).collect();
+        assert!(matches!(&asked[..], [GlobalTransmit::ToPeer { to, .. }] if *to == old));
+        let mut new = old.clone();
+        new.incarnation = Incarnation(2);
+        m.follow_leader(ms(3), new.clone());
+        let asked: Vec<_> = std::iter::from_fn(|| m.poll_transmit()).collect();
+        assert_eq!(
+            asked,
+            vec![GlobalTransmit::ToPeer {
+                to: new.clone(),
+                msg: Control::Resolve { ranks: vec![3] }
+            }]
+        );
+        // Repeats go to the new life too.
+        let t = m.poll_timeout().unwrap();
+        m.handle_timeout(t);
+        assert!(std::iter::from_fn(|| m.poll_transmit())
+            .all(|x| matches!(x, GlobalTransmit::ToPeer { to, .. } if to == new)));
+        m.handle_control(
+            ms(9),
+            &Control::Resolved {
+                peers: vec![info(3, 1)],
+            },
+        );
+        let events: Vec<_> = std::iter::from_fn(|| m.poll_event()).collect();
+        assert!(
+            events.contains(&GlobalEvent::Resolved(info(3, 1))),
+            "{events:?}"
+        );
     }
 }

@@ -1,0 +1,1315 @@
+//! The event loop: a heap of `(deliver_at, seq)` events (messages, timers,
+//! handler completions, crash and restart), one driver per instance that
+//! does what `runtime::driver` does with sockets, and the checks.
+//!
+//! Determinism: one seeded RNG draws every network fate in event order;
+//! instances, peers and records live in `Vec`s and `BTreeMap`s (the only
+//! `HashMap` counts handler calls and is never iterated).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+
+use super::{Invariant, SimConfig, SimStats, SimViolation};
+use crate::partition::Partition2d;
+use crate::proto::{
+    discovery::{DiscoveryEvent, DiscoveryTransmit, LocalDiscovery},
+    frames::{CompleteFrame, FrameAssembler},
+    global::{Coordinator, GlobalEvent, GlobalJoin, GlobalTransmit},
+    reliable::{Outcome, ReliableEndpoint, ReliableEvent, ReliableTransmit},
+    wire::{Control, DataKind, DataMsg, Ping, Register},
+    Endpoints, Incarnation, Now, PeerInfo, Rank,
+};
+use crate::runtime::codes;
+
+/// ERR code of the simulated handler.
+const HANDLER_ERR: u32 = 7;
+/// A wake-up at the same instant this often means a timer never advances.
+const LIVELOCK_WAKES: u32 = 10_000;
+const FIRST_LIFE: Incarnation = Incarnation(1);
+
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The simulated handler's verdict: ERR for a deterministic subset.
+fn handler_refuses(cfg: &SimConfig, from: Rank, to: Rank, frame: u64) -> bool {
+    cfg.err_one_in > 0
+        && mix(mix(mix(from as u64) ^ to as u64) ^ frame) % cfg.err_one_in as u64 == 0
+}
+
+/// A cell says who sent it, in which life, for which frame.
+fn cell_payload(from: Rank, inc: Incarnation, frame: u64) -> Bytes {
+    let mut b = Vec::with_capacity(20);
+    b.extend_from_slice(&from.to_le_bytes());
+    b.extend_from_slice(&inc.0.to_le_bytes());
+    b.extend_from_slice(&frame.to_le_bytes());
+    Bytes::from(b)
+}
+
+fn parse_payload(b: &[u8]) -> Option<(Rank, Incarnation, u64)> {
+    if b.len() != 20 {
+        return None;
+    }
+    Some((
+        u32::from_le_bytes(b[0..4].try_into().ok()?),
+        Incarnation(u64::from_le_bytes(b[4..12].try_into().ok()?)),
+        u64::from_le_bytes(b[12..20].try_into().ok()?),
+    ))
+}
+
+fn peer_info(rank: Rank, node: u32, inc: Incarnation) -> PeerInfo {
+    PeerInfo {
+        rank,
+        node_index: node,
+        incarnation: inc,
+        endpoints: Endpoints {
+            ipc: Some(format!("ipc://sim/{rank}.{}", inc.0)),
+            tcp: format!("tcp://n{node}:{rank}.{}", inc.0),
+        },
+    }
+}
+
+/// What travels between instances.
+#[derive(Debug)]
+enum Wire {
+    Ping(Ping),
+    Register(Register),
+    /// A ZeroMQ message; `to_inc` is the receiver's life the sender
+    /// addressed (a restarted instance has a new endpoint: the old one's
+    /// messages never reach it).
+    Peer {
+        from: Rank,
+        from_inc: Incarnation,
+        to_inc: Incarnation,
+        body: Body,
+    },
+}
+
+#[derive(Debug)]
+enum Body {
+    Control(Control),
+    Data(DataMsg),
+}
+
+#[derive(Debug)]
+enum EvKind {
+    Start(Rank),
+    Timer(Rank),
+    /// `to: None` is the coordinator's UDP address (node 0's leader).
+    Msg {
+        to: Option<Rank>,
+        wire: Wire,
+    },
+    HandlerDone {
+        rank: Rank,
+        inc: Incarnation,
+        from: Rank,
+        msg: DataMsg,
+    },
+    Crash(Rank),
+    Restart(Rank),
+}
+
+struct Ev {
+    at: Now,
+    seq: u64,
+    kind: EvKind,
+}
+
+impl PartialEq for Ev {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Ev {}
+impl PartialOrd for Ev {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Ev {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    DiscoveryUdp,
+    DiscoveryZmq,
+    GlobalUdp,
+    GlobalZmq,
+    Data,
+    Feedback,
+}
+
+fn phase_of(c: &Control) -> Phase {
+    match c {
+        Control::Pong(_) | Control::Ready => Phase::DiscoveryZmq,
+        Control::Feedback(_) => Phase::Feedback,
+        _ => Phase::GlobalZmq,
+    }
+}
+
+/// The simulated network: virtual clock, event heap, fates.
+struct Net {
+    now: Now,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Ev>>,
+    rng: SmallRng,
+    in_flight: u64,
+}
+
+impl Net {
+    fn push(&mut self, at: Now, kind: EvKind) {
+        self.seq += 1;
+        if matches!(kind, EvKind::Msg { .. }) {
+            self.in_flight += 1;
+        }
+        self.queue.push(Reverse(Ev {
+            at,
+            seq: self.seq,
+            kind,
+        }));
+    }
+}
+
+/// One life of one instance: the proto machines and the driver's state.
+struct Inst {
+    me: PeerInfo,
+    discovery: LocalDiscovery,
+    global: Option<GlobalJoin>,
+    coordinator: Option<Coordinator>,
+    reliable: ReliableEndpoint,
+    assembler: FrameAssembler,
+    /// Where peers receive (node-mates from discovery, others resolved).
+    peers: BTreeMap<Rank, PeerInfo>,
+    /// Newest life heard of per peer: older messages are dropped, a newer
+    /// one resets the pair exactly once.
+    lives: BTreeMap<Rank, Incarnation>,
+    /// Data for peers not resolved yet (bounded by the window).
+    parked: BTreeMap<Rank, Vec<DataMsg>>,
+    /// Runs the frame workload (a restarted life only answers).
+    works: bool,
+    next_send: u64,
+    frames_done: u64,
+    timer_at: Option<Now>,
+    wakes: (Now, u32),
+}
+
+/// Everything a check needs that outlives one instance's life.
+#[derive(Default)]
+struct Book {
+    /// `(from, from_inc, to, ticket)` → what was sent and how it ended.
+    tickets: BTreeMap<(Rank, Incarnation, Rank, u64), Ticket>,
+    /// `(from, from_inc, to, to_inc, frame, is_end)` → handler calls.
+    handled: HashMap<(Rank, Incarnation, Rank, Incarnation, u64, bool), u32>,
+    first_complete: BTreeMap<Rank, Now>,
+    first_ready: BTreeMap<Rank, Now>,
+    coordinator: Option<Rank>,
+    /// `(rank, crashed at, restarted at)`.
+    crashed: Option<(Rank, Now, Option<Now>)>,
+    stats: SimStats,
+    last_frame_at: Now,
+}
+
+struct Ticket {
+    frame: u64,
+    end: bool,
+    sent: Now,
+    outcome: Option<(Now, Outcome)>,
+}
+
+pub(super) struct Sim<'a> {
+    cfg: &'a SimConfig,
+    size: u32,
+    neighbours: Vec<Vec<Rank>>,
+    insts: Vec<Option<Inst>>,
+    lives: Vec<Incarnation>,
+    net: Net,
+    book: Book,
+}
+
+type Check = Result<(), SimViolation>;
+
+impl<'a> Sim<'a> {
+    pub(super) fn new(cfg: &'a SimConfig) -> Self {
+        let size = cfg.size();
+        // A square grid as wide as the job always splits (one row and
+        // column per instance at least).
+        let neighbours = match Partition2d::new(size as usize, size as usize, size) {
+            Ok(p) => (0..size)
+                .map(|r| p.neighbours(r).into_iter().map(|(n, _, _)| n).collect())
+                .collect(),
+            Err(_) => vec![Vec::new(); size as usize],
+        };
+        Self {
+            cfg,
+            size,
+            neighbours,
+            insts: (0..size).map(|_| None).collect(),
+            lives: vec![FIRST_LIFE; size as usize],
+            net: Net {
+                now: Duration::ZERO,
+                seq: 0,
+                queue: BinaryHeap::new(),
+                rng: SmallRng::seed_from_u64(mix(cfg.seed)),
+                in_flight: 0,
+            },
+            book: Book::default(),
+        }
+    }
+
+    fn node_of(&self, rank: Rank) -> u32 {
+        rank / self.cfg.per_node
+    }
+
+    fn violation(&self, invariant: Invariant, detail: impl Into<String>) -> SimViolation {
+        SimViolation::Broken {
+            invariant,
+            detail: detail.into(),
+            seed: self.cfg.seed,
+            at: self.net.now,
+        }
+    }
+
+    pub(super) fn run(mut self) -> Result<SimStats, SimViolation> {
+        self.book.stats.nodes = self.cfg.nodes;
+        self.book.stats.instances = self.size;
+        for r in 0..self.size {
+            let skew = self.cfg.start_skew.as_nanos() as u64;
+            let at = Duration::from_nanos(if skew > 0 {
+                self.net.rng.gen_range(0..=skew)
+            } else {
+                0
+            });
+            self.net.push(at, EvKind::Start(r));
+        }
+        while let Some(Reverse(ev)) = self.net.queue.pop() {
+            if ev.at > self.cfg.time_limit {
+                self.net.now = self.cfg.time_limit;
+                return Err(self.violation(
+                    Invariant::TimeLimit,
+                    format!("events still pending at {:?}", self.cfg.time_limit),
+                ));
+            }
+            self.net.now = ev.at;
+            let st = &mut self.book.stats;
+            st.events += 1;
+            st.trace = mix(st.trace ^ ev.at.as_nanos() as u64 ^ (ev.seq << 1));
+            self.step(ev.kind)?;
+        }
+        self.final_checks()?;
+        let mut stats = std::mem::take(&mut self.book.stats);
+        stats.end = self.net.now;
+        stats.last_frame = (stats.frames_handed > 0).then_some(self.book.last_frame_at);
+        stats.local_complete = self.book.first_complete.values().max().copied();
+        stats.global_ready = self.book.first_ready.values().max().copied();
+        for inst in self.insts.iter().flatten() {
+            let r = inst.reliable.stats();
+            stats.retransmissions += r.retransmitted;
+            stats.peer_resets += r.peer_resets;
+        }
+        Ok(stats)
+    }
+
+    fn step(&mut self, kind: EvKind) -> Check {
+        let now = self.net.now;
+        match kind {
+            EvKind::Start(r) => {
+                self.insts[r as usize] = Some(self.new_inst(r, FIRST_LIFE, true));
+                self.pump(r)
+            }
+            EvKind::Timer(r) => {
+                let Some(inst) = self.insts[r as usize].as_mut() else {
+                    return Ok(());
+                };
+                if inst.timer_at != Some(now) {
+                    return Ok(()); // superseded
+                }
+                inst.timer_at = None;
+                if inst.wakes.0 == now {
+                    inst.wakes.1 += 1;
+                    if inst.wakes.1 > LIVELOCK_WAKES {
+                        return Err(self.violation(
+                            Invariant::Livelock,
+                            format!("rank {r} woken {LIVELOCK_WAKES} times at one instant"),
+                        ));
+                    }
+                } else {
+                    inst.wakes = (now, 1);
+                }
+                inst.discovery.handle_timeout(now);
+                if let Some(g) = &mut inst.global {
+                    g.handle_timeout(now);
+                }
+                inst.reliable.handle_timeout(now);
+                self.pump(r)
+            }
+            EvKind::Msg { to, wire } => {
+                self.net.in_flight -= 1;
+                self.deliver(to, wire)
+            }
+            EvKind::HandlerDone {
+                rank,
+                inc,
+                from,
+                msg,
+            } => {
+                let Some(inst) = self.insts[rank as usize].as_mut() else {
+                    return Ok(());
+                };
+                if inst.me.incarnation != inc {
+                    return Ok(()); // its life ended while the handler ran
+                }
+                if handler_refuses(self.cfg, from, rank, msg.frame) {
+                    inst.assembler.handle_rejected(from, msg.id, msg.frame).ok();
+                    let text = format!("sim handler refuses frame {} from {from}", msg.frame);
+                    inst.reliable
+                        .complete(now, from, msg.id, Err((HANDLER_ERR, text)));
+                } else {
+                    let answer = inst
+                        .assembler
+                        .handle_cell(from, msg.id, msg.frame, msg.payload)
+                        .map_err(|e| (codes::FRAME_REFUSED, e.to_string()));
+                    inst.reliable.complete(now, from, msg.id, answer);
+                }
+                self.pump(rank)
+            }
+            EvKind::Crash(r) => {
+                if self.insts[r as usize].take().is_some() {
+                    let down = self
+                        .cfg
+                        .crash
+                        .as_ref()
+                        .map_or(Duration::ZERO, |c| c.down_for);
+                    self.book.crashed = Some((r, now, None));
+                    if self.book.coordinator == Some(r) {
+                        self.book.coordinator = None;
+                    }
+                    self.net.push(now + down, EvKind::Restart(r));
+                }
+                Ok(())
+            }
+            EvKind::Restart(r) => {
+                let inc = Incarnation(self.lives[r as usize].0 + 1);
+                self.lives[r as usize] = inc;
+                if let Some(c) = &mut self.book.crashed {
+                    c.2 = Some(now);
+                }
+                self.insts[r as usize] = Some(self.new_inst(r, inc, false));
+                self.pump(r)
+            }
+        }
+    }
+
+    fn new_inst(&self, rank: Rank, inc: Incarnation, works: bool) -> Inst {
+        let now = self.net.now;
+        let node = self.node_of(rank);
+        let me = peer_info(rank, node, inc);
+        let seed = mix(self.cfg.seed ^ mix(((rank as u64) << 20) ^ inc.0));
+        let discovery =
+            LocalDiscovery::new(me.clone(), self.cfg.per_node, self.cfg.discovery, now, seed);
+        let mut assembler = FrameAssembler::new(0, self.cfg.frames_ahead);
+        assembler.set_expected(self.neighbours[rank as usize].iter().copied());
+        Inst {
+            me,
+            discovery,
+            global: None,
+            coordinator: None,
+            reliable: ReliableEndpoint::new(self.cfg.reliable.clone(), seed.rotate_left(17)),
+            assembler,
+            peers: BTreeMap::new(),
+            lives: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            works,
+            next_send: 0,
+            frames_done: 0,
+            timer_at: None,
+            wakes: (now, 0),
+        }
+    }
+
+    /// Put a message on the wire: count it, then loss, partition,
+    /// duplication and delay decide what arrives when.
+    fn send(&mut self, from: Rank, to: Option<Rank>, phase: Phase, wire: Wire) {
+        let cfg = self.cfg;
+        let now = self.net.now;
+        let m = &mut self.book.stats.messages;
+        match phase {
+            Phase::DiscoveryUdp => m.discovery_udp += 1,
+            Phase::DiscoveryZmq => m.discovery_zmq += 1,
+            Phase::GlobalUdp => m.global_udp += 1,
+            Phase::GlobalZmq => m.global_zmq += 1,
+            Phase::Data => m.data += 1,
+            Phase::Feedback => m.feedback += 1,
+        }
+        if let Some(p) = &cfg.partition {
+            let (a, b) = (self.node_of(from), to.map_or(0, |t| self.node_of(t)));
+            if (a == p.node) != (b == p.node) && now >= p.start && now < p.start + p.duration {
+                self.book.stats.cut += 1;
+                return;
+            }
+        }
+        let rng = &mut self.net.rng;
+        if cfg.loss > 0.0 && rng.gen_bool(cfg.loss) {
+            self.book.stats.lost += 1;
+            return;
+        }
+        let copies = if cfg.dup > 0.0 && rng.gen_bool(cfg.dup) {
+            self.book.stats.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        let mut delays = [Duration::ZERO; 2];
+        for d in delays.iter_mut().take(copies) {
+            let mut t = cfg.delay;
+            if !cfg.jitter.is_zero() {
+                t += Duration::from_nanos(rng.gen_range(0..=cfg.jitter.as_nanos() as u64));
+            }
+            if cfg.reorder > 0.0 && rng.gen_bool(cfg.reorder) && !cfg.reorder_delay.is_zero() {
+                t += Duration::from_nanos(rng.gen_range(0..=cfg.reorder_delay.as_nanos() as u64));
+            }
+            *d = t;
+        }
+        if copies == 2 {
+            let twin = match &wire {
+                Wire::Ping(p) => Wire::Ping(p.clone()),
+                Wire::Register(r) => Wire::Register(r.clone()),
+                Wire::Peer {
+                    from,
+                    from_inc,
+                    to_inc,
+                    body,
+                } => Wire::Peer {
+                    from: *from,
+                    from_inc: *from_inc,
+                    to_inc: *to_inc,
+                    body: match body {
+                        Body::Control(c) => Body::Control(c.clone()),
+                        Body::Data(d) => Body::Data(d.clone()),
+                    },
+                },
+            };
+            self.net
+                .push(now + delays[1], EvKind::Msg { to, wire: twin });
+        }
+        self.net.push(now + delays[0], EvKind::Msg { to, wire });
+        let st = &mut self.book.stats;
+        st.max_in_flight = st.max_in_flight.max(self.net.in_flight);
+    }
+
+    fn send_peer(&mut self, from: &PeerInfo, to: Rank, to_inc: Incarnation, body: Body) {
+        let phase = match &body {
+            Body::Control(c) => phase_of(c),
+            Body::Data(_) => Phase::Data,
+        };
+        let wire = Wire::Peer {
+            from: from.rank,
+            from_inc: from.incarnation,
+            to_inc,
+            body,
+        };
+        self.send(from.rank, Some(to), phase, wire);
+    }
+
+    fn deliver(&mut self, to: Option<Rank>, wire: Wire) -> Check {
+        let now = self.net.now;
+        let Some(to) = to.or(self.book.coordinator) else {
+            self.book.stats.to_dead += 1;
+            return Ok(());
+        };
+        let Some(inst) = self.insts[to as usize].as_mut() else {
+            self.book.stats.to_dead += 1;
+            return Ok(());
+        };
+        match wire {
+            Wire::Ping(ping) => {
+                let (from, inc) = (ping.info.rank, ping.info.incarnation);
+                if note_life(inst, now, from, inc) {
+                    inst.discovery.handle_ping(now, ping);
+                } else {
+                    self.book.stats.from_old_life += 1;
+                }
+            }
+            Wire::Register(reg) => match &mut inst.coordinator {
+                Some(c) => c.handle_register(reg),
+                None => self.book.stats.to_dead += 1,
+            },
+            Wire::Peer {
+                from,
+                from_inc,
+                to_inc,
+                body,
+            } => {
+                if to_inc != inst.me.incarnation {
+                    self.book.stats.to_dead += 1;
+                    return Ok(());
+                }
+                if !note_life(inst, now, from, from_inc) {
+                    self.book.stats.from_old_life += 1;
+                    return Ok(());
+                }
+                match body {
+                    Body::Data(d) => inst.reliable.handle_data(now, from, d),
+                    Body::Control(Control::Feedback(fb)) => {
+                        inst.reliable.handle_feedback(now, from, fb)
+                    }
+                    Body::Control(c) => {
+                        if !inst.discovery.handle_control(now, from, from_inc, &c) {
+                            let answer =
+                                inst.global.as_mut().and_then(|g| g.handle_control(now, &c));
+                            if let Some(answer) = answer {
+                                let me = inst.me.clone();
+                                self.send_peer(&me, from, from_inc, Body::Control(answer));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.pump(to)
+    }
+
+    /// Send everything the machines of `rank` queued, act on their events,
+    /// run the workload, and schedule the next timer.
+    fn pump(&mut self, rank: Rank) -> Check {
+        let now = self.net.now;
+        let r = rank as usize;
+        for round in 0.. {
+            if round > 1000 {
+                return Err(self.violation(
+                    Invariant::Livelock,
+                    format!("rank {rank}'s machines keep producing output at one instant"),
+                ));
+            }
+            let Some(inst) = self.insts[r].as_mut() else {
+                return Ok(());
+            };
+            let me = inst.me.clone();
+            let mut out: Vec<Out> = Vec::new();
+            let mut progressed = false;
+            while let Some(t) = inst.discovery.poll_transmit() {
+                match t {
+                    DiscoveryTransmit::Broadcast(ping) => {
+                        let node = me.node_index;
+                        let per = self.cfg.per_node;
+                        for mate in node * per..(node + 1) * per {
+                            if mate != rank {
+                                out.push((
+                                    Some(mate),
+                                    Phase::DiscoveryUdp,
+                                    Wire::Ping(ping.clone()),
+                                ));
+                            }
+                        }
+                    }
+                    DiscoveryTransmit::ToPeer { to, msg } => out.push(control(&me, to, msg)),
+                }
+            }
+            let mut devents = Vec::new();
+            while let Some(e) = inst.discovery.poll_event() {
+                devents.push(e);
+            }
+            for e in devents {
+                progressed = true;
+                self.on_discovery_event(rank, e);
+            }
+            let Some(inst) = self.insts[r].as_mut() else {
+                return Ok(());
+            };
+            if let Some(c) = &mut inst.coordinator {
+                while let Some(t) = c.poll_transmit() {
+                    if let GlobalTransmit::ToPeer { to, msg } = t {
+                        out.push(control(&me, to, msg));
+                    }
+                }
+            }
+            let mut gevents = Vec::new();
+            if let Some(g) = &mut inst.global {
+                while let Some(t) = g.poll_transmit() {
+                    out.push(match t {
+                        GlobalTransmit::Register(reg) => {
+                            (None, Phase::GlobalUdp, Wire::Register(reg))
+                        }
+                        GlobalTransmit::ToPeer { to, msg } => control(&me, to, msg),
+                    });
+                }
+                while let Some(e) = g.poll_event() {
+                    gevents.push(e);
+                }
+            }
+            for e in gevents {
+                progressed = true;
+                self.on_global_event(rank, e)?;
+            }
+            let Some(inst) = self.insts[r].as_mut() else {
+                return Ok(());
+            };
+            let mut rout = Vec::new();
+            while let Some(t) = inst.reliable.poll_transmit(now) {
+                rout.push(t);
+            }
+            for (to, t) in rout {
+                match t {
+                    ReliableTransmit::Data(msg) => {
+                        if let Some(w) = route_data(inst, now, to, msg) {
+                            out.push(w);
+                        }
+                    }
+                    ReliableTransmit::Feedback(fb) => {
+                        // Answer on the connection the data came from.
+                        let life = inst.lives.get(&to).copied().unwrap_or(FIRST_LIFE);
+                        out.push((
+                            Some(to),
+                            Phase::Feedback,
+                            Wire::Peer {
+                                from: rank,
+                                from_inc: me.incarnation,
+                                to_inc: life,
+                                body: Body::Control(Control::Feedback(fb)),
+                            },
+                        ));
+                    }
+                }
+            }
+            // Members' resolutions queued by `route_data`.
+            if let Some(g) = &mut inst.global {
+                while let Some(t) = g.poll_transmit() {
+                    if let GlobalTransmit::ToPeer { to, msg } = t {
+                        out.push(control(&me, to, msg));
+                    }
+                }
+            }
+            let mut revents = Vec::new();
+            while let Some(e) = inst.reliable.poll_event() {
+                revents.push(e);
+            }
+            progressed |= !out.is_empty();
+            for (to, phase, wire) in out {
+                self.send(rank, to, phase, wire);
+            }
+            for e in revents {
+                progressed = true;
+                self.on_reliable_event(rank, e)?;
+            }
+            progressed |= self.work(rank)?;
+            if !progressed {
+                break;
+            }
+        }
+        self.check_bounds(rank)?;
+        self.schedule(rank);
+        Ok(())
+    }
+
+    fn schedule(&mut self, rank: Rank) {
+        let now = self.net.now;
+        let Some(inst) = self.insts[rank as usize].as_mut() else {
+            return;
+        };
+        let next = [
+            inst.discovery.poll_timeout(),
+            inst.global.as_ref().and_then(|g| g.poll_timeout()),
+            inst.reliable.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| t.max(now));
+        if next != inst.timer_at {
+            inst.timer_at = next;
+            if let Some(t) = next {
+                self.net.push(t, EvKind::Timer(rank));
+            }
+        }
+    }
+
+    fn on_discovery_event(&mut self, rank: Rank, e: DiscoveryEvent) {
+        let now = self.net.now;
+        let nodes = self.cfg.nodes;
+        let size = self.size;
+        let gcfg = self.cfg.global;
+        let seed = mix(self.cfg.seed ^ 0x5EED ^ rank as u64);
+        let Some(inst) = self.insts[rank as usize].as_mut() else {
+            return;
+        };
+        match e {
+            DiscoveryEvent::PeerReady(info) | DiscoveryEvent::PeerRestarted(info) => {
+                note_life(inst, now, info.rank, info.incarnation);
+                if inst.lives.get(&info.rank) == Some(&info.incarnation) {
+                    inst.peers.insert(info.rank, info);
+                }
+            }
+            DiscoveryEvent::Complete { leader, members } => {
+                self.book.first_complete.entry(rank).or_insert(now);
+                if let Some(g) = &mut inst.global {
+                    // The node completed again after a restart: a member
+                    // follows its leader's new life.
+                    if let Some(l) = members.iter().find(|m| m.rank == leader) {
+                        g.follow_leader(now, l.clone());
+                    }
+                    return;
+                }
+                let seed = mix(seed ^ inst.me.incarnation.0);
+                if leader == rank {
+                    if inst.me.node_index == 0 {
+                        inst.coordinator = Some(Coordinator::new(nodes, size));
+                        self.book.coordinator = Some(rank);
+                    }
+                    inst.global = Some(GlobalJoin::leader(
+                        inst.me.clone(),
+                        format!("n{}", inst.me.node_index),
+                        members,
+                        gcfg,
+                        now,
+                        seed,
+                    ));
+                } else if let Some(l) = members.iter().find(|m| m.rank == leader) {
+                    inst.global = Some(GlobalJoin::member(rank, l.clone(), gcfg, now, seed));
+                }
+            }
+        }
+    }
+
+    fn on_global_event(&mut self, rank: Rank, e: GlobalEvent) -> Check {
+        let now = self.net.now;
+        let Some(inst) = self.insts[rank as usize].as_mut() else {
+            return Ok(());
+        };
+        match e {
+            GlobalEvent::Ready { nodes, size } => {
+                if (nodes, size) != (self.cfg.nodes, self.size) {
+                    return Err(self.violation(
+                        Invariant::GlobalReady,
+                        format!("rank {rank} ready for {nodes} nodes / {size} instances"),
+                    ));
+                }
+                self.book.first_ready.entry(rank).or_insert(now);
+            }
+            GlobalEvent::Resolved(info) => {
+                let to = info.rank;
+                if inst.lives.get(&to).is_none_or(|l| *l <= info.incarnation) {
+                    inst.lives.insert(to, info.incarnation);
+                    inst.peers.insert(to, info);
+                }
+                let me = inst.me.clone();
+                let parked = inst.parked.remove(&to).unwrap_or_default();
+                let life = inst.peers.get(&to).map(|p| p.incarnation);
+                if let Some(life) = life {
+                    for msg in parked {
+                        self.send_peer(&me, to, life, Body::Data(msg));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_reliable_event(&mut self, rank: Rank, e: ReliableEvent) -> Check {
+        let now = self.net.now;
+        let Some(inst) = self.insts[rank as usize].as_mut() else {
+            return Ok(());
+        };
+        let me = inst.me.incarnation;
+        match e {
+            ReliableEvent::Deliver { from, msg } => {
+                let from_inc = inst.lives.get(&from).copied().unwrap_or(FIRST_LIFE);
+                let end = matches!(msg.kind, DataKind::FrameEnd { .. });
+                let handed = match msg.kind {
+                    DataKind::FrameEnd { count } => {
+                        let answer = inst
+                            .assembler
+                            .handle_frame_end(from, msg.frame, count)
+                            .map_err(|e| (codes::UNEXPECTED_SENDER, e.to_string()));
+                        inst.reliable.complete(now, from, msg.id, answer);
+                        true
+                    }
+                    DataKind::Cell => {
+                        if parse_payload(&msg.payload)
+                            .is_none_or(|(f, _, fr)| f != from || fr != msg.frame)
+                        {
+                            return Err(self.violation(
+                                Invariant::ExactlyOnce,
+                                format!("rank {rank} got a corrupted cell from {from}"),
+                            ));
+                        }
+                        if !inst.assembler.accepts(msg.frame) {
+                            let text = format!("frame {} is not accepted now", msg.frame);
+                            inst.reliable.complete(
+                                now,
+                                from,
+                                msg.id,
+                                Err((codes::FRAME_REFUSED, text)),
+                            );
+                            false
+                        } else {
+                            let run = self.cfg.handler_time.as_nanos() as u64;
+                            let at = now
+                                + Duration::from_nanos(if run > 0 {
+                                    self.net.rng.gen_range(0..=run)
+                                } else {
+                                    0
+                                });
+                            self.net.push(
+                                at,
+                                EvKind::HandlerDone {
+                                    rank,
+                                    inc: me,
+                                    from,
+                                    msg: msg.clone(),
+                                },
+                            );
+                            self.book.stats.cells_handled += 1;
+                            true
+                        }
+                    }
+                };
+                if handed {
+                    let n = self
+                        .book
+                        .handled
+                        .entry((from, from_inc, rank, me, msg.frame, end))
+                        .or_insert(0);
+                    *n += 1;
+                    let n = *n;
+                    if n > 1 {
+                        return Err(self.violation(
+                            Invariant::ExactlyOnce,
+                            format!(
+                                "{} of frame {} from rank {from} handed to rank {rank} {} times",
+                                if end { "frame end" } else { "cell" },
+                                msg.frame,
+                                n
+                            ),
+                        ));
+                    }
+                }
+            }
+            ReliableEvent::Resolved { to, id, outcome } => {
+                let st = &mut self.book.stats;
+                match &outcome {
+                    Outcome::Ack => st.acks += 1,
+                    Outcome::Err { .. } => st.errs += 1,
+                    Outcome::TimedOut => st.timeouts += 1,
+                }
+                let key = (rank, me, to, id);
+                let Some(t) = self.book.tickets.get_mut(&key) else {
+                    return Err(self.violation(
+                        Invariant::TicketResolved,
+                        format!("rank {rank}: ticket {id} to {to} resolved but never issued"),
+                    ));
+                };
+                if t.outcome.is_some() {
+                    return Err(self.violation(
+                        Invariant::TicketResolved,
+                        format!("rank {rank}: ticket {id} to {to} resolved twice"),
+                    ));
+                }
+                t.outcome = Some((now, outcome));
+                self.check_ticket(key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hand over complete frames, then send the next frame (lock-step:
+    /// frame f goes out once frame f-1 was handed over).
+    fn work(&mut self, rank: Rank) -> Result<bool, SimViolation> {
+        let now = self.net.now;
+        let mut progressed = false;
+        loop {
+            let Some(inst) = self.insts[rank as usize].as_mut() else {
+                return Ok(progressed);
+            };
+            if let Some(frame) = inst.assembler.poll_frame() {
+                progressed = true;
+                inst.frames_done += 1;
+                let done = inst.frames_done;
+                let works = inst.works;
+                self.book.stats.frames_handed += 1;
+                self.book.last_frame_at = now;
+                self.check_frame(rank, done - 1, &frame)?;
+                if let Some(c) = &self.cfg.crash {
+                    if works && c.rank == rank && c.after_frame + 1 == done {
+                        self.net.push(now, EvKind::Crash(rank));
+                    }
+                }
+                continue;
+            }
+            let ready = inst.global.as_ref().is_some_and(|g| g.ready().is_some());
+            if !(inst.works
+                && ready
+                && inst.next_send < self.cfg.frames
+                && inst.next_send <= inst.frames_done)
+            {
+                return Ok(progressed);
+            }
+            progressed = true;
+            let frame = inst.next_send;
+            inst.next_send += 1;
+            let me = inst.me.clone();
+            for &n in &self.neighbours[rank as usize] {
+                let cell = cell_payload(rank, me.incarnation, frame);
+                for (kind, payload) in [
+                    (DataKind::Cell, cell),
+                    (DataKind::FrameEnd { count: 1 }, Bytes::new()),
+                ] {
+                    let end = !matches!(kind, DataKind::Cell);
+                    match inst.reliable.send(now, n, frame, kind, payload) {
+                        Ok(id) => {
+                            self.book.tickets.insert(
+                                (rank, me.incarnation, n, id),
+                                Ticket {
+                                    frame,
+                                    end,
+                                    sent: now,
+                                    outcome: None,
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            return Err(SimViolation::Broken {
+                                invariant: Invariant::BuffersBounded,
+                                detail: format!("rank {rank}: {e} in lock-step"),
+                                seed: self.cfg.seed,
+                                at: now,
+                            })
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_frame(&self, rank: Rank, expect: u64, f: &CompleteFrame) -> Check {
+        if f.frame != expect {
+            return Err(self.violation(
+                Invariant::FramesInOrder,
+                format!("rank {rank} got frame {} when {expect} was next", f.frame),
+            ));
+        }
+        let nb = &self.neighbours[rank as usize];
+        for (from, cells) in &f.cells {
+            if !nb.contains(from) {
+                return Err(self.violation(
+                    Invariant::FramesInOrder,
+                    format!("rank {rank} frame {expect} has cells of non-neighbour {from}"),
+                ));
+            }
+            let _ = cells;
+        }
+        for &n in nb {
+            let cells = f.cells.get(&n).map_or(&[][..], |v| v.as_slice());
+            let want = usize::from(!handler_refuses(self.cfg, n, rank, expect));
+            let ok = cells.len() == want
+                && cells
+                    .iter()
+                    .all(|c| parse_payload(c).is_some_and(|(s, _, fr)| s == n && fr == expect));
+            if !ok {
+                return Err(self.violation(
+                    Invariant::FramesInOrder,
+                    format!(
+                        "rank {rank} frame {expect}: {} cell(s) from {n}, expected {want}",
+                        cells.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The crashed rank and whether the crash justifies odd outcomes for
+    /// tickets towards it.
+    fn crashed_rank(&self) -> Option<Rank> {
+        self.book.crashed.map(|c| c.0)
+    }
+
+    fn partition_cuts(&self, a: Rank, b: Rank, from: Now, to: Now) -> bool {
+        self.cfg.partition.as_ref().is_some_and(|p| {
+            (self.node_of(a) == p.node) != (self.node_of(b) == p.node)
+                && from < p.start + p.duration
+                && to >= p.start
+        })
+    }
+
+    fn check_ticket(&self, key: (Rank, Incarnation, Rank, u64)) -> Check {
+        let (from, _, to, id) = key;
+        let Some(t) = self.book.tickets.get(&key) else {
+            return Ok(());
+        };
+        let Some((at, outcome)) = &t.outcome else {
+            return Ok(());
+        };
+        let to_crashed = self.crashed_rank() == Some(to);
+        let refuse = !t.end && handler_refuses(self.cfg, from, to, t.frame);
+        let fine = match outcome {
+            Outcome::TimedOut => {
+                if !(to_crashed || self.partition_cuts(from, to, t.sent, *at)) {
+                    return Err(self.violation(
+                        Invariant::NoUnjustifiedTimeout,
+                        format!(
+                            "ticket {id} from {from} to {to} (frame {}) timed out",
+                            t.frame
+                        ),
+                    ));
+                }
+                true
+            }
+            // A restarted receiver has no frame state: it may refuse.
+            _ if to_crashed => true,
+            Outcome::Ack => !refuse,
+            Outcome::Err { code, .. } => refuse && *code == HANDLER_ERR,
+        };
+        if !fine {
+            return Err(self.violation(
+                Invariant::TicketResolved,
+                format!(
+                    "ticket {id} from {from} to {to} (frame {}, {}) resolved {outcome:?}, handler said {}",
+                    t.frame,
+                    if t.end { "frame end" } else { "cell" },
+                    if refuse { "ERR" } else { "ACK" }
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_bounds(&mut self, rank: Rank) -> Check {
+        let Some(inst) = self.insts[rank as usize].as_ref() else {
+            return Ok(());
+        };
+        let nb = self.neighbours[rank as usize].len().max(1);
+        let buffered = inst.assembler.buffered_cells();
+        let cap = self.cfg.frames_ahead as usize * nb;
+        let window = self.cfg.reliable.window.max(1) as usize;
+        let detail = if buffered > cap {
+            Some(format!(
+                "rank {rank} buffers {buffered} cells (bound {cap})"
+            ))
+        } else if inst.reliable.unanswered() > window * nb {
+            Some(format!(
+                "rank {rank} has {} unanswered (bound {})",
+                inst.reliable.unanswered(),
+                window * nb
+            ))
+        } else {
+            inst.parked
+                .iter()
+                .find(|(_, v)| v.len() > window)
+                .map(|(to, v)| format!("rank {rank} parks {} messages for {to}", v.len()))
+        };
+        self.book.stats.max_buffered_cells =
+            self.book.stats.max_buffered_cells.max(buffered as u64);
+        match detail {
+            Some(d) => Err(self.violation(Invariant::BuffersBounded, d)),
+            None => Ok(()),
+        }
+    }
+
+    fn final_checks(&self) -> Check {
+        let per = self.cfg.per_node;
+        let coordinator = self
+            .book
+            .coordinator
+            .and_then(|c| self.insts[c as usize].as_ref())
+            .and_then(|i| i.coordinator.as_ref());
+        match coordinator {
+            Some(c) if c.registered() == self.cfg.nodes && c.is_ready() => {}
+            Some(c) => {
+                return Err(self.violation(
+                    Invariant::LeaderRegistered,
+                    format!(
+                        "coordinator has {} of {} nodes",
+                        c.registered(),
+                        self.cfg.nodes
+                    ),
+                ))
+            }
+            None => return Err(self.violation(Invariant::LeaderRegistered, "no coordinator")),
+        }
+        for node in 0..self.cfg.nodes {
+            let ranks: Vec<Rank> = (node * per..(node + 1) * per).collect();
+            let mut leaders = 0;
+            for &r in &ranks {
+                let Some(inst) = self.insts[r as usize].as_ref() else {
+                    return Err(self
+                        .violation(Invariant::DiscoveryPeers, format!("rank {r} never started")));
+                };
+                let members: Vec<(Rank, Incarnation)> = inst
+                    .discovery
+                    .members()
+                    .iter()
+                    .map(|p| (p.rank, p.incarnation))
+                    .collect();
+                let want: Vec<(Rank, Incarnation)> =
+                    ranks.iter().map(|&m| (m, self.lives[m as usize])).collect();
+                if !inst.discovery.is_complete() || members != want {
+                    return Err(self.violation(
+                        Invariant::DiscoveryPeers,
+                        format!("rank {r} knows {members:?}, node {node} is {want:?}"),
+                    ));
+                }
+                if inst.discovery.leader() != Some(ranks[0]) {
+                    return Err(self.violation(
+                        Invariant::OneLeaderPerNode,
+                        format!(
+                            "rank {r} elected {:?}, lowest is {}",
+                            inst.discovery.leader(),
+                            ranks[0]
+                        ),
+                    ));
+                }
+                let Some(g) = &inst.global else {
+                    return Err(self.violation(
+                        Invariant::GlobalReady,
+                        format!("rank {r} never joined globally"),
+                    ));
+                };
+                leaders += usize::from(g.is_leader());
+                if g.ready().is_none() {
+                    return Err(self.violation(
+                        Invariant::GlobalReady,
+                        format!("rank {r} is not globally ready"),
+                    ));
+                }
+                if self.book.crashed.is_none() && inst.frames_done != self.cfg.frames {
+                    return Err(self.violation(
+                        Invariant::AllFrames,
+                        format!(
+                            "rank {r} handed over {} of {} frames (missing from {:?})",
+                            inst.frames_done,
+                            self.cfg.frames,
+                            inst.assembler.missing(inst.frames_done)
+                        ),
+                    ));
+                }
+            }
+            if leaders != 1 {
+                return Err(self.violation(
+                    Invariant::OneLeaderPerNode,
+                    format!("node {node} has {leaders} leaders"),
+                ));
+            }
+        }
+        for (&key, t) in &self.book.tickets {
+            let (from, from_inc, to, id) = key;
+            if self.lives[from as usize] != from_inc {
+                continue; // the sender's life ended with its tickets
+            }
+            if t.outcome.is_none() {
+                return Err(self.violation(
+                    Invariant::TicketResolved,
+                    format!(
+                        "ticket {id} from {from} to {to} (frame {}) never resolved",
+                        t.frame
+                    ),
+                ));
+            }
+            self.check_ticket(key)?;
+            let handed_over = matches!(t.outcome, Some((_, Outcome::Ack)))
+                || matches!(t.outcome, Some((_, Outcome::Err { code, .. })) if code == HANDLER_ERR);
+            if handed_over && self.crashed_rank() != Some(to) {
+                let n = self
+                    .book
+                    .handled
+                    .get(&(from, from_inc, to, FIRST_LIFE, t.frame, t.end))
+                    .copied()
+                    .unwrap_or(0);
+                if n != 1 {
+                    return Err(self.violation(
+                        Invariant::ExactlyOnce,
+                        format!(
+                            "ticket {id} from {from} to {to} (frame {}) answered, but handed over {n} times",
+                            t.frame
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn control(me: &PeerInfo, to: PeerInfo, msg: Control) -> Out {
+    (
+        Some(to.rank),
+        phase_of(&msg),
+        Wire::Peer {
+            from: me.rank,
+            from_inc: me.incarnation,
+            to_inc: to.incarnation,
+            body: Body::Control(msg),
+        },
+    )
+}
+
+/// A message to put on the wire: destination (None: the coordinator), phase, message.
+type Out = (Option<Rank>, Phase, Wire);
+
+/// Record that `from` is in life `inc`. False if that life is over (the
+/// message is stale); a newer life resets the pair's channel exactly once.
+fn note_life(inst: &mut Inst, now: Now, from: Rank, inc: Incarnation) -> bool {
+    match inst.lives.get(&from).copied() {
+        Some(known) if inc < known => false,
+        Some(known) if inc > known => {
+            inst.lives.insert(from, inc);
+            inst.reliable.reset_peer(now, from);
+            inst.parked.remove(&from);
+            if let Some(p) = inst.peers.get_mut(&from) {
+                *p = peer_info(from, p.node_index, inc);
+            }
+            true
+        }
+        Some(_) => true,
+        None => {
+            inst.lives.insert(from, inc);
+            true
+        }
+    }
+}
+
+/// Where data for `to` goes: to its known endpoint, or parked until a
+/// resolution (asked of the leader here) answers.
+fn route_data(inst: &mut Inst, now: Now, to: Rank, msg: DataMsg) -> Option<Out> {
+    let life = match inst.peers.get(&to) {
+        Some(p) => Some(p.incarnation),
+        None => match inst.global.as_mut().and_then(|g| g.resolve(now, to)) {
+            Some(info) => {
+                let life = *inst.lives.entry(to).or_insert(info.incarnation);
+                let life = life.max(info.incarnation);
+                inst.peers.insert(to, peer_info(to, info.node_index, life));
+                Some(life)
+            }
+            None => None,
+        },
+    };
+    match life {
+        Some(life) => Some((
+            Some(to),
+            Phase::Data,
+            Wire::Peer {
+                from: inst.me.rank,
+                from_inc: inst.me.incarnation,
+                to_inc: life,
+                body: Body::Data(msg),
+            },
+        )),
+        None => {
+            let window = inst.reliable.config().window as usize;
+            let parked = inst.parked.entry(to).or_default();
+            if parked.len() < window {
+                parked.push(msg);
+            }
+            None
+        }
+    }
+}

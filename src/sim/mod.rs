@@ -1,0 +1,417 @@
+//! `sim`: the deterministic simulator of DESIGN §9.
+//!
+//! Runs the real sans-IO machines of [`crate::proto`] — [`LocalDiscovery`],
+//! [`GlobalJoin`], [`Coordinator`], [`ReliableEndpoint`], [`FrameAssembler`] —
+//! for every instance of a job in one process, over an in-memory network
+//! with virtual time and seeded faults (loss, duplication, reordering,
+//! delay and jitter, a healing partition, crash and restart of an
+//! instance). The same [`SimConfig`] (seed included) replays the same run
+//! event for event, so a failing seed is a reproducible bug report.
+//!
+//! Owns the simulated network, the per-instance driver (a copy of what
+//! `runtime::driver` does with sockets, done with an event queue) and the
+//! invariant checks. Must not touch sockets, threads or the clock, except
+//! for measuring its own wall time.
+//!
+//! [`LocalDiscovery`]: crate::proto::discovery::LocalDiscovery
+//! [`GlobalJoin`]: crate::proto::global::GlobalJoin
+//! [`Coordinator`]: crate::proto::global::Coordinator
+//! [`ReliableEndpoint`]: crate::proto::reliable::ReliableEndpoint
+//! [`FrameAssembler`]: crate::proto::frames::FrameAssembler
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::proto::{
+    discovery::DiscoveryConfig, global::GlobalConfig, reliable::ReliableConfig, Rank,
+};
+
+mod engine;
+
+/// Crash one instance and restart it (same rank, next incarnation, empty
+/// state) `down_for` later.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CrashSpec {
+    pub rank: Rank,
+    /// The crash happens as soon as `rank` has handed over this frame.
+    pub after_frame: u64,
+    pub down_for: Duration,
+}
+
+/// Cut `node` off from every other node (both directions) for an interval
+/// of virtual time; messages within the node still flow.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartitionSpec {
+    pub node: u32,
+    pub start: Duration,
+    pub duration: Duration,
+}
+
+/// One simulated job and its network. Every probability is per message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimConfig {
+    pub nodes: u32,
+    /// Instances per node (ranks are contiguous per node).
+    pub per_node: u32,
+    /// Probability that a message is lost, in `[0, 1)`.
+    pub loss: f64,
+    /// Probability that a message arrives twice, in `[0, 1)`.
+    pub dup: f64,
+    /// Fraction of messages delayed by up to `reorder_delay` more, in `[0, 1]`.
+    pub reorder: f64,
+    pub reorder_delay: Duration,
+    /// Base one-way delay of every message…
+    pub delay: Duration,
+    /// …plus a uniform random part up to this.
+    pub jitter: Duration,
+    /// Instances start within this interval (launch skew).
+    pub start_skew: Duration,
+    /// Frames of neighbour exchange after global ready.
+    pub frames: u64,
+    pub seed: u64,
+    pub crash: Option<CrashSpec>,
+    pub partition: Option<PartitionSpec>,
+    /// A handler runs up to this long (virtual) before its outcome is known.
+    pub handler_time: Duration,
+    /// The handler answers ERR for one cell in this many (by a hash of
+    /// sender, receiver and frame); 0: never.
+    pub err_one_in: u32,
+    /// The run fails if work is still pending at this virtual time.
+    pub time_limit: Duration,
+    pub frames_ahead: u64,
+    pub discovery: DiscoveryConfig,
+    pub global: GlobalConfig,
+    pub reliable: ReliableConfig,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            per_node: 2,
+            loss: 0.0,
+            dup: 0.0,
+            reorder: 0.0,
+            reorder_delay: Duration::from_millis(5),
+            delay: Duration::from_micros(50),
+            jitter: Duration::from_micros(50),
+            start_skew: Duration::from_millis(20),
+            frames: 3,
+            seed: 1,
+            crash: None,
+            partition: None,
+            handler_time: Duration::from_micros(200),
+            err_one_in: 50,
+            time_limit: Duration::from_secs(600),
+            frames_ahead: 64,
+            discovery: DiscoveryConfig::default(),
+            global: GlobalConfig::default(),
+            reliable: ReliableConfig::default(),
+        }
+    }
+}
+
+/// A [`SimConfig`] that cannot be simulated.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SimConfigError {
+    #[error("a job needs at least one node and one instance per node (got {nodes} x {per_node})")]
+    Empty { nodes: u32, per_node: u32 },
+    #[error("{nodes} x {per_node} instances do not fit in a 32-bit rank")]
+    TooLarge { nodes: u32, per_node: u32 },
+    #[error("{name} must be in [0, 1){} (got {value})", if *.upper_inclusive { " or 1" } else { "" })]
+    Probability {
+        name: &'static str,
+        value: String,
+        upper_inclusive: bool,
+    },
+    #[error("crash of rank {rank}, but the job has {size} instances")]
+    CrashRank { rank: Rank, size: u32 },
+    #[error("partition of node {node}, but the job has {nodes} nodes")]
+    PartitionNode { node: u32, nodes: u32 },
+    #[error("time limit must be positive")]
+    NoTime,
+}
+
+impl SimConfig {
+    pub fn size(&self) -> u32 {
+        self.nodes.saturating_mul(self.per_node)
+    }
+
+    /// Every field within its domain; [`run`] calls this first.
+    pub fn validate(&self) -> Result<(), SimConfigError> {
+        if self.nodes == 0 || self.per_node == 0 {
+            return Err(SimConfigError::Empty {
+                nodes: self.nodes,
+                per_node: self.per_node,
+            });
+        }
+        if self
+            .nodes
+            .checked_mul(self.per_node)
+            .is_none_or(|n| n > 1 << 24)
+        {
+            return Err(SimConfigError::TooLarge {
+                nodes: self.nodes,
+                per_node: self.per_node,
+            });
+        }
+        for (name, value, upper_inclusive) in [
+            ("loss", self.loss, false),
+            ("dup", self.dup, false),
+            ("reorder", self.reorder, true),
+        ] {
+            let ok = value >= 0.0 && (value < 1.0 || (upper_inclusive && value == 1.0));
+            if !ok {
+                return Err(SimConfigError::Probability {
+                    name,
+                    value: value.to_string(),
+                    upper_inclusive,
+                });
+            }
+        }
+        if let Some(c) = &self.crash {
+            if c.rank >= self.size() {
+                return Err(SimConfigError::CrashRank {
+                    rank: c.rank,
+                    size: self.size(),
+                });
+            }
+        }
+        if let Some(p) = &self.partition {
+            if p.node >= self.nodes {
+                return Err(SimConfigError::PartitionNode {
+                    node: p.node,
+                    nodes: self.nodes,
+                });
+            }
+        }
+        if self.time_limit.is_zero() {
+            return Err(SimConfigError::NoTime);
+        }
+        Ok(())
+    }
+}
+
+/// The invariants of DESIGN §9 (and a few of the simulator's own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invariant {
+    /// Every instance discovers exactly the peers of its node.
+    DiscoveryPeers,
+    /// Exactly one leader per node, the lowest rank.
+    OneLeaderPerNode,
+    /// Every node's leader is registered with the coordinator.
+    LeaderRegistered,
+    /// Every instance reaches global ready.
+    GlobalReady,
+    /// Every cell is handed to a handler exactly once.
+    ExactlyOnce,
+    /// Frames are handed over strictly in order, each with every expected
+    /// neighbour's cells (minus those the handler refused).
+    FramesInOrder,
+    /// Every instance hands over every frame (runs without a crash).
+    AllFrames,
+    /// Every ticket resolves, as the receiver's handler said.
+    TicketResolved,
+    /// No TimedOut without a fault that justifies it.
+    NoUnjustifiedTimeout,
+    /// Frame buffer, send window and parked data stay within their bounds.
+    BuffersBounded,
+    /// A state machine asks to be woken at the same instant forever.
+    Livelock,
+    /// Work still pending at the time limit.
+    TimeLimit,
+}
+
+impl fmt::Display for Invariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Invariant::DiscoveryPeers => "every instance discovers exactly its node's peers",
+            Invariant::OneLeaderPerNode => "one leader per node, the lowest rank",
+            Invariant::LeaderRegistered => "every leader registered with the coordinator",
+            Invariant::GlobalReady => "every instance reaches global ready",
+            Invariant::ExactlyOnce => "each cell handed to a handler exactly once",
+            Invariant::FramesInOrder => "frames handed over in order and complete",
+            Invariant::AllFrames => "every instance hands over every frame",
+            Invariant::TicketResolved => "every ticket resolves as the handler said",
+            Invariant::NoUnjustifiedTimeout => "no ticket times out without a fault",
+            Invariant::BuffersBounded => "buffers bounded",
+            Invariant::Livelock => "no livelock",
+            Invariant::TimeLimit => "work done before the time limit",
+        })
+    }
+}
+
+/// Why a run failed: a config that cannot run, or the first broken invariant.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum SimViolation {
+    #[error("invalid simulation config: {0}")]
+    InvalidConfig(#[from] SimConfigError),
+    #[error("{invariant}: {detail} (seed {seed}, virtual time {at:?})")]
+    Broken {
+        invariant: Invariant,
+        detail: String,
+        seed: u64,
+        at: Duration,
+    },
+}
+
+/// Messages put on the simulated wire, by phase (before loss and duplication).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PhaseCounts {
+    /// Ping beacons, one per receiving node-mate.
+    pub discovery_udp: u64,
+    /// Pong and Ready.
+    pub discovery_zmq: u64,
+    /// Registrations to the coordinator.
+    pub global_udp: u64,
+    /// Welcome, GlobalReady, AwaitGlobal, Resolve, Resolved.
+    pub global_zmq: u64,
+    /// Cells and frame ends, retransmissions included.
+    pub data: u64,
+    /// Coalesced ACK/ERR.
+    pub feedback: u64,
+}
+
+impl PhaseCounts {
+    pub fn global(&self) -> u64 {
+        self.global_udp + self.global_zmq
+    }
+    pub fn discovery(&self) -> u64 {
+        self.discovery_udp + self.discovery_zmq
+    }
+}
+
+/// What a run did, all in virtual time except `wall`. Everything but `wall`
+/// is a function of the config: equal configs give equal stats.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimStats {
+    pub nodes: u32,
+    pub instances: u32,
+    /// When the last instance first saw its node complete.
+    pub local_complete: Option<Duration>,
+    /// When the last instance first became globally ready.
+    pub global_ready: Option<Duration>,
+    /// When the last frame was handed over.
+    pub last_frame: Option<Duration>,
+    /// When the last event ran (retransmissions and timeouts included).
+    pub end: Duration,
+    pub messages: PhaseCounts,
+    pub lost: u64,
+    pub duplicated: u64,
+    /// Dropped because a partition cut the path.
+    pub cut: u64,
+    /// Dropped because the receiver was down or had restarted since.
+    pub to_dead: u64,
+    /// Dropped because the sender has restarted since it was sent.
+    pub from_old_life: u64,
+    pub frames_handed: u64,
+    pub cells_handled: u64,
+    pub acks: u64,
+    pub errs: u64,
+    pub timeouts: u64,
+    pub retransmissions: u64,
+    pub peer_resets: u64,
+    pub max_in_flight: u64,
+    pub max_buffered_cells: u64,
+    pub events: u64,
+    /// Hash over every processed event: equal traces, equal hashes.
+    pub trace: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimReport {
+    pub seed: u64,
+    pub stats: SimStats,
+    pub wall: Duration,
+}
+
+fn opt_ms(d: Option<Duration>) -> String {
+    d.map_or("never".into(), |d| {
+        format!("{:.3} ms", d.as_secs_f64() * 1e3)
+    })
+}
+
+impl fmt::Display for SimReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.stats;
+        let m = &s.messages;
+        writeln!(
+            f,
+            "cellnet sim: {} instances on {} nodes, seed {}",
+            s.instances, s.nodes, self.seed
+        )?;
+        writeln!(
+            f,
+            "  {:<28} {:>14}",
+            "local complete (virtual)",
+            opt_ms(s.local_complete)
+        )?;
+        writeln!(
+            f,
+            "  {:<28} {:>14}",
+            "global ready (virtual)",
+            opt_ms(s.global_ready)
+        )?;
+        writeln!(
+            f,
+            "  {:<28} {:>14}",
+            "last frame (virtual)",
+            opt_ms(s.last_frame)
+        )?;
+        writeln!(
+            f,
+            "  {:<28} {:>14}",
+            "last event (virtual)",
+            opt_ms(Some(s.end))
+        )?;
+        writeln!(f, "  {:<28} {:>14}", "messages by phase", "")?;
+        for (name, n) in [
+            ("  discovery udp (ping)", m.discovery_udp),
+            ("  discovery zmq (pong/ready)", m.discovery_zmq),
+            ("  global udp (register)", m.global_udp),
+            ("  global zmq", m.global_zmq),
+            ("  reliable data", m.data),
+            ("  feedback (ack/err)", m.feedback),
+        ] {
+            writeln!(f, "  {name:<28} {n:>14}")?;
+        }
+        for (name, n) in [
+            (
+                "lost / duplicated",
+                format!("{} / {}", s.lost, s.duplicated),
+            ),
+            ("cut by partition", s.cut.to_string()),
+            (
+                "to dead / from old life",
+                format!("{} / {}", s.to_dead, s.from_old_life),
+            ),
+            ("frames handed over", s.frames_handed.to_string()),
+            ("cells handled", s.cells_handled.to_string()),
+            (
+                "ack / err / timed out",
+                format!("{} / {} / {}", s.acks, s.errs, s.timeouts),
+            ),
+            ("retransmissions", s.retransmissions.to_string()),
+            ("peer resets", s.peer_resets.to_string()),
+            ("max in flight", s.max_in_flight.to_string()),
+            ("max buffered cells", s.max_buffered_cells.to_string()),
+            ("events", s.events.to_string()),
+            ("wall time", format!("{:.3} s", self.wall.as_secs_f64())),
+        ] {
+            writeln!(f, "  {name:<28} {n:>14}")?;
+        }
+        write!(f, "invariants hold")
+    }
+}
+
+/// Simulate the job of `cfg` and check the invariants of DESIGN §9.
+pub fn run(cfg: &SimConfig) -> Result<SimReport, SimViolation> {
+    cfg.validate()?;
+    let started = std::time::Instant::now();
+    let stats = engine::Sim::new(cfg).run()?;
+    Ok(SimReport {
+        seed: cfg.seed,
+        stats,
+        wall: started.elapsed(),
+    })
+}

@@ -1,0 +1,219 @@
+//! The simulator of DESIGN §9 over many seeds and fault mixes: every
+//! invariant must hold for every seed, and a failing seed names itself.
+
+use std::time::{Duration, Instant};
+
+use cellnet::sim::{self, CrashSpec, Invariant, PartitionSpec, SimConfig, SimViolation};
+
+const SEEDS: u64 = 500;
+
+/// A small job whose shape varies with the seed: 2-3 nodes × 2-4 instances.
+fn small(seed: u64) -> SimConfig {
+    SimConfig {
+        nodes: 2 + (seed % 2) as u32,
+        per_node: 2 + ((seed / 2) % 3) as u32,
+        frames: 3,
+        seed,
+        ..SimConfig::default()
+    }
+}
+
+fn all_seeds(mix: &str, make: impl Fn(u64) -> SimConfig) {
+    let t = Instant::now();
+    for seed in 0..SEEDS {
+        let cfg = make(seed);
+        if let Err(e) = sim::run(&cfg) {
+            panic!("{mix}: {e}\nconfig: {cfg:?}");
+        }
+    }
+    eprintln!("{mix}: {SEEDS} seeds in {:.1} s", t.elapsed().as_secs_f64());
+}
+
+#[test]
+fn no_faults_every_invariant_holds() {
+    all_seeds("no faults", small);
+}
+
+#[test]
+fn five_percent_loss_every_invariant_holds() {
+    all_seeds("5% loss", |seed| SimConfig {
+        loss: 0.05,
+        ..small(seed)
+    });
+}
+
+#[test]
+fn thirty_percent_loss_with_duplication_and_reordering_every_invariant_holds() {
+    all_seeds("30% loss + dup + reorder", |seed| SimConfig {
+        loss: 0.3,
+        dup: 0.1,
+        reorder: 0.2,
+        ..small(seed)
+    });
+}
+
+#[test]
+fn crash_and_restart_every_invariant_holds() {
+    all_seeds("crash + restart", |seed| {
+        let cfg = SimConfig {
+            loss: 0.02,
+            dup: 0.02,
+            reorder: 0.1,
+            ..small(seed)
+        };
+        // Any rank but node 0's leader, which runs the coordinator (its
+        // registry does not survive a restart: see the sim docs).
+        let victim = 1 + (seed / 6) as u32 % (cfg.size() - 1);
+        SimConfig {
+            crash: Some(CrashSpec {
+                rank: victim,
+                after_frame: seed % cfg.frames,
+                down_for: Duration::from_millis(10 + seed % 500),
+            }),
+            ..cfg
+        }
+    });
+}
+
+#[test]
+fn a_healing_partition_every_invariant_holds() {
+    all_seeds("partition", |seed| {
+        let cfg = SimConfig {
+            loss: 0.02,
+            ..small(seed)
+        };
+        SimConfig {
+            partition: Some(PartitionSpec {
+                node: (seed % cfg.nodes as u64) as u32,
+                start: Duration::from_millis(seed % 40),
+                duration: Duration::from_millis(100 + (seed * 37) % 3000),
+            }),
+            ..cfg
+        }
+    });
+}
+
+#[test]
+fn the_same_seed_replays_the_same_run() {
+    let cfg = SimConfig {
+        nodes: 3,
+        per_node: 3,
+        loss: 0.2,
+        dup: 0.1,
+        reorder: 0.3,
+        frames: 4,
+        seed: 42,
+        crash: Some(CrashSpec {
+            rank: 4,
+            after_frame: 1,
+            down_for: Duration::from_millis(100),
+        }),
+        ..SimConfig::default()
+    };
+    let a = sim::run(&cfg).unwrap();
+    let b = sim::run(&cfg).unwrap();
+    assert_eq!(a.stats, b.stats);
+    let c = sim::run(&SimConfig { seed: 43, ..cfg }).unwrap();
+    assert_ne!(a.stats.trace, c.stats.trace, "another seed, another run");
+}
+
+#[test]
+fn global_join_messages_grow_linearly_with_nodes() {
+    let global = |nodes| {
+        let r = sim::run(&SimConfig {
+            nodes,
+            per_node: 4,
+            frames: 1,
+            seed: 7,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        r.stats.messages.global() as f64
+    };
+    let (g1, g4, g16) = (global(1), global(4), global(16));
+    eprintln!("global-phase messages: 1 node {g1}, 4 nodes {g4}, 16 nodes {g16}");
+    let per_node_4 = g4 / 4.0;
+    let per_node_16 = g16 / 16.0;
+    assert!(
+        per_node_16 <= 2.0 * per_node_4 && per_node_16 >= 0.5 * per_node_4,
+        "per node: {per_node_4} at 4 nodes, {per_node_16} at 16 nodes"
+    );
+    assert!(g1 <= g4, "{g1} > {g4}");
+}
+
+#[test]
+fn bad_configs_are_typed_errors_not_panics() {
+    for cfg in [
+        SimConfig {
+            nodes: 0,
+            ..SimConfig::default()
+        },
+        SimConfig {
+            per_node: 0,
+            ..SimConfig::default()
+        },
+        SimConfig {
+            loss: 1.0,
+            ..SimConfig::default()
+        },
+        SimConfig {
+            dup: f64::NAN,
+            ..SimConfig::default()
+        },
+        SimConfig {
+            reorder: -0.1,
+            ..SimConfig::default()
+        },
+        SimConfig {
+            crash: Some(CrashSpec {
+                rank: 4,
+                after_frame: 0,
+                down_for: Duration::ZERO,
+            }),
+            ..SimConfig::default()
+        },
+        SimConfig {
+            nodes: u32::MAX,
+            per_node: u32::MAX,
+            ..SimConfig::default()
+        },
+    ] {
+        assert!(
+            matches!(sim::run(&cfg), Err(SimViolation::InvalidConfig(_))),
+            "{cfg:?}"
+        );
+    }
+}
+
+#[test]
+fn a_violation_names_the_invariant_and_the_seed() {
+    // Coordinator crash: its registry is gone, the restarted leader of
+    // node 0 never sees the other nodes again.
+    let cfg = SimConfig {
+        nodes: 2,
+        per_node: 2,
+        seed: 9,
+        crash: Some(CrashSpec {
+            rank: 0,
+            after_frame: 0,
+            down_for: Duration::from_millis(50),
+        }),
+        ..SimConfig::default()
+    };
+    let e = sim::run(&cfg).unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("seed 9"), "{text}");
+    assert!(
+        matches!(
+            e,
+            SimViolation::Broken {
+                invariant: Invariant::GlobalReady
+                    | Invariant::LeaderRegistered
+                    | Invariant::TimeLimit,
+                seed: 9,
+                ..
+            }
+        ),
+        "{text}"
+    );
+}

@@ -181,7 +181,9 @@ fn run_sim(a: &SimArgs) -> Result<(), Failure> {
     };
     match cellnet::sim::run(&cfg) {
         Ok(report) => {
-            println!("{report}");
+            // A closed stdout (`| head`) is not a failure of the simulation.
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "{report}");
             Ok(())
         }
         Err(e @ cellnet::sim::SimViolation::InvalidConfig(_)) => Err(Failure {

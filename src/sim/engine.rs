@@ -105,7 +105,7 @@ enum EvKind {
     /// `to: None` is the coordinator's UDP address (node 0's leader).
     Msg {
         to: Option<Rank>,
-        wire: Wire,
+        wire: Box<Wire>,
     },
     HandlerDone {
         rank: Rank,
@@ -202,6 +202,9 @@ struct Inst {
     frames_done: u64,
     timer_at: Option<Now>,
     wakes: (Now, u32),
+    /// `discovery.poll_timeout()` (O(node size)) as of the last call that
+    /// could change it; `None`: ask again.
+    discovery_timeout: Option<Option<Now>>,
 }
 
 /// Everything a check needs that outlives one instance's life.
@@ -218,13 +221,15 @@ struct Book {
     crashed: Option<(Rank, Now, Option<Now>)>,
     stats: SimStats,
     last_frame_at: Now,
+    /// Last time an instance had something to do (superseded timers and
+    /// messages to nobody do not count).
+    last_work_at: Now,
 }
 
 struct Ticket {
     frame: u64,
     end: bool,
     sent: Now,
-    outcome: Option<(Now, Outcome)>,
 }
 
 pub(super) struct Sim<'a> {
@@ -308,7 +313,7 @@ impl<'a> Sim<'a> {
         }
         self.final_checks()?;
         let mut stats = std::mem::take(&mut self.book.stats);
-        stats.end = self.net.now;
+        stats.end = self.book.last_work_at;
         stats.last_frame = (stats.frames_handed > 0).then_some(self.book.last_frame_at);
         stats.local_complete = self.book.first_complete.values().max().copied();
         stats.global_ready = self.book.first_ready.values().max().copied();
@@ -347,6 +352,7 @@ impl<'a> Sim<'a> {
                     inst.wakes = (now, 1);
                 }
                 inst.discovery.handle_timeout(now);
+                inst.discovery_timeout = None;
                 if let Some(g) = &mut inst.global {
                     g.handle_timeout(now);
                 }
@@ -355,7 +361,7 @@ impl<'a> Sim<'a> {
             }
             EvKind::Msg { to, wire } => {
                 self.net.in_flight -= 1;
-                self.deliver(to, wire)
+                self.deliver(to, *wire)
             }
             EvKind::HandlerDone {
                 rank,
@@ -434,6 +440,7 @@ impl<'a> Sim<'a> {
             frames_done: 0,
             timer_at: None,
             wakes: (now, 0),
+            discovery_timeout: None,
         }
     }
 
@@ -499,10 +506,21 @@ impl<'a> Sim<'a> {
                     },
                 },
             };
-            self.net
-                .push(now + delays[1], EvKind::Msg { to, wire: twin });
+            self.net.push(
+                now + delays[1],
+                EvKind::Msg {
+                    to,
+                    wire: Box::new(twin),
+                },
+            );
         }
-        self.net.push(now + delays[0], EvKind::Msg { to, wire });
+        self.net.push(
+            now + delays[0],
+            EvKind::Msg {
+                to,
+                wire: Box::new(wire),
+            },
+        );
         let st = &mut self.book.stats;
         st.max_in_flight = st.max_in_flight.max(self.net.in_flight);
     }
@@ -536,6 +554,7 @@ impl<'a> Sim<'a> {
                 let (from, inc) = (ping.info.rank, ping.info.incarnation);
                 if note_life(inst, now, from, inc) {
                     inst.discovery.handle_ping(now, ping);
+                    inst.discovery_timeout = None;
                 } else {
                     self.book.stats.from_old_life += 1;
                 }
@@ -564,6 +583,7 @@ impl<'a> Sim<'a> {
                         inst.reliable.handle_feedback(now, from, fb)
                     }
                     Body::Control(c) => {
+                        inst.discovery_timeout = None;
                         if !inst.discovery.handle_control(now, from, from_inc, &c) {
                             let answer =
                                 inst.global.as_mut().and_then(|g| g.handle_control(now, &c));
@@ -584,6 +604,7 @@ impl<'a> Sim<'a> {
     fn pump(&mut self, rank: Rank) -> Check {
         let now = self.net.now;
         let r = rank as usize;
+        self.book.last_work_at = now;
         for round in 0.. {
             if round > 1000 {
                 return Err(self.violation(
@@ -716,8 +737,11 @@ impl<'a> Sim<'a> {
         let Some(inst) = self.insts[rank as usize].as_mut() else {
             return;
         };
+        let discovery = *inst
+            .discovery_timeout
+            .get_or_insert_with(|| inst.discovery.poll_timeout());
         let next = [
-            inst.discovery.poll_timeout(),
+            discovery,
             inst.global.as_ref().and_then(|g| g.poll_timeout()),
             inst.reliable.poll_timeout(),
         ]
@@ -902,20 +926,15 @@ impl<'a> Sim<'a> {
                     Outcome::TimedOut => st.timeouts += 1,
                 }
                 let key = (rank, me, to, id);
-                let Some(t) = self.book.tickets.get_mut(&key) else {
+                // Checked and forgotten: memory stays proportional to
+                // what is in flight, not to the whole run.
+                let Some(t) = self.book.tickets.remove(&key) else {
                     return Err(self.violation(
                         Invariant::TicketResolved,
-                        format!("rank {rank}: ticket {id} to {to} resolved but never issued"),
+                        format!("rank {rank}: ticket {id} to {to} resolved twice or never issued"),
                     ));
                 };
-                if t.outcome.is_some() {
-                    return Err(self.violation(
-                        Invariant::TicketResolved,
-                        format!("rank {rank}: ticket {id} to {to} resolved twice"),
-                    ));
-                }
-                t.outcome = Some((now, outcome));
-                self.check_ticket(key)?;
+                self.check_resolution(key, &t, now, &outcome)?;
             }
         }
         Ok(())
@@ -972,7 +991,6 @@ impl<'a> Sim<'a> {
                                     frame,
                                     end,
                                     sent: now,
-                                    outcome: None,
                                 },
                             );
                         }
@@ -1041,19 +1059,21 @@ impl<'a> Sim<'a> {
         })
     }
 
-    fn check_ticket(&self, key: (Rank, Incarnation, Rank, u64)) -> Check {
-        let (from, _, to, id) = key;
-        let Some(t) = self.book.tickets.get(&key) else {
-            return Ok(());
-        };
-        let Some((at, outcome)) = &t.outcome else {
-            return Ok(());
-        };
+    /// The outcome is what the receiver's handler said (or a justified
+    /// TimedOut), and a handled cell was handed over exactly once.
+    fn check_resolution(
+        &self,
+        key: (Rank, Incarnation, Rank, u64),
+        t: &Ticket,
+        at: Now,
+        outcome: &Outcome,
+    ) -> Check {
+        let (from, from_inc, to, id) = key;
         let to_crashed = self.crashed_rank() == Some(to);
         let refuse = !t.end && handler_refuses(self.cfg, from, to, t.frame);
         let fine = match outcome {
             Outcome::TimedOut => {
-                if !(to_crashed || self.partition_cuts(from, to, t.sent, *at)) {
+                if !(to_crashed || self.partition_cuts(from, to, t.sent, at)) {
                     return Err(self.violation(
                         Invariant::NoUnjustifiedTimeout,
                         format!(
@@ -1079,6 +1099,26 @@ impl<'a> Sim<'a> {
                     if refuse { "ERR" } else { "ACK" }
                 ),
             ));
+        }
+        // An answer means the receiver's handler (or frame assembly, for
+        // frame ends) took the message, once. A crashed receiver's new
+        // life may legitimately take it again.
+        if !matches!(outcome, Outcome::TimedOut) && !to_crashed {
+            let n = self
+                .book
+                .handled
+                .get(&(from, from_inc, to, FIRST_LIFE, t.frame, t.end))
+                .copied()
+                .unwrap_or(0);
+            if n != 1 {
+                return Err(self.violation(
+                    Invariant::ExactlyOnce,
+                    format!(
+                        "ticket {id} from {from} to {to} (frame {}) answered, but handed over {n} times",
+                        t.frame
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -1200,12 +1240,8 @@ impl<'a> Sim<'a> {
                 ));
             }
         }
-        for (&key, t) in &self.book.tickets {
-            let (from, from_inc, to, id) = key;
-            if self.lives[from as usize] != from_inc {
-                continue; // the sender's life ended with its tickets
-            }
-            if t.outcome.is_none() {
+        for (&(from, from_inc, to, id), t) in &self.book.tickets {
+            if self.lives[from as usize] == from_inc {
                 return Err(self.violation(
                     Invariant::TicketResolved,
                     format!(
@@ -1214,26 +1250,7 @@ impl<'a> Sim<'a> {
                     ),
                 ));
             }
-            self.check_ticket(key)?;
-            let handed_over = matches!(t.outcome, Some((_, Outcome::Ack)))
-                || matches!(t.outcome, Some((_, Outcome::Err { code, .. })) if code == HANDLER_ERR);
-            if handed_over && self.crashed_rank() != Some(to) {
-                let n = self
-                    .book
-                    .handled
-                    .get(&(from, from_inc, to, FIRST_LIFE, t.frame, t.end))
-                    .copied()
-                    .unwrap_or(0);
-                if n != 1 {
-                    return Err(self.violation(
-                        Invariant::ExactlyOnce,
-                        format!(
-                            "ticket {id} from {from} to {to} (frame {}) answered, but handed over {n} times",
-                            t.frame
-                        ),
-                    ));
-                }
-            }
+            // Otherwise the sender's life ended with its tickets.
         }
         Ok(())
     }

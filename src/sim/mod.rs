@@ -293,14 +293,15 @@ pub struct SimStats {
     pub global_ready: Option<Duration>,
     /// When the last frame was handed over.
     pub last_frame: Option<Duration>,
-    /// When the last event ran (retransmissions and timeouts included).
+    /// When an instance last had work (retransmissions and timeouts included).
     pub end: Duration,
     pub messages: PhaseCounts,
     pub lost: u64,
     pub duplicated: u64,
     /// Dropped because a partition cut the path.
     pub cut: u64,
-    /// Dropped because the receiver was down or had restarted since.
+    /// Dropped because the receiver was not running (not started yet, or
+    /// down) or was addressed in a life it has left.
     pub to_dead: u64,
     /// Dropped because the sender has restarted since it was sent.
     pub from_old_life: u64,
@@ -361,7 +362,7 @@ impl fmt::Display for SimReport {
         writeln!(
             f,
             "  {:<28} {:>14}",
-            "last event (virtual)",
+            "last work (virtual)",
             opt_ms(Some(s.end))
         )?;
         writeln!(f, "  {:<28} {:>14}", "messages by phase", "")?;

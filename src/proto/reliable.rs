@@ -609,6 +609,27 @@ impl ReliableEndpoint {
         state.out.next_wire = wire;
     }
 
+    /// `peer` asked for what it misses (a frame query): resend everything
+    /// unanswered to it now and restart those backoffs. Returns how many.
+    pub fn resend_now(&mut self, now: Now, peer: Rank) -> usize {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return 0;
+        };
+        for o in state.out.inflight.values_mut() {
+            o.retry = Backoff::start(self.config.retransmit, now);
+            o.retry.fire(now, &mut self.rng);
+            self.stats.retransmitted += 1;
+            self.transmits
+                .push_back((peer, ReliableTransmit::Data(o.msg.clone())));
+        }
+        state.out.inflight.len()
+    }
+
+    /// Unanswered messages towards `peer`.
+    pub fn unanswered_to(&self, peer: Rank) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.out.inflight.len())
+    }
+
     /// Outgoing messages not yet resolved (a draining shutdown waits for 0).
     pub fn unanswered(&self) -> usize {
         self.peers.values().map(|p| p.out.inflight.len()).sum()

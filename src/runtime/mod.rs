@@ -40,7 +40,7 @@ use crate::launch::{self, LaunchError, LaunchInfo, MpiSession};
 use crate::net::{self, NetError};
 use crate::place::{self, Binding, PlaceError, PlacementPolicy};
 use crate::proto::{
-    frames::CompleteFrame, reliable::Outcome, wire::DataKind, Endpoints, PeerInfo, Rank,
+    frames::{CompleteFrame, FrameMissing}, reliable::Outcome, wire::DataKind, Endpoints, PeerInfo, Rank,
 };
 
 /// A cell handed to the handler: `payload` from rank `from`, for `frame`.
@@ -117,14 +117,24 @@ pub enum SendError {
 /// Why no frame was received.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecvError {
-    #[error("frame {frame} incomplete after {waited:?}: still missing ranks {missing:?}")]
-    Timeout {
+    /// The frame's deadline passed; `missing` never completed their part
+    /// (they were queried and asked to resend before that).
+    #[error("frame {frame} missing after {waited:?}: no complete part from ranks {missing:?}")]
+    FrameMissing {
         frame: u64,
         waited: Duration,
         missing: Vec<Rank>,
     },
     #[error("the communicator is shut down")]
     Closed,
+}
+
+/// Something that happened to a peer, for the application to react to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The peer came back with a new incarnation: cells it had received but
+    /// not answered were resent to its new life.
+    Restarted { rank: Rank, incarnation: u64 },
 }
 
 /// The promise of an answer to one sent cell.
@@ -162,6 +172,8 @@ pub(crate) enum Command {
         from_frame: Option<u64>,
         peers: Vec<Rank>,
     },
+    /// The application waits for `frame` for at most `timeout`.
+    Await { frame: u64, timeout: Duration },
     Shutdown,
 }
 
@@ -241,7 +253,8 @@ pub struct Communicator {
     me: PeerInfo,
     coordinator: SocketAddrV4,
     commands: Sender<Command>,
-    frames: Receiver<CompleteFrame>,
+    frames: Receiver<Result<CompleteFrame, FrameMissing>>,
+    events: Receiver<PeerEvent>,
     waker: Arc<Waker>,
     credits: Arc<CreditGate>,
     status: Arc<StatusCell>,
@@ -302,6 +315,7 @@ impl Communicator {
         // Bounded: the credit window bounds what the application can queue.
         let (cmd_tx, cmd_rx) = bounded(1024);
         let (frame_tx, frame_rx) = bounded(config.frames_ahead as usize);
+        let (event_tx, event_rx) = bounded(1024);
         let driver = driver::Driver::new(driver::Parts {
             config: config.clone(),
             info: info.clone(),
@@ -313,6 +327,7 @@ impl Communicator {
             handler: handler.unwrap_or_else(|| Arc::new(|_: &Cell| Ok(()))),
             commands: cmd_rx,
             frames: frame_tx,
+            events: event_tx,
             waker: waker.clone(),
             credits: credits.clone(),
             status: status.clone(),
@@ -329,6 +344,7 @@ impl Communicator {
             coordinator,
             commands: cmd_tx,
             frames: frame_rx,
+            events: event_rx,
             waker,
             credits,
             status,
@@ -571,21 +587,40 @@ impl Communicator {
     }
 
     /// The next frame, strictly in order, once every expected peer's part
-    /// of it is complete.
+    /// of it is complete. Laggards are asked to resend while we wait; after
+    /// `timeout` the answer is [`RecvError::FrameMissing`] naming them.
     pub fn recv_frame(&self, timeout: Duration) -> Result<BTreeMap<Rank, Vec<Bytes>>, RecvError> {
         let frame = self.next_frame.get();
-        match self.frames.recv_timeout(timeout) {
-            Ok(f) => {
-                self.next_frame.set(f.frame + 1);
-                Ok(f.cells)
+        self.commands
+            .send(Command::Await { frame, timeout })
+            .map_err(|_| RecvError::Closed)?;
+        self.waker.wake();
+        // The I/O thread reports a missing frame at the deadline; the grace
+        // only covers a stopped I/O thread.
+        let grace = Duration::from_secs(5);
+        loop {
+            match self.frames.recv_timeout(timeout + grace) {
+                Ok(Ok(f)) if f.frame < frame => continue,
+                Ok(Ok(f)) => {
+                    self.next_frame.set(f.frame + 1);
+                    return Ok(f.cells);
+                }
+                Ok(Err(m)) if m.frame < frame => continue,
+                Ok(Err(m)) => {
+                    return Err(RecvError::FrameMissing {
+                        frame: m.frame,
+                        waited: timeout,
+                        missing: m.peers,
+                    })
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return Err(RecvError::Closed),
             }
-            Err(RecvTimeoutError::Timeout) => Err(RecvError::Timeout {
-                frame,
-                waited: timeout,
-                missing: Vec::new(),
-            }),
-            Err(RecvTimeoutError::Disconnected) => Err(RecvError::Closed),
         }
+    }
+
+    /// Peer events (restarts) since the last call, oldest first.
+    pub fn events(&self) -> Vec<PeerEvent> {
+        self.events.try_iter().collect()
     }
 
     /// Drain: wait until every sent cell is answered (or timed out) and

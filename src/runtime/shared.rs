@@ -213,8 +213,14 @@ metrics! {
     timeouts,
     /// Replies that could not be sent (peer gone).
     replies_failed,
-    /// Cells refused by frame ordering (too far ahead, unexpected sender).
+    /// Cells refused by frame ordering (stale frame, unexpected sender).
     cells_refused,
+    /// Cells left unanswered because the frame buffer was full (resent later).
+    cells_deferred,
+    /// Messages from an earlier life of a peer, or for an earlier life of us.
+    stale_messages,
+    /// Peer events dropped because the application did not read them.
+    events_dropped,
 }
 
 impl Metrics {

@@ -181,7 +181,10 @@ impl FrameAssembler {
     }
 
     pub fn poll_timeout(&self) -> Option<Now> {
-        let w = self.watch.as_ref().filter(|w| !w.reported && w.frame >= self.next)?;
+        let w = self
+            .watch
+            .as_ref()
+            .filter(|w| !w.reported && w.frame >= self.next)?;
         let first_query = w.since + self.timers.query_after;
         let queries = w.queries.values().map(|t| t.next()).min();
         Some(match queries {
@@ -456,7 +459,13 @@ mod tests {
         a.handle_timeout(ms(1000));
         assert_eq!(a.poll_query(), Some((2, 3)));
         a.handle_timeout(ms(10_000));
-        assert_eq!(a.poll_missing(), Some(FrameMissing { frame: 3, peers: vec![2] }));
+        assert_eq!(
+            a.poll_missing(),
+            Some(FrameMissing {
+                frame: 3,
+                peers: vec![2]
+            })
+        );
         a.handle_timeout(ms(20_000));
         assert_eq!(a.poll_missing(), None, "reported once");
         assert_eq!(a.poll_timeout(), None);

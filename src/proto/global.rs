@@ -297,7 +297,11 @@ impl GlobalJoin {
     /// registers the new list, so the coordinator re-announces the
     /// directory to every leader.
     pub fn update_members(&mut self, now: Now, members: Vec<PeerInfo>) {
-        if let Role::Leader { registration, timer } = &mut self.role {
+        if let Role::Leader {
+            registration,
+            timer,
+        } = &mut self.role
+        {
             if registration.members != members {
                 registration.members = members;
                 *timer = Backoff::start(self.config.register, now);

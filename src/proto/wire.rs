@@ -252,7 +252,12 @@ pub fn encode_control(from: Rank, incarnation: Incarnation, msg: &Control) -> [V
 
 /// The header frame of a data message (the payload goes in the next frame)
 /// from `(from, incarnation)` to a receiver in its life `to_incarnation`.
-pub fn data_header(from: Rank, incarnation: Incarnation, to_incarnation: Incarnation, msg: &DataMsg) -> [u8; HEADER_LEN] {
+pub fn data_header(
+    from: Rank,
+    incarnation: Incarnation,
+    to_incarnation: Incarnation,
+    msg: &DataMsg,
+) -> [u8; HEADER_LEN] {
     let (kind, aux) = match msg.kind {
         DataKind::Cell => (MsgKind::Cell, 0),
         DataKind::FrameEnd { count } => (MsgKind::FrameEnd, count),

@@ -278,7 +278,9 @@ impl Driver {
                     let from = from_frame.unwrap_or_else(|| self.assembler.next_frame());
                     self.assembler.set_expected_from(from, peers);
                 }
-                Ok(Command::Await { frame, timeout }) => self.assembler.await_frame(now, frame, now + timeout),
+                Ok(Command::Await { frame, timeout }) => {
+                    self.assembler.await_frame(now, frame, now + timeout)
+                }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
                     if self.shutdown_since.is_none() {
                         self.shutdown_since = Some(now);
@@ -631,7 +633,10 @@ impl Driver {
             }
             return;
         }
-        let to_incarnation = self.peers.get(&to).map_or(Incarnation(0), |p| p.incarnation);
+        let to_incarnation = self
+            .peers
+            .get(&to)
+            .map_or(Incarnation(0), |p| p.incarnation);
         let head = wire::data_header(self.p.me.rank, self.p.me.incarnation, to_incarnation, &msg);
         match self.p.transport.send(to, &[&head, &msg.payload]) {
             Ok(()) => {}
@@ -676,7 +681,15 @@ impl Driver {
                             g.forget(rank);
                         }
                     }
-                    if self.p.events.try_send(PeerEvent::Restarted { rank, incarnation: inc.0 }).is_err() {
+                    if self
+                        .p
+                        .events
+                        .try_send(PeerEvent::Restarted {
+                            rank,
+                            incarnation: inc.0,
+                        })
+                        .is_err()
+                    {
                         Metrics::add(&self.p.metrics.events_dropped, 1);
                     }
                 }
@@ -766,7 +779,9 @@ impl Driver {
                         Metrics::add(&self.p.metrics.stale_messages, 1);
                         continue;
                     }
-                    if data.frame >= self.assembler.next_frame() && !self.assembler.accepts(data.frame) {
+                    if data.frame >= self.assembler.next_frame()
+                        && !self.assembler.accepts(data.frame)
+                    {
                         // The frame buffer is full: withhold the answer (and
                         // so the sender's credit); it is resent later.
                         Metrics::add(&self.p.metrics.cells_deferred, 1);

@@ -40,7 +40,10 @@ use crate::launch::{self, LaunchError, LaunchInfo, MpiSession};
 use crate::net::{self, NetError};
 use crate::place::{self, Binding, PlaceError, PlacementPolicy};
 use crate::proto::{
-    frames::{CompleteFrame, FrameMissing}, reliable::Outcome, wire::DataKind, Endpoints, PeerInfo, Rank,
+    frames::{CompleteFrame, FrameMissing},
+    reliable::Outcome,
+    wire::DataKind,
+    Endpoints, PeerInfo, Rank,
 };
 
 /// A cell handed to the handler: `payload` from rank `from`, for `frame`.
@@ -142,21 +145,39 @@ pub enum PeerEvent {
 pub struct Ticket {
     to: Rank,
     rx: Receiver<Outcome>,
+    outcome: std::sync::OnceLock<Outcome>,
 }
 
 impl Ticket {
+    fn new(to: Rank, rx: Receiver<Outcome>) -> Self {
+        Self {
+            to,
+            rx,
+            outcome: std::sync::OnceLock::new(),
+        }
+    }
+
     pub fn to(&self) -> Rank {
         self.to
     }
 
     /// Wait for the answer: ACK, ERR, or timed out after the send deadline.
+    /// Asking again returns the same answer.
     pub fn wait(&self) -> Result<Outcome, SendError> {
-        self.rx.recv().map_err(|_| SendError::Closed)
+        if let Some(o) = self.outcome.get() {
+            return Ok(o.clone());
+        }
+        let o = self.rx.recv().map_err(|_| SendError::Closed)?;
+        Ok(self.outcome.get_or_init(|| o).clone())
     }
 
     /// The answer if it is there already.
     pub fn try_outcome(&self) -> Option<Outcome> {
-        self.rx.try_recv().ok()
+        if let Some(o) = self.outcome.get() {
+            return Some(o.clone());
+        }
+        let o = self.rx.try_recv().ok()?;
+        Some(self.outcome.get_or_init(|| o).clone())
     }
 }
 
@@ -173,7 +194,10 @@ pub(crate) enum Command {
         peers: Vec<Rank>,
     },
     /// The application waits for `frame` for at most `timeout`.
-    Await { frame: u64, timeout: Duration },
+    Await {
+        frame: u64,
+        timeout: Duration,
+    },
     Shutdown,
 }
 
@@ -260,7 +284,7 @@ pub struct Communicator {
     status: Arc<StatusCell>,
     metrics: Arc<Metrics>,
     io: Option<JoinHandle<ShutdownReport>>,
-    next_frame: std::cell::Cell<u64>,
+    next_frame: std::sync::atomic::AtomicU64,
     // Dropped last: MPI is finalized after our sockets are closed.
     mpi: Option<MpiSession>,
 }
@@ -350,7 +374,7 @@ impl Communicator {
             status,
             metrics,
             io: Some(io),
-            next_frame: std::cell::Cell::new(0),
+            next_frame: std::sync::atomic::AtomicU64::new(0),
             mpi,
             config,
         };
@@ -471,7 +495,7 @@ impl Communicator {
             return Err(SendError::Closed);
         }
         self.waker.wake();
-        Ok(Ticket { to, rx })
+        Ok(Ticket::new(to, rx))
     }
 
     /// Send a cell of `frame` to `to`; blocks while the window to `to` is
@@ -590,7 +614,7 @@ impl Communicator {
     /// of it is complete. Laggards are asked to resend while we wait; after
     /// `timeout` the answer is [`RecvError::FrameMissing`] naming them.
     pub fn recv_frame(&self, timeout: Duration) -> Result<BTreeMap<Rank, Vec<Bytes>>, RecvError> {
-        let frame = self.next_frame.get();
+        let frame = self.next_frame.load(std::sync::atomic::Ordering::Relaxed);
         self.commands
             .send(Command::Await { frame, timeout })
             .map_err(|_| RecvError::Closed)?;
@@ -602,7 +626,8 @@ impl Communicator {
             match self.frames.recv_timeout(timeout + grace) {
                 Ok(Ok(f)) if f.frame < frame => continue,
                 Ok(Ok(f)) => {
-                    self.next_frame.set(f.frame + 1);
+                    self.next_frame
+                        .store(f.frame + 1, std::sync::atomic::Ordering::Relaxed);
                     return Ok(f.cells);
                 }
                 Ok(Err(m)) if m.frame < frame => continue,
@@ -613,7 +638,9 @@ impl Communicator {
                         missing: m.peers,
                     })
                 }
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return Err(RecvError::Closed),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    return Err(RecvError::Closed)
+                }
             }
         }
     }

@@ -79,8 +79,10 @@ pub(crate) struct Driver {
     incarnations: HashMap<Rank, Incarnation>,
     /// The highest frame this instance ended towards each peer.
     ended: HashMap<Rank, u64>,
-    done_tx: Sender<HandlerDone>,
-    done_rx: Receiver<HandlerDone>,
+    done_tx: Sender<Vec<HandlerDone>>,
+    done_rx: Receiver<Vec<HandlerDone>>,
+    /// Cells delivered in this round, for the handler pool.
+    to_handle: Vec<Cell>,
     handlers_running: usize,
     shutdown_since: Option<Now>,
     /// Reused buffer of received messages.
@@ -129,6 +131,7 @@ impl Driver {
             done_tx,
             done_rx,
             handlers_running: 0,
+            to_handle: Vec::new(),
             shutdown_since: None,
             inbox: Vec::new(),
         }
@@ -182,6 +185,12 @@ impl Driver {
                 let d = t.saturating_sub(self.now());
                 d.as_micros().div_ceil(1000).min(100) as i64
             });
+            self.p.waker.park();
+            let wait = if self.p.commands.is_empty() && self.done_rx.is_empty() {
+                wait
+            } else {
+                0
+            };
             let mut fds = vec![self.p.waker.fd(), self.p.udp.raw_fd()];
             if let Some((_, udp)) = &self.coordinator {
                 fds.push(udp.raw_fd());
@@ -191,6 +200,7 @@ impl Driver {
                 .transport
                 .poll(&fds, wait)
                 .map_err(|e| e.to_string())?;
+            self.p.waker.unpark();
             if readable[0] {
                 self.p.waker.clear();
             }
@@ -293,33 +303,36 @@ impl Driver {
     }
 
     fn take_handler_results(&mut self, now: Now) {
-        while let Ok(done) = self.done_rx.try_recv() {
-            self.handlers_running -= 1;
-            let HandlerDone { cell, result } = done;
-            match result {
-                Ok(()) => {
-                    match self
-                        .assembler
-                        .handle_cell(cell.from, cell.id, cell.frame, cell.payload)
-                    {
-                        Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
-                        Err(e) => {
-                            Metrics::add(&self.p.metrics.cells_refused, 1);
-                            self.reliable.complete(
-                                now,
-                                cell.from,
-                                cell.id,
-                                Err((codes::FRAME_REFUSED, e.to_string())),
-                            );
+        while let Ok(batch) = self.done_rx.try_recv() {
+            for HandlerDone { cell, result } in batch {
+                self.handlers_running -= 1;
+                match result {
+                    Ok(()) => {
+                        match self.assembler.handle_cell(
+                            cell.from,
+                            cell.id,
+                            cell.frame,
+                            cell.payload,
+                        ) {
+                            Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
+                            Err(e) => {
+                                Metrics::add(&self.p.metrics.cells_refused, 1);
+                                self.reliable.complete(
+                                    now,
+                                    cell.from,
+                                    cell.id,
+                                    Err((codes::FRAME_REFUSED, e.to_string())),
+                                );
+                            }
                         }
                     }
-                }
-                Err(HandlerError { code, text }) => {
-                    self.assembler
-                        .handle_rejected(cell.from, cell.id, cell.frame)
-                        .ok();
-                    self.reliable
-                        .complete(now, cell.from, cell.id, Err((code, text)));
+                    Err(HandlerError { code, text }) => {
+                        self.assembler
+                            .handle_rejected(cell.from, cell.id, cell.frame)
+                            .ok();
+                        self.reliable
+                            .complete(now, cell.from, cell.id, Err((code, text)));
+                    }
                 }
             }
         }
@@ -438,6 +451,7 @@ impl Driver {
                 progressed = true;
                 self.on_reliable_event(now, e);
             }
+            self.dispatch_handlers();
             self.pump_frames();
             if !progressed {
                 break;
@@ -517,6 +531,42 @@ impl Driver {
         }
     }
 
+    /// Hand the cells delivered in this round to the pool, in as many
+    /// batches as it has workers: one task and one wake-up per batch, not
+    /// per cell.
+    fn dispatch_handlers(&mut self) {
+        if self.to_handle.is_empty() {
+            return;
+        }
+        let cells = std::mem::take(&mut self.to_handle);
+        self.handlers_running += cells.len();
+        let workers = self.p.pool.current_num_threads().max(1);
+        let chunk = cells.len().div_ceil(workers);
+        let mut cells = cells.into_iter().peekable();
+        while cells.peek().is_some() {
+            let batch: Vec<Cell> = cells.by_ref().take(chunk).collect();
+            let handler = self.p.handler.clone();
+            let done = self.done_tx.clone();
+            let waker = self.p.waker.clone();
+            self.p.pool.spawn(move || {
+                let results = batch
+                    .into_iter()
+                    .map(|cell| {
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            handler(&cell)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(HandlerError::new(u32::MAX, "the cell handler panicked"))
+                        });
+                        HandlerDone { cell, result }
+                    })
+                    .collect();
+                let _ = done.send(results);
+                waker.wake();
+            });
+        }
+    }
+
     fn on_reliable_event(&mut self, now: Now, e: ReliableEvent) {
         match e {
             ReliableEvent::Deliver { from, msg } => match msg.kind {
@@ -543,25 +593,11 @@ impl Driver {
                         );
                         return;
                     }
-                    let cell = Cell {
+                    self.to_handle.push(Cell {
                         from,
                         frame: msg.frame,
                         id: msg.id,
                         payload: msg.payload,
-                    };
-                    let handler = self.p.handler.clone();
-                    let done = self.done_tx.clone();
-                    let waker = self.p.waker.clone();
-                    self.handlers_running += 1;
-                    self.p.pool.spawn(move || {
-                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            handler(&cell)
-                        }))
-                        .unwrap_or_else(|_| {
-                            Err(HandlerError::new(u32::MAX, "the cell handler panicked"))
-                        });
-                        let _ = done.send(HandlerDone { cell, result });
-                        waker.wake();
                     });
                 }
             },

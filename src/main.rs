@@ -198,12 +198,10 @@ fn run_life(config: Config, a: &LifeArgs) -> Result<(), Failure> {
     // The partition depends on the job size, known only after launch
     // detection; the handler is built from it before the runtime starts.
     let (info, mpi) = launch::detect(config.launch).map_err(RuntimeError::from)?;
-    let part =
-        cellnet::partition::Partition2d::new(params.rows, params.cols, info.size).map_err(|e| {
-            Failure {
-                code: 2,
-                message: e.to_string(),
-            }
+    let part = cellnet::partition::Partition2d::new([params.rows, params.cols], info.size)
+        .map_err(|e| Failure {
+            code: 2,
+            message: e.to_string(),
         })?;
     let handler = life::handler(part, info.rank, params.frames);
     let mut b = Communicator::builder()

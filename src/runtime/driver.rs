@@ -43,6 +43,7 @@ pub(crate) struct Parts {
     pub commands: Receiver<Command>,
     pub frames: Sender<Result<CompleteFrame, FrameMissing>>,
     pub events: Sender<PeerEvent>,
+    pub collectives: Sender<(Rank, u64, bytes::Bytes)>,
     pub waker: Arc<Waker>,
     pub credits: Arc<CreditGate>,
     pub status: Arc<StatusCell>,
@@ -259,6 +260,7 @@ impl Driver {
                     ticket,
                 }) => {
                     let kind = match kind {
+                        DataKind::Collective => DataKind::Collective,
                         DataKind::Cell => {
                             *self.frame_counts.entry((to, frame)).or_insert(0) += 1;
                             Metrics::add(&self.p.metrics.cells_sent, 1);
@@ -518,7 +520,15 @@ impl Driver {
     fn on_global_event(&mut self, e: GlobalEvent) {
         match e {
             GlobalEvent::Ready { nodes, size } => {
-                self.p.status.update(|s| s.global = Some((nodes, size)));
+                let leaders = self
+                    .global
+                    .as_ref()
+                    .map(|g| g.node_leaders().to_vec())
+                    .unwrap_or_default();
+                self.p.status.update(|s| {
+                    s.global = Some((nodes, size));
+                    s.node_leaders = leaders;
+                });
             }
             GlobalEvent::Resolved(info) => {
                 let rank = info.rank;
@@ -570,6 +580,10 @@ impl Driver {
     fn on_reliable_event(&mut self, now: Now, e: ReliableEvent) {
         match e {
             ReliableEvent::Deliver { from, msg } => match msg.kind {
+                DataKind::Collective => {
+                    self.reliable.complete(now, from, msg.id, Ok(()));
+                    let _ = self.p.collectives.send((from, msg.frame, msg.payload));
+                }
                 DataKind::FrameEnd { count } => {
                     let answer = self
                         .assembler
@@ -815,7 +829,8 @@ impl Driver {
                         Metrics::add(&self.p.metrics.stale_messages, 1);
                         continue;
                     }
-                    if data.frame >= self.assembler.next_frame()
+                    if data.kind != DataKind::Collective
+                        && data.frame >= self.assembler.next_frame()
                         && !self.assembler.accepts(data.frame)
                     {
                         // The frame buffer is full: withhold the answer (and

@@ -21,8 +21,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod collective;
 mod driver;
 mod shared;
+
+pub use self::collective::CollectiveError;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
@@ -279,6 +282,7 @@ pub struct Communicator {
     commands: Sender<Command>,
     frames: Receiver<Result<CompleteFrame, FrameMissing>>,
     events: Receiver<PeerEvent>,
+    mailbox: collective::Mailbox,
     waker: Arc<Waker>,
     credits: Arc<CreditGate>,
     status: Arc<StatusCell>,
@@ -340,6 +344,9 @@ impl Communicator {
         let (cmd_tx, cmd_rx) = bounded(1024);
         let (frame_tx, frame_rx) = bounded(config.frames_ahead as usize);
         let (event_tx, event_rx) = bounded(1024);
+        // Collective messages: bounded by the participants of the calls in
+        // progress (each sends one message per phase).
+        let (coll_tx, coll_rx) = crossbeam_channel::unbounded();
         let driver = driver::Driver::new(driver::Parts {
             config: config.clone(),
             info: info.clone(),
@@ -352,6 +359,7 @@ impl Communicator {
             commands: cmd_rx,
             frames: frame_tx,
             events: event_tx,
+            collectives: coll_tx,
             waker: waker.clone(),
             credits: credits.clone(),
             status: status.clone(),
@@ -369,6 +377,7 @@ impl Communicator {
             commands: cmd_tx,
             frames: frame_rx,
             events: event_rx,
+            mailbox: collective::Mailbox::new(coll_rx),
             waker,
             credits,
             status,
@@ -496,6 +505,18 @@ impl Communicator {
         }
         self.waker.wake();
         Ok(Ticket::new(to, rx))
+    }
+
+    /// A step of a collective (sequence `seq`), over the reliable channel.
+    pub(crate) fn send_collective(
+        &self,
+        to: Rank,
+        seq: u64,
+        payload: Bytes,
+    ) -> Result<Ticket, SendError> {
+        self.check_target(to)?;
+        self.acquire(to, None)?;
+        self.submit(to, seq, DataKind::Collective, payload)
     }
 
     /// Send a cell of `frame` to `to`; blocks while the window to `to` is

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use cellnet::app::{life, probe};
+use cellnet::app::{collectives, life, probe, stress};
 use cellnet::config::{parse_duration, Config, VARIABLES};
 use cellnet::launch::{self, LaunchMode};
 use cellnet::place::PlacementPolicy;
@@ -73,6 +73,36 @@ enum Cmd {
     Probe(ProbeArgs),
     /// Run the proto state machines of a whole job over a simulated, faulty network and check the invariants
     Sim(SimArgs),
+    /// Many cells between all instances, a subset refused by the handler; checks every ticket
+    Stress(StressArgs),
+    /// Run every collective through cellnet; under MPI compare each with MPI's result
+    Collectives(CollectivesArgs),
+}
+
+#[derive(Args, Debug)]
+struct CollectivesArgs {
+    /// Deadline of each collective
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+struct StressArgs {
+    /// Cells each instance sends to each other instance
+    #[arg(long, default_value_t = 100_000)]
+    cells: u64,
+    /// Cells per frame
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    per_frame: u64,
+    /// Payload bytes per cell (at least 8)
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(8..=(64 << 20)))]
+    payload: u64,
+    /// The handler refuses (ERR 7) every cell whose sequence number is a multiple of this (0: none)
+    #[arg(long, default_value_t = 97)]
+    err_every: u64,
+    /// Longest wait for one frame
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    frame_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -301,12 +331,10 @@ fn run_life(config: Config, a: &LifeArgs) -> Result<(), Failure> {
     // The partition depends on the job size, known only after launch
     // detection; the handler is built from it before the runtime starts.
     let (info, mpi) = launch::detect(config.launch).map_err(RuntimeError::from)?;
-    let part =
-        cellnet::partition::Partition2d::new(params.rows, params.cols, info.size).map_err(|e| {
-            Failure {
-                code: 2,
-                message: e.to_string(),
-            }
+    let part = cellnet::partition::Partition2d::new([params.rows, params.cols], info.size)
+        .map_err(|e| Failure {
+            code: 2,
+            message: e.to_string(),
         })?;
     let handler = life::handler(part, info.rank, params.frames);
     let mut b = Communicator::builder()
@@ -338,6 +366,38 @@ fn run_life(config: Config, a: &LifeArgs) -> Result<(), Failure> {
             report.cells_per_sec
         );
     }
+    Ok(())
+}
+
+fn run_stress(config: Config, a: &StressArgs) -> Result<(), Failure> {
+    let params = stress::StressParams {
+        cells: a.cells,
+        per_frame: a.per_frame,
+        payload: a.payload as usize,
+        err_every: a.err_every,
+        timeout: a.frame_timeout,
+    };
+    let (info, mpi) = launch::detect(config.launch).map_err(RuntimeError::from)?;
+    let seen = stress::Seen::new(info.size, params.cells);
+    let mut b = Communicator::builder()
+        .config(config)
+        .launch_info(info)
+        .handler(stress::handler(params.clone(), seen.clone()));
+    if let Some(mpi) = mpi {
+        b = b.mpi_session(mpi);
+    }
+    let comm = b.start()?;
+    let line = stress::run(&comm, &params, &seen).map_err(fail)?;
+    comm.shutdown()?;
+    println!("{line}");
+    Ok(())
+}
+
+fn run_collectives(config: Config, a: &CollectivesArgs) -> Result<(), Failure> {
+    let comm = start(config, None)?;
+    let line = collectives::run(&comm, a.timeout).map_err(fail)?;
+    println!("{line}");
+    comm.shutdown()?;
     Ok(())
 }
 
@@ -390,6 +450,8 @@ fn main() -> ExitCode {
             .and_then(|config| match cmd {
                 Cmd::Life(a) => run_life(config, a),
                 Cmd::Probe(a) => run_probe(config, a),
+                Cmd::Stress(a) => run_stress(config, a),
+                Cmd::Collectives(a) => run_collectives(config, a),
                 Cmd::Sim(a) => run_sim(a),
             }),
     };

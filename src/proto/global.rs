@@ -226,6 +226,8 @@ pub struct GlobalJoin {
     directory: HashMap<Rank, PeerInfo>,
     /// Member: ranks asked of the leader and not answered yet.
     pending: BTreeMap<Rank, Backoff>,
+    /// Leader: the leader of every node, by node index.
+    node_leaders: Vec<Rank>,
     rng: SmallRng,
     transmits: VecDeque<GlobalTransmit>,
     events: VecDeque<GlobalEvent>,
@@ -279,10 +281,42 @@ impl GlobalJoin {
             ready: None,
             directory: HashMap::new(),
             pending: BTreeMap::new(),
+            node_leaders: Vec::new(),
             rng: SmallRng::seed_from_u64(seed),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// Forget what is known about `rank` (it restarted elsewhere): the next
+    /// [`Self::resolve`] asks the leader again.
+    pub fn forget(&mut self, rank: Rank) {
+        if !self.is_leader() {
+            self.directory.remove(&rank);
+        }
+    }
+
+    /// The node's membership changed (an instance restarted): a leader
+    /// registers the new list, so the coordinator re-announces the
+    /// directory to every leader.
+    pub fn update_members(&mut self, now: Now, members: Vec<PeerInfo>) {
+        if let Role::Leader {
+            registration,
+            timer,
+        } = &mut self.role
+        {
+            if registration.members != members {
+                registration.members = members;
+                *timer = Backoff::start(self.config.register, now);
+                self.ready = None;
+            }
+        }
+    }
+
+    /// Leader, once globally ready: the leader of every node by node index
+    /// (the first one runs the coordinator). Empty on members.
+    pub fn node_leaders(&self) -> &[Rank] {
+        &self.node_leaders
     }
 
     pub fn is_leader(&self) -> bool {
@@ -334,6 +368,7 @@ impl GlobalJoin {
                         .flat_map(|n| n.members.iter())
                         .map(|p| (p.rank, p.clone()))
                         .collect();
+                    self.node_leaders = directory.iter().map(|n| n.leader.rank).collect();
                     let announce = Control::GlobalReady {
                         nodes: *nodes,
                         size: *size,

@@ -249,9 +249,9 @@ impl<'a> Sim<'a> {
         let size = cfg.size();
         // A square grid as wide as the job always splits (one row and
         // column per instance at least).
-        let neighbours = match Partition2d::new(size as usize, size as usize, size) {
+        let neighbours = match Partition2d::new([size as usize, size as usize], size) {
             Ok(p) => (0..size)
-                .map(|r| p.neighbours(r).into_iter().map(|(n, _, _)| n).collect())
+                .map(|r| p.neighbours(r).into_iter().map(|n| n.rank).collect())
                 .collect(),
             Err(_) => vec![Vec::new(); size as usize],
         };
@@ -578,6 +578,15 @@ impl<'a> Sim<'a> {
                     return Ok(());
                 }
                 match body {
+                    Body::Data(d)
+                        if d.kind != DataKind::Collective
+                            && d.frame >= inst.assembler.next_frame()
+                            && !inst.assembler.accepts(d.frame) =>
+                    {
+                        // Like the runtime: the frame buffer is full, the
+                        // answer (and so the sender's credit) is withheld.
+                        self.book.stats.deferred += 1;
+                    }
                     Body::Data(d) => inst.reliable.handle_data(now, from, d),
                     Body::Control(Control::Feedback(fb)) => {
                         inst.reliable.handle_feedback(now, from, fb)
@@ -776,11 +785,13 @@ impl<'a> Sim<'a> {
             DiscoveryEvent::Complete { leader, members } => {
                 self.book.first_complete.entry(rank).or_insert(now);
                 if let Some(g) = &mut inst.global {
-                    // The node completed again after a restart: a member
-                    // follows its leader's new life.
+                    // The node completed again after a restart: a leader
+                    // registers the new membership, a member follows its
+                    // leader's new life.
                     if let Some(l) = members.iter().find(|m| m.rank == leader) {
                         g.follow_leader(now, l.clone());
                     }
+                    g.update_members(now, members);
                     return;
                 }
                 let seed = mix(seed ^ inst.me.incarnation.0);
@@ -849,6 +860,11 @@ impl<'a> Sim<'a> {
                 let from_inc = inst.lives.get(&from).copied().unwrap_or(FIRST_LIFE);
                 let end = matches!(msg.kind, DataKind::FrameEnd { .. });
                 let handed = match msg.kind {
+                    // Not sent by the sim's workload; answered like the runtime does.
+                    DataKind::Collective => {
+                        inst.reliable.complete(now, from, msg.id, Ok(()));
+                        false
+                    }
                     DataKind::FrameEnd { count } => {
                         let answer = inst
                             .assembler

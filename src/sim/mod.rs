@@ -305,6 +305,8 @@ pub struct SimStats {
     pub to_dead: u64,
     /// Dropped because the sender has restarted since it was sent.
     pub from_old_life: u64,
+    /// Cells of frames too far ahead, left unanswered (backpressure).
+    pub deferred: u64,
     pub frames_handed: u64,
     pub cells_handled: u64,
     pub acks: u64,
@@ -386,6 +388,7 @@ impl fmt::Display for SimReport {
                 "to dead / from old life",
                 format!("{} / {}", s.to_dead, s.from_old_life),
             ),
+            ("deferred (frame buffer full)", s.deferred.to_string()),
             ("frames handed over", s.frames_handed.to_string()),
             ("cells handled", s.cells_handled.to_string()),
             (

@@ -217,3 +217,24 @@ fn a_violation_names_the_invariant_and_the_seed() {
         "{text}"
     );
 }
+
+#[test]
+fn a_deadline_shorter_than_the_retransmission_is_caught_as_an_unjustified_timeout() {
+    // The checker must be able to fail: with a 1 ms deadline and lossy
+    // links, some ticket times out although nothing crashed.
+    let mut cfg = SimConfig {
+        loss: 0.3,
+        frames: 3,
+        seed: 3,
+        ..SimConfig::default()
+    };
+    cfg.reliable.deadline = Duration::from_millis(1);
+    match sim::run(&cfg) {
+        Err(SimViolation::Broken {
+            invariant: Invariant::NoUnjustifiedTimeout,
+            seed: 3,
+            ..
+        }) => {}
+        other => panic!("expected an unjustified timeout, got {other:?}"),
+    }
+}

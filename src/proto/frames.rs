@@ -185,12 +185,17 @@ impl FrameAssembler {
             .watch
             .as_ref()
             .filter(|w| !w.reported && w.frame >= self.next)?;
+        // Only peers still missing count: a queried laggard that caught up
+        // keeps a timer `handle_timeout` never fires again, and a past
+        // time here would wake the driver at once, forever. A frame with
+        // nobody missing is complete and waits only for `poll_frame`.
         let first_query = w.since + self.timers.query_after;
-        let queries = w.queries.values().map(|t| t.next()).min();
-        Some(match queries {
-            Some(q) => q.min(w.deadline),
-            None => first_query.min(w.deadline),
-        })
+        let next_query = self
+            .missing(w.frame)
+            .iter()
+            .map(|p| w.queries.get(p).map_or(first_query, |t| t.next()))
+            .min()?;
+        Some(next_query.min(w.deadline))
     }
 
     /// A laggard to ask about a frame: `(peer, frame)`.
@@ -469,6 +474,32 @@ mod tests {
         a.handle_timeout(ms(20_000));
         assert_eq!(a.poll_missing(), None, "reported once");
         assert_eq!(a.poll_timeout(), None);
+    }
+
+    /// Found by `cellnet sim --nodes 3 --per-node 4 --loss 0.3 --dup 0.1
+    /// --reorder 0.2 --frames 4 --seed 1`: two laggards were queried, one
+    /// caught up, and `poll_timeout` kept returning its stale query time,
+    /// so the driver was woken at the same instant forever.
+    #[test]
+    fn a_queried_laggard_that_caught_up_does_not_wake_the_driver_in_a_loop() {
+        let ms = Duration::from_millis;
+        let mut a = FrameAssembler::new(0, 8);
+        a.set_expected([1, 2]);
+        a.await_frame(ms(0), 0, ms(10_000));
+        a.handle_timeout(ms(500));
+        assert_eq!(a.poll_query(), Some((1, 0)));
+        assert_eq!(a.poll_query(), Some((2, 0)));
+        a.handle_frame_end(1, 0, 0).unwrap();
+        assert_eq!(a.poll_frame(), None, "2 is still missing");
+        let t = a.poll_timeout().unwrap();
+        assert!(t > ms(500));
+        a.handle_timeout(t);
+        assert_eq!(a.poll_query(), Some((2, 0)));
+        let next = a.poll_timeout().unwrap();
+        assert!(next > t, "woken again at {next:?}, already handled {t:?}");
+        a.handle_frame_end(2, 0, 0).unwrap();
+        assert_eq!(a.poll_timeout(), None, "complete: nothing to wait for");
+        assert!(a.poll_frame().is_some());
     }
 
     #[test]

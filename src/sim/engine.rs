@@ -111,7 +111,7 @@ enum EvKind {
         rank: Rank,
         inc: Incarnation,
         from: Rank,
-        msg: DataMsg,
+        msg: Box<DataMsg>,
     },
     Crash(Rank),
     Restart(Rank),
@@ -148,12 +148,14 @@ enum Phase {
     GlobalZmq,
     Data,
     Feedback,
+    FrameQuery,
 }
 
 fn phase_of(c: &Control) -> Phase {
     match c {
         Control::Pong(_) | Control::Ready => Phase::DiscoveryZmq,
         Control::Feedback(_) => Phase::Feedback,
+        Control::FrameQuery { .. } | Control::FrameReport { .. } => Phase::FrameQuery,
         _ => Phase::GlobalZmq,
     }
 }
@@ -357,6 +359,7 @@ impl<'a> Sim<'a> {
                     g.handle_timeout(now);
                 }
                 inst.reliable.handle_timeout(now);
+                inst.assembler.handle_timeout(now);
                 self.pump(r)
             }
             EvKind::Msg { to, wire } => {
@@ -457,6 +460,7 @@ impl<'a> Sim<'a> {
             Phase::GlobalZmq => m.global_zmq += 1,
             Phase::Data => m.data += 1,
             Phase::Feedback => m.feedback += 1,
+            Phase::FrameQuery => m.frame_queries += 1,
         }
         if let Some(p) = &cfg.partition {
             let (a, b) = (self.node_of(from), to.map_or(0, |t| self.node_of(t)));
@@ -525,7 +529,7 @@ impl<'a> Sim<'a> {
         st.max_in_flight = st.max_in_flight.max(self.net.in_flight);
     }
 
-    fn send_peer(&mut self, from: &PeerInfo, to: Rank, to_inc: Incarnation, body: Body) {
+    fn send_peer(&mut self, from: Me, to: Rank, to_inc: Incarnation, body: Body) {
         let phase = match &body {
             Body::Control(c) => phase_of(c),
             Body::Data(_) => Phase::Data,
@@ -591,14 +595,28 @@ impl<'a> Sim<'a> {
                     Body::Control(Control::Feedback(fb)) => {
                         inst.reliable.handle_feedback(now, from, fb)
                     }
+                    Body::Control(Control::FrameQuery { frame }) => {
+                        // Like the runtime: resend what is unanswered, say
+                        // whether the frame was ended towards the asker.
+                        inst.reliable.resend_now(now, from);
+                        let ended = inst.works && inst.next_send > frame;
+                        let me = Me::of(inst);
+                        self.send_peer(
+                            me,
+                            from,
+                            from_inc,
+                            Body::Control(Control::FrameReport { frame, ended }),
+                        );
+                    }
+                    Body::Control(Control::FrameReport { .. }) => {}
                     Body::Control(c) => {
                         inst.discovery_timeout = None;
                         if !inst.discovery.handle_control(now, from, from_inc, &c) {
                             let answer =
                                 inst.global.as_mut().and_then(|g| g.handle_control(now, &c));
                             if let Some(answer) = answer {
-                                let me = inst.me.clone();
-                                self.send_peer(&me, from, from_inc, Body::Control(answer));
+                                let me = Me::of(inst);
+                                self.send_peer(me, from, from_inc, Body::Control(answer));
                             }
                         }
                     }
@@ -624,13 +642,13 @@ impl<'a> Sim<'a> {
             let Some(inst) = self.insts[r].as_mut() else {
                 return Ok(());
             };
-            let me = inst.me.clone();
+            let me = Me::of(inst);
             let mut out: Vec<Out> = Vec::new();
             let mut progressed = false;
             while let Some(t) = inst.discovery.poll_transmit() {
                 match t {
                     DiscoveryTransmit::Broadcast(ping) => {
-                        let node = me.node_index;
+                        let node = rank / self.cfg.per_node;
                         let per = self.cfg.per_node;
                         for mate in node * per..(node + 1) * per {
                             if mate != rank {
@@ -642,7 +660,7 @@ impl<'a> Sim<'a> {
                             }
                         }
                     }
-                    DiscoveryTransmit::ToPeer { to, msg } => out.push(control(&me, to, msg)),
+                    DiscoveryTransmit::ToPeer { to, msg } => out.push(control(me, to, msg)),
                 }
             }
             let mut devents = Vec::new();
@@ -659,7 +677,7 @@ impl<'a> Sim<'a> {
             if let Some(c) = &mut inst.coordinator {
                 while let Some(t) = c.poll_transmit() {
                     if let GlobalTransmit::ToPeer { to, msg } = t {
-                        out.push(control(&me, to, msg));
+                        out.push(control(me, to, msg));
                     }
                 }
             }
@@ -670,7 +688,7 @@ impl<'a> Sim<'a> {
                         GlobalTransmit::Register(reg) => {
                             (None, Phase::GlobalUdp, Wire::Register(reg))
                         }
-                        GlobalTransmit::ToPeer { to, msg } => control(&me, to, msg),
+                        GlobalTransmit::ToPeer { to, msg } => control(me, to, msg),
                     });
                 }
                 while let Some(e) = g.poll_event() {
@@ -715,9 +733,26 @@ impl<'a> Sim<'a> {
             if let Some(g) = &mut inst.global {
                 while let Some(t) = g.poll_transmit() {
                     if let GlobalTransmit::ToPeer { to, msg } = t {
-                        out.push(control(&me, to, msg));
+                        out.push(control(me, to, msg));
                     }
                 }
+            }
+            while let Some((peer, frame)) = inst.assembler.poll_query() {
+                let life = inst.lives.get(&peer).copied().unwrap_or(FIRST_LIFE);
+                out.push((
+                    Some(peer),
+                    Phase::FrameQuery,
+                    Wire::Peer {
+                        from: rank,
+                        from_inc: me.incarnation,
+                        to_inc: life,
+                        body: Body::Control(Control::FrameQuery { frame }),
+                    },
+                ));
+            }
+            let mut missing = Vec::new();
+            while let Some(m) = inst.assembler.poll_missing() {
+                missing.push(m);
             }
             let mut revents = Vec::new();
             while let Some(e) = inst.reliable.poll_event() {
@@ -730,6 +765,19 @@ impl<'a> Sim<'a> {
             for e in revents {
                 progressed = true;
                 self.on_reliable_event(rank, e)?;
+            }
+            for m in missing {
+                progressed = true;
+                self.book.stats.frames_missing += 1;
+                if self.book.crashed.is_none() && self.cfg.partition.is_none() {
+                    return Err(self.violation(
+                        Invariant::AllFrames,
+                        format!(
+                            "rank {rank}: frame {} missing from {:?} at its deadline",
+                            m.frame, m.peers
+                        ),
+                    ));
+                }
             }
             progressed |= self.work(rank)?;
             if !progressed {
@@ -753,6 +801,7 @@ impl<'a> Sim<'a> {
             discovery,
             inst.global.as_ref().and_then(|g| g.poll_timeout()),
             inst.reliable.poll_timeout(),
+            inst.assembler.poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -836,12 +885,12 @@ impl<'a> Sim<'a> {
                     inst.lives.insert(to, info.incarnation);
                     inst.peers.insert(to, info);
                 }
-                let me = inst.me.clone();
+                let me = Me::of(inst);
                 let parked = inst.parked.remove(&to).unwrap_or_default();
                 let life = inst.peers.get(&to).map(|p| p.incarnation);
                 if let Some(life) = life {
                     for msg in parked {
-                        self.send_peer(&me, to, life, Body::Data(msg));
+                        self.send_peer(me, to, life, Body::Data(msg));
                     }
                 }
             }
@@ -905,7 +954,7 @@ impl<'a> Sim<'a> {
                                     rank,
                                     inc: me,
                                     from,
-                                    msg: msg.clone(),
+                                    msg: Box::new(msg.clone()),
                                 },
                             );
                             self.book.stats.cells_handled += 1;
@@ -991,7 +1040,10 @@ impl<'a> Sim<'a> {
             progressed = true;
             let frame = inst.next_send;
             inst.next_send += 1;
-            let me = inst.me.clone();
+            // Lock-step: the application now waits for this frame.
+            inst.assembler
+                .await_frame(now, frame, now + self.cfg.frame_timeout);
+            let me = Me::of(inst);
             for &n in &self.neighbours[rank as usize] {
                 let cell = cell_payload(rank, me.incarnation, frame);
                 for (kind, payload) in [
@@ -1272,7 +1324,23 @@ impl<'a> Sim<'a> {
     }
 }
 
-fn control(me: &PeerInfo, to: PeerInfo, msg: Control) -> Out {
+/// Who sends: rank and life (cheap to copy, unlike a `PeerInfo`).
+#[derive(Clone, Copy)]
+struct Me {
+    rank: Rank,
+    incarnation: Incarnation,
+}
+
+impl Me {
+    fn of(inst: &Inst) -> Self {
+        Self {
+            rank: inst.me.rank,
+            incarnation: inst.me.incarnation,
+        }
+    }
+}
+
+fn control(me: Me, to: PeerInfo, msg: Control) -> Out {
     (
         Some(to.rank),
         phase_of(&msg),

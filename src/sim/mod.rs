@@ -76,6 +76,8 @@ pub struct SimConfig {
     /// The handler answers ERR for one cell in this many (by a hash of
     /// sender, receiver and frame); 0: never.
     pub err_one_in: u32,
+    /// How long an instance waits for a frame before it is reported missing.
+    pub frame_timeout: Duration,
     /// The run fails if work is still pending at this virtual time.
     pub time_limit: Duration,
     pub frames_ahead: u64,
@@ -102,6 +104,7 @@ impl Default for SimConfig {
             partition: None,
             handler_time: Duration::from_micros(200),
             err_one_in: 50,
+            frame_timeout: Duration::from_secs(60),
             time_limit: Duration::from_secs(600),
             frames_ahead: 64,
             discovery: DiscoveryConfig::default(),
@@ -270,6 +273,8 @@ pub struct PhaseCounts {
     pub data: u64,
     /// Coalesced ACK/ERR.
     pub feedback: u64,
+    /// FrameQuery to laggards and their FrameReport answers.
+    pub frame_queries: u64,
 }
 
 impl PhaseCounts {
@@ -308,6 +313,8 @@ pub struct SimStats {
     /// Cells of frames too far ahead, left unanswered (backpressure).
     pub deferred: u64,
     pub frames_handed: u64,
+    /// FrameMissing reports (a frame incomplete at its deadline).
+    pub frames_missing: u64,
     pub cells_handled: u64,
     pub acks: u64,
     pub errs: u64,
@@ -375,6 +382,7 @@ impl fmt::Display for SimReport {
             ("  global zmq", m.global_zmq),
             ("  reliable data", m.data),
             ("  feedback (ack/err)", m.feedback),
+            ("  frame query/report", m.frame_queries),
         ] {
             writeln!(f, "  {name:<28} {n:>14}")?;
         }
@@ -389,7 +397,10 @@ impl fmt::Display for SimReport {
                 format!("{} / {}", s.to_dead, s.from_old_life),
             ),
             ("deferred (frame buffer full)", s.deferred.to_string()),
-            ("frames handed over", s.frames_handed.to_string()),
+            (
+                "frames handed over / missing",
+                format!("{} / {}", s.frames_handed, s.frames_missing),
+            ),
             ("cells handled", s.cells_handled.to_string()),
             (
                 "ack / err / timed out",

@@ -44,11 +44,17 @@ fn five_percent_loss_every_invariant_holds() {
 
 #[test]
 fn thirty_percent_loss_with_duplication_and_reordering_every_invariant_holds() {
-    all_seeds("30% loss + dup + reorder", |seed| SimConfig {
-        loss: 0.3,
-        dup: 0.1,
-        reorder: 0.2,
-        ..small(seed)
+    all_seeds("30% loss + dup + reorder", |seed| {
+        let mut cfg = SimConfig {
+            loss: 0.3,
+            dup: 0.1,
+            reorder: 0.2,
+            ..small(seed)
+        };
+        // Generous for 30% loss: every TimedOut is a violation.
+        cfg.reliable.deadline = Duration::from_secs(60);
+        assert!(!cfg.loss_justifies_timeouts(), "{}", cfg.timeout_odds());
+        cfg
     });
 }
 
@@ -220,10 +226,11 @@ fn a_violation_names_the_invariant_and_the_seed() {
 
 #[test]
 fn a_deadline_shorter_than_the_retransmission_is_caught_as_an_unjustified_timeout() {
-    // The checker must be able to fail: with a 1 ms deadline and lossy
-    // links, some ticket times out although nothing crashed.
+    // The checker must be able to fail: handlers take up to 5 ms, the
+    // deadline is 1 ms, nothing is lost: some ticket times out although
+    // no fault justifies it.
     let mut cfg = SimConfig {
-        loss: 0.3,
+        handler_time: Duration::from_millis(5),
         frames: 3,
         seed: 3,
         ..SimConfig::default()
@@ -237,4 +244,20 @@ fn a_deadline_shorter_than_the_retransmission_is_caught_as_an_unjustified_timeou
         }) => {}
         other => panic!("expected an unjustified timeout, got {other:?}"),
     }
+}
+
+#[test]
+fn the_default_deadline_is_generous_up_to_fifteen_percent_loss() {
+    let at = |loss| SimConfig {
+        loss,
+        ..SimConfig::default()
+    };
+    assert!(!at(0.0).loss_justifies_timeouts());
+    assert!(!at(0.05).loss_justifies_timeouts());
+    assert!(!at(0.15).loss_justifies_timeouts());
+    assert!(
+        at(0.4).loss_justifies_timeouts(),
+        "{}",
+        at(0.4).timeout_odds()
+    );
 }

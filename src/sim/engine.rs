@@ -1141,7 +1141,10 @@ impl<'a> Sim<'a> {
         let refuse = !t.end && handler_refuses(self.cfg, from, to, t.frame);
         let fine = match outcome {
             Outcome::TimedOut => {
-                if !(to_crashed || self.partition_cuts(from, to, t.sent, at)) {
+                if !(to_crashed
+                    || self.partition_cuts(from, to, t.sent, at)
+                    || self.cfg.loss_justifies_timeouts())
+                {
                     return Err(self.violation(
                         Invariant::NoUnjustifiedTimeout,
                         format!(

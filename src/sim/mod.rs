@@ -140,6 +140,36 @@ impl SimConfig {
         self.nodes.saturating_mul(self.per_node)
     }
 
+    /// The chance that every round trip of one message within the reliable
+    /// deadline is lost (data or its answer), at the configured loss rate.
+    pub fn timeout_odds(&self) -> f64 {
+        let q = 1.0 - (1.0 - self.loss) * (1.0 - self.loss);
+        let r = &self.reliable;
+        let mut rng = rand::rngs::mock::StepRng::new(0, 0);
+        let nominal = crate::proto::backoff::BackoffPolicy {
+            jitter: 0.0,
+            ..r.retransmit
+        };
+        let (mut t, mut tries) = (Duration::ZERO, 1i32);
+        while tries < 10_000 {
+            t += nominal
+                .delay(tries as u32 - 1, &mut rng)
+                .max(Duration::from_micros(1));
+            if t >= r.deadline {
+                break;
+            }
+            tries += 1;
+        }
+        q.powi(tries)
+    }
+
+    /// Whether the deadline is *not* generous for this loss rate: a cell
+    /// times out by bad luck alone with odds above one in 10^9, so a
+    /// TimedOut is no violation.
+    pub fn loss_justifies_timeouts(&self) -> bool {
+        self.timeout_odds() > 1e-9
+    }
+
     /// Every field within its domain; [`run`] calls this first.
     pub fn validate(&self) -> Result<(), SimConfigError> {
         if self.nodes == 0 || self.per_node == 0 {

@@ -21,6 +21,7 @@ fn wire_benches(c: &mut Criterion) {
         id: 123_456,
         frame: 42,
         aux: 0,
+        to_incarnation: Incarnation(9),
     };
     g.bench_function("header_encode", |b| {
         b.iter(|| black_box(black_box(&header).encode()))

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use cellnet::app::{life, probe};
+use cellnet::app::{life, probe, stress};
 use cellnet::config::{parse_duration, Config, VARIABLES};
 use cellnet::launch::{self, LaunchMode};
 use cellnet::place::PlacementPolicy;
@@ -71,6 +71,27 @@ enum Cmd {
     Life(LifeArgs),
     /// Print each instance's rank, node, leader, binding and endpoints; optionally exchange cells
     Probe(ProbeArgs),
+    /// Many cells between all instances, a subset refused by the handler; checks every ticket
+    Stress(StressArgs),
+}
+
+#[derive(Args, Debug)]
+struct StressArgs {
+    /// Cells each instance sends to each other instance
+    #[arg(long, default_value_t = 100_000)]
+    cells: u64,
+    /// Cells per frame
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    per_frame: u64,
+    /// Payload bytes per cell (at least 8)
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(8..=(64 << 20)))]
+    payload: u64,
+    /// The handler refuses (ERR 7) every cell whose sequence number is a multiple of this (0: none)
+    #[arg(long, default_value_t = 97)]
+    err_every: u64,
+    /// Longest wait for one frame
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    frame_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -217,6 +238,30 @@ fn run_life(config: Config, a: &LifeArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn run_stress(config: Config, a: &StressArgs) -> Result<(), Failure> {
+    let params = stress::StressParams {
+        cells: a.cells,
+        per_frame: a.per_frame,
+        payload: a.payload as usize,
+        err_every: a.err_every,
+        timeout: a.frame_timeout,
+    };
+    let (info, mpi) = launch::detect(config.launch).map_err(RuntimeError::from)?;
+    let seen = stress::Seen::new(info.size, params.cells);
+    let mut b = Communicator::builder()
+        .config(config)
+        .launch_info(info)
+        .handler(stress::handler(params.clone(), seen.clone()));
+    if let Some(mpi) = mpi {
+        b = b.mpi_session(mpi);
+    }
+    let comm = b.start()?;
+    let line = stress::run(&comm, &params, &seen).map_err(fail)?;
+    comm.shutdown()?;
+    println!("{line}");
+    Ok(())
+}
+
 fn run_probe(config: Config, a: &ProbeArgs) -> Result<(), Failure> {
     let comm = start(config, None)?;
     println!("{}", probe::line(&comm));
@@ -263,6 +308,7 @@ fn main() -> ExitCode {
         .and_then(|config| match &cli.cmd {
             Cmd::Life(a) => run_life(config, a),
             Cmd::Probe(a) => run_probe(config, a),
+            Cmd::Stress(a) => run_stress(config, a),
         });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,3 +3,4 @@
 
 pub mod life;
 pub mod probe;
+pub mod stress;

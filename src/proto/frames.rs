@@ -6,11 +6,49 @@
 //! ahead of the application frames may be buffered. Must not touch sockets
 //! or the clock.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
 
 use bytes::Bytes;
+use rand::{rngs::SmallRng, SeedableRng};
 
-use super::Rank;
+use super::backoff::{Backoff, BackoffPolicy};
+use super::{Now, Rank};
+
+/// How a receiver hunts for a frame the application waits for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FrameTimers {
+    /// Ask the laggards after waiting this long ...
+    pub query_after: Duration,
+    /// ... and again on this schedule until the frame completes.
+    pub query: BackoffPolicy,
+}
+
+impl Default for FrameTimers {
+    fn default() -> Self {
+        Self {
+            query_after: Duration::from_millis(500),
+            query: BackoffPolicy::new(Duration::from_millis(500), 2.0, Duration::from_secs(5), 0.0),
+        }
+    }
+}
+
+/// The application waited for `frame` past its deadline; `peers` never
+/// completed their part of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameMissing {
+    pub frame: u64,
+    pub peers: Vec<Rank>,
+}
+
+#[derive(Debug)]
+struct Watch {
+    frame: u64,
+    since: Now,
+    deadline: Now,
+    queries: BTreeMap<Rank, Backoff>,
+    reported: bool,
+}
 
 /// A cell or marker that does not fit the frame bookkeeping.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -65,6 +103,11 @@ pub struct FrameAssembler {
     /// applies to it).
     expected: BTreeMap<u64, BTreeSet<Rank>>,
     parts: BTreeMap<u64, BTreeMap<Rank, Part>>,
+    timers: FrameTimers,
+    watch: Option<Watch>,
+    queries: VecDeque<(Rank, u64)>,
+    missing_frames: VecDeque<FrameMissing>,
+    rng: SmallRng,
 }
 
 impl FrameAssembler {
@@ -76,7 +119,87 @@ impl FrameAssembler {
             max_ahead: max_ahead.max(1),
             expected: BTreeMap::new(),
             parts: BTreeMap::new(),
+            timers: FrameTimers::default(),
+            watch: None,
+            queries: VecDeque::new(),
+            missing_frames: VecDeque::new(),
+            rng: SmallRng::seed_from_u64(0),
         }
+    }
+
+    pub fn with_timers(mut self, timers: FrameTimers) -> Self {
+        self.timers = timers;
+        self
+    }
+
+    /// The application waits for `frame` until `deadline`: laggards are
+    /// queried after [`FrameTimers::query_after`], and at the deadline a
+    /// [`FrameMissing`] comes out of [`Self::poll_missing`].
+    pub fn await_frame(&mut self, now: Now, frame: u64, deadline: Now) {
+        self.watch = Some(Watch {
+            frame,
+            since: now,
+            deadline,
+            queries: BTreeMap::new(),
+            reported: false,
+        });
+    }
+
+    pub fn handle_timeout(&mut self, now: Now) {
+        let Some(frame) = self.watch.as_ref().map(|w| w.frame) else {
+            return;
+        };
+        if frame < self.next || self.watch.as_ref().is_some_and(|w| w.reported) {
+            self.watch = None;
+            return;
+        }
+        let missing = self.missing(frame);
+        let Some(w) = &mut self.watch else {
+            return;
+        };
+        if now >= w.deadline {
+            w.reported = true;
+            self.missing_frames.push_back(FrameMissing {
+                frame: w.frame,
+                peers: missing,
+            });
+            return;
+        }
+        if now < w.since + self.timers.query_after {
+            return;
+        }
+        for peer in missing {
+            let timer = w
+                .queries
+                .entry(peer)
+                .or_insert_with(|| Backoff::start(self.timers.query, now));
+            if timer.is_due(now) {
+                timer.fire(now, &mut self.rng);
+                self.queries.push_back((peer, w.frame));
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Now> {
+        let w = self
+            .watch
+            .as_ref()
+            .filter(|w| !w.reported && w.frame >= self.next)?;
+        let first_query = w.since + self.timers.query_after;
+        let queries = w.queries.values().map(|t| t.next()).min();
+        Some(match queries {
+            Some(q) => q.min(w.deadline),
+            None => first_query.min(w.deadline),
+        })
+    }
+
+    /// A laggard to ask about a frame: `(peer, frame)`.
+    pub fn poll_query(&mut self) -> Option<(Rank, u64)> {
+        self.queries.pop_front()
+    }
+
+    pub fn poll_missing(&mut self) -> Option<FrameMissing> {
+        self.missing_frames.pop_front()
     }
 
     /// Who sends to us every frame from the next one on.
@@ -315,6 +438,50 @@ mod tests {
         a.set_expected([]);
         assert_eq!(a.poll_frame().map(|f| f.frame), Some(0));
         assert_eq!(a.poll_frame().map(|f| f.frame), Some(1));
+    }
+
+    #[test]
+    fn a_frame_never_sent_is_queried_then_reported_missing() {
+        let ms = Duration::from_millis;
+        let mut a = FrameAssembler::new(3, 8);
+        a.set_expected([1, 2]);
+        a.handle_frame_end(1, 3, 0).unwrap();
+        a.await_frame(ms(0), 3, ms(10_000));
+        a.handle_timeout(ms(100));
+        assert_eq!(a.poll_query(), None, "not before query_after");
+        let t = a.poll_timeout().unwrap();
+        assert_eq!(t, ms(500));
+        a.handle_timeout(t);
+        assert_eq!(a.poll_query(), Some((2, 3)), "only the laggard is asked");
+        assert_eq!(a.poll_query(), None);
+        a.handle_timeout(ms(600));
+        assert_eq!(a.poll_query(), None, "queries back off");
+        a.handle_timeout(ms(1000));
+        assert_eq!(a.poll_query(), Some((2, 3)));
+        a.handle_timeout(ms(10_000));
+        assert_eq!(
+            a.poll_missing(),
+            Some(FrameMissing {
+                frame: 3,
+                peers: vec![2]
+            })
+        );
+        a.handle_timeout(ms(20_000));
+        assert_eq!(a.poll_missing(), None, "reported once");
+        assert_eq!(a.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_frame_that_completes_stops_the_hunt() {
+        let ms = Duration::from_millis;
+        let mut a = FrameAssembler::new(0, 8);
+        a.set_expected([1]);
+        a.await_frame(ms(0), 0, ms(1000));
+        a.handle_frame_end(1, 0, 0).unwrap();
+        assert!(a.poll_frame().is_some());
+        a.handle_timeout(ms(2000));
+        assert_eq!(a.poll_missing(), None);
+        assert_eq!(a.poll_timeout(), None);
     }
 
     #[test]

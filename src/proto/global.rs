@@ -285,6 +285,31 @@ impl GlobalJoin {
         }
     }
 
+    /// Forget what is known about `rank` (it restarted elsewhere): the next
+    /// [`Self::resolve`] asks the leader again.
+    pub fn forget(&mut self, rank: Rank) {
+        if !self.is_leader() {
+            self.directory.remove(&rank);
+        }
+    }
+
+    /// The node's membership changed (an instance restarted): a leader
+    /// registers the new list, so the coordinator re-announces the
+    /// directory to every leader.
+    pub fn update_members(&mut self, now: Now, members: Vec<PeerInfo>) {
+        if let Role::Leader {
+            registration,
+            timer,
+        } = &mut self.role
+        {
+            if registration.members != members {
+                registration.members = members;
+                *timer = Backoff::start(self.config.register, now);
+                self.ready = None;
+            }
+        }
+    }
+
     pub fn is_leader(&self) -> bool {
         matches!(self.role, Role::Leader { .. })
     }

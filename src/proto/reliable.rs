@@ -64,8 +64,8 @@ impl Default for ReliableConfig {
             ),
             deadline: Duration::from_secs(30),
             window: 256,
-            ack_delay: Duration::from_millis(1),
-            ack_batch: 32,
+            ack_delay: Duration::ZERO,
+            ack_batch: 64,
             dedup_window: 4096,
         }
     }
@@ -607,6 +607,27 @@ impl ReliableEndpoint {
             wire += 1;
         }
         state.out.next_wire = wire;
+    }
+
+    /// `peer` asked for what it misses (a frame query): resend everything
+    /// unanswered to it now and restart those backoffs. Returns how many.
+    pub fn resend_now(&mut self, now: Now, peer: Rank) -> usize {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return 0;
+        };
+        for o in state.out.inflight.values_mut() {
+            o.retry = Backoff::start(self.config.retransmit, now);
+            o.retry.fire(now, &mut self.rng);
+            self.stats.retransmitted += 1;
+            self.transmits
+                .push_back((peer, ReliableTransmit::Data(o.msg.clone())));
+        }
+        state.out.inflight.len()
+    }
+
+    /// Unanswered messages towards `peer`.
+    pub fn unanswered_to(&self, peer: Rank) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.out.inflight.len())
     }
 
     /// Outgoing messages not yet resolved (a draining shutdown waits for 0).

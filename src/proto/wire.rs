@@ -132,6 +132,11 @@ pub enum Control {
     Resolved { peers: Vec<PeerInfo> },
     /// Reliable channel acknowledgements and errors.
     Feedback(Feedback),
+    /// Receiver → laggard: "I have not heard all of `frame` from you".
+    FrameQuery { frame: u64 },
+    /// Laggard → receiver: whether it has ended `frame` towards the asker
+    /// (it resends everything unanswered at the same time).
+    FrameReport { frame: u64, ended: bool },
 }
 
 /// What a data message carries besides its payload.
@@ -162,6 +167,9 @@ pub struct Header {
     pub id: u64,
     pub frame: u64,
     pub aux: u32,
+    /// The receiver's incarnation as the sender knows it (0: unknown). A
+    /// receiver drops data meant for an earlier life of itself.
+    pub to_incarnation: Incarnation,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,7 +181,7 @@ pub enum MsgKind {
 }
 
 /// Size of the encoded [`Header`].
-pub const HEADER_LEN: usize = 2 + 1 + 1 + 4 + 8 + 8 + 8 + 4;
+pub const HEADER_LEN: usize = 2 + 1 + 1 + 4 + 8 + 8 + 8 + 4 + 8;
 
 impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
@@ -186,6 +194,7 @@ impl Header {
         b[16..24].copy_from_slice(&self.id.to_le_bytes());
         b[24..32].copy_from_slice(&self.frame.to_le_bytes());
         b[32..36].copy_from_slice(&self.aux.to_le_bytes());
+        b[36..44].copy_from_slice(&self.to_incarnation.0.to_le_bytes());
         b
     }
 
@@ -215,6 +224,7 @@ impl Header {
             id: u64_at(16),
             frame: u64_at(24),
             aux: u32_at(32),
+            to_incarnation: Incarnation(u64_at(36)),
         })
     }
 }
@@ -235,12 +245,19 @@ pub fn encode_control(from: Rank, incarnation: Incarnation, msg: &Control) -> [V
         id: 0,
         frame: 0,
         aux: 0,
+        to_incarnation: Incarnation(0),
     };
     [header.encode().to_vec(), encode_body(msg)]
 }
 
-/// The header frame of a data message (the payload goes in the next frame).
-pub fn data_header(from: Rank, incarnation: Incarnation, msg: &DataMsg) -> [u8; HEADER_LEN] {
+/// The header frame of a data message (the payload goes in the next frame)
+/// from `(from, incarnation)` to a receiver in its life `to_incarnation`.
+pub fn data_header(
+    from: Rank,
+    incarnation: Incarnation,
+    to_incarnation: Incarnation,
+    msg: &DataMsg,
+) -> [u8; HEADER_LEN] {
     let (kind, aux) = match msg.kind {
         DataKind::Cell => (MsgKind::Cell, 0),
         DataKind::FrameEnd { count } => (MsgKind::FrameEnd, count),
@@ -252,6 +269,7 @@ pub fn data_header(from: Rank, incarnation: Incarnation, msg: &DataMsg) -> [u8; 
         id: msg.id,
         frame: msg.frame,
         aux,
+        to_incarnation,
     }
     .encode()
 }
@@ -438,6 +456,7 @@ mod tests {
             id: 12,
             frame: 99,
             aux: 5,
+            to_incarnation: Incarnation(11),
         };
         assert_eq!(Header::decode(&h.encode()), Ok(h));
         assert!(Header::decode(b"garbage").is_err());
@@ -459,7 +478,7 @@ mod tests {
             kind: DataKind::FrameEnd { count: 8 },
             payload: Bytes::new(),
         };
-        let h = data_header(4, Incarnation(1), &data);
+        let h = data_header(4, Incarnation(1), Incarnation(0), &data);
         let (_, msg) = decode_peer_msg(&[&h, &[]]).unwrap();
         assert_eq!(msg, PeerMsg::Data(data));
         assert!(decode_peer_msg(&[b"x"]).is_err());

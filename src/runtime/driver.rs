@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use super::shared::{CreditGate, Metrics, StatusCell, Waker};
-use super::{codes, Cell, Command, Handler, HandlerError, ShutdownReport};
+use super::{codes, Cell, Command, Handler, HandlerError, PeerEvent, ShutdownReport};
 use crate::config::Config;
 use crate::launch::LaunchInfo;
 use crate::net::{
@@ -23,11 +23,11 @@ use crate::net::{
 };
 use crate::proto::{
     discovery::{DiscoveryEvent, DiscoveryTransmit, LocalDiscovery},
-    frames::{CompleteFrame, FrameAssembler},
+    frames::{CompleteFrame, FrameAssembler, FrameMissing},
     global::{Coordinator, GlobalEvent, GlobalJoin, GlobalTransmit},
     reliable::{Outcome, ReliableEndpoint, ReliableEvent, ReliableTransmit},
     wire::{self, Control, DataKind, DataMsg, Datagram, JobSecret, PeerMsg, WireError},
-    Now, PeerInfo, Rank,
+    Incarnation, Now, PeerInfo, Rank,
 };
 
 /// Everything the driver is built from.
@@ -41,7 +41,8 @@ pub(crate) struct Parts {
     pub pool: rayon::ThreadPool,
     pub handler: Handler,
     pub commands: Receiver<Command>,
-    pub frames: Sender<CompleteFrame>,
+    pub frames: Sender<Result<CompleteFrame, FrameMissing>>,
+    pub events: Sender<PeerEvent>,
     pub waker: Arc<Waker>,
     pub credits: Arc<CreditGate>,
     pub status: Arc<StatusCell>,
@@ -72,10 +73,16 @@ pub(crate) struct Driver {
     tickets: HashMap<(Rank, u64), Sender<crate::proto::reliable::Outcome>>,
     /// Cells sent per (peer, frame), for the frame-end count.
     frame_counts: HashMap<(Rank, u64), u32>,
-    /// A complete frame waiting for room in the application's channel.
-    ready_frame: Option<CompleteFrame>,
-    done_tx: Sender<HandlerDone>,
-    done_rx: Receiver<HandlerDone>,
+    /// A complete (or missing) frame waiting for room in the application's channel.
+    ready_frame: Option<Result<CompleteFrame, FrameMissing>>,
+    /// The latest incarnation seen of every peer that sent us anything.
+    incarnations: HashMap<Rank, Incarnation>,
+    /// The highest frame this instance ended towards each peer.
+    ended: HashMap<Rank, u64>,
+    done_tx: Sender<Vec<HandlerDone>>,
+    done_rx: Receiver<Vec<HandlerDone>>,
+    /// Cells delivered in this round, for the handler pool.
+    to_handle: Vec<Cell>,
     handlers_running: usize,
     shutdown_since: Option<Now>,
     /// Reused buffer of received messages.
@@ -119,9 +126,12 @@ impl Driver {
             tickets: HashMap::new(),
             frame_counts: HashMap::new(),
             ready_frame: None,
+            incarnations: HashMap::new(),
+            ended: HashMap::new(),
             done_tx,
             done_rx,
             handlers_running: 0,
+            to_handle: Vec::new(),
             shutdown_since: None,
             inbox: Vec::new(),
         }
@@ -175,6 +185,12 @@ impl Driver {
                 let d = t.saturating_sub(self.now());
                 d.as_micros().div_ceil(1000).min(100) as i64
             });
+            self.p.waker.park();
+            let wait = if self.p.commands.is_empty() && self.done_rx.is_empty() {
+                wait
+            } else {
+                0
+            };
             let mut fds = vec![self.p.waker.fd(), self.p.udp.raw_fd()];
             if let Some((_, udp)) = &self.coordinator {
                 fds.push(udp.raw_fd());
@@ -184,6 +200,7 @@ impl Driver {
                 .transport
                 .poll(&fds, wait)
                 .map_err(|e| e.to_string())?;
+            self.p.waker.unpark();
             if readable[0] {
                 self.p.waker.clear();
             }
@@ -247,9 +264,13 @@ impl Driver {
                             Metrics::add(&self.p.metrics.cells_sent, 1);
                             DataKind::Cell
                         }
-                        DataKind::FrameEnd { .. } => DataKind::FrameEnd {
-                            count: self.frame_counts.remove(&(to, frame)).unwrap_or(0),
-                        },
+                        DataKind::FrameEnd { .. } => {
+                            let ended = self.ended.entry(to).or_insert(frame);
+                            *ended = (*ended).max(frame);
+                            DataKind::FrameEnd {
+                                count: self.frame_counts.remove(&(to, frame)).unwrap_or(0),
+                            }
+                        }
                     };
                     match self.reliable.send(now, to, frame, kind, payload) {
                         Ok(id) => {
@@ -267,6 +288,9 @@ impl Driver {
                     let from = from_frame.unwrap_or_else(|| self.assembler.next_frame());
                     self.assembler.set_expected_from(from, peers);
                 }
+                Ok(Command::Await { frame, timeout }) => {
+                    self.assembler.await_frame(now, frame, now + timeout)
+                }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
                     if self.shutdown_since.is_none() {
                         self.shutdown_since = Some(now);
@@ -279,33 +303,36 @@ impl Driver {
     }
 
     fn take_handler_results(&mut self, now: Now) {
-        while let Ok(done) = self.done_rx.try_recv() {
-            self.handlers_running -= 1;
-            let HandlerDone { cell, result } = done;
-            match result {
-                Ok(()) => {
-                    match self
-                        .assembler
-                        .handle_cell(cell.from, cell.id, cell.frame, cell.payload)
-                    {
-                        Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
-                        Err(e) => {
-                            Metrics::add(&self.p.metrics.cells_refused, 1);
-                            self.reliable.complete(
-                                now,
-                                cell.from,
-                                cell.id,
-                                Err((codes::FRAME_REFUSED, e.to_string())),
-                            );
+        while let Ok(batch) = self.done_rx.try_recv() {
+            for HandlerDone { cell, result } in batch {
+                self.handlers_running -= 1;
+                match result {
+                    Ok(()) => {
+                        match self.assembler.handle_cell(
+                            cell.from,
+                            cell.id,
+                            cell.frame,
+                            cell.payload,
+                        ) {
+                            Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
+                            Err(e) => {
+                                Metrics::add(&self.p.metrics.cells_refused, 1);
+                                self.reliable.complete(
+                                    now,
+                                    cell.from,
+                                    cell.id,
+                                    Err((codes::FRAME_REFUSED, e.to_string())),
+                                );
+                            }
                         }
                     }
-                }
-                Err(HandlerError { code, text }) => {
-                    self.assembler
-                        .handle_rejected(cell.from, cell.id, cell.frame)
-                        .ok();
-                    self.reliable
-                        .complete(now, cell.from, cell.id, Err((code, text)));
+                    Err(HandlerError { code, text }) => {
+                        self.assembler
+                            .handle_rejected(cell.from, cell.id, cell.frame)
+                            .ok();
+                        self.reliable
+                            .complete(now, cell.from, cell.id, Err((code, text)));
+                    }
                 }
             }
         }
@@ -319,8 +346,11 @@ impl Driver {
             let frame = match self.ready_frame.take() {
                 Some(f) => f,
                 None => match self.assembler.poll_frame() {
-                    Some(f) => f,
-                    None => return,
+                    Some(f) => Ok(f),
+                    None => match self.assembler.poll_missing() {
+                        Some(m) => Err(m),
+                        None => return,
+                    },
                 },
             };
             if let Err(e) = self.p.frames.try_send(frame) {
@@ -336,6 +366,10 @@ impl Driver {
             g.handle_timeout(now);
         }
         self.reliable.handle_timeout(now);
+        self.assembler.handle_timeout(now);
+        while let Some((peer, frame)) = self.assembler.poll_query() {
+            self.reply(peer, &Control::FrameQuery { frame });
+        }
     }
 
     /// Send everything the state machines queued and act on their events.
@@ -417,6 +451,7 @@ impl Driver {
                 progressed = true;
                 self.on_reliable_event(now, e);
             }
+            self.dispatch_handlers();
             self.pump_frames();
             if !progressed {
                 break;
@@ -431,8 +466,7 @@ impl Driver {
                 self.peers.insert(info.rank, info);
             }
             DiscoveryEvent::PeerRestarted(info) => {
-                self.reliable.reset_peer(now, info.rank);
-                self.routes.remove(&info.rank);
+                self.observe_incarnation(now, info.rank, info.incarnation);
                 self.peers.insert(info.rank, info);
             }
             DiscoveryEvent::Complete { leader, members } => {
@@ -441,6 +475,9 @@ impl Driver {
                     s.leader = Some(leader);
                     s.members = members.clone();
                 });
+                if let Some(g) = &mut self.global {
+                    g.update_members(now, members.clone());
+                }
                 if self.global.is_none() {
                     let seed = self.p.me.incarnation.0.rotate_left(7);
                     let cfg = self.p.config.global;
@@ -494,6 +531,42 @@ impl Driver {
         }
     }
 
+    /// Hand the cells delivered in this round to the pool, in as many
+    /// batches as it has workers: one task and one wake-up per batch, not
+    /// per cell.
+    fn dispatch_handlers(&mut self) {
+        if self.to_handle.is_empty() {
+            return;
+        }
+        let cells = std::mem::take(&mut self.to_handle);
+        self.handlers_running += cells.len();
+        let workers = self.p.pool.current_num_threads().max(1);
+        let chunk = cells.len().div_ceil(workers);
+        let mut cells = cells.into_iter().peekable();
+        while cells.peek().is_some() {
+            let batch: Vec<Cell> = cells.by_ref().take(chunk).collect();
+            let handler = self.p.handler.clone();
+            let done = self.done_tx.clone();
+            let waker = self.p.waker.clone();
+            self.p.pool.spawn(move || {
+                let results = batch
+                    .into_iter()
+                    .map(|cell| {
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            handler(&cell)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(HandlerError::new(u32::MAX, "the cell handler panicked"))
+                        });
+                        HandlerDone { cell, result }
+                    })
+                    .collect();
+                let _ = done.send(results);
+                waker.wake();
+            });
+        }
+    }
+
     fn on_reliable_event(&mut self, now: Now, e: ReliableEvent) {
         match e {
             ReliableEvent::Deliver { from, msg } => match msg.kind {
@@ -520,25 +593,11 @@ impl Driver {
                         );
                         return;
                     }
-                    let cell = Cell {
+                    self.to_handle.push(Cell {
                         from,
                         frame: msg.frame,
                         id: msg.id,
                         payload: msg.payload,
-                    };
-                    let handler = self.p.handler.clone();
-                    let done = self.done_tx.clone();
-                    let waker = self.p.waker.clone();
-                    self.handlers_running += 1;
-                    self.p.pool.spawn(move || {
-                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            handler(&cell)
-                        }))
-                        .unwrap_or_else(|_| {
-                            Err(HandlerError::new(u32::MAX, "the cell handler panicked"))
-                        });
-                        let _ = done.send(HandlerDone { cell, result });
-                        waker.wake();
                     });
                 }
             },
@@ -610,7 +669,11 @@ impl Driver {
             }
             return;
         }
-        let head = wire::data_header(self.p.me.rank, self.p.me.incarnation, &msg);
+        let to_incarnation = self
+            .peers
+            .get(&to)
+            .map_or(Incarnation(0), |p| p.incarnation);
+        let head = wire::data_header(self.p.me.rank, self.p.me.incarnation, to_incarnation, &msg);
         match self.p.transport.send(to, &[&head, &msg.payload]) {
             Ok(()) => {}
             // Lost like on a lossy wire: the reliable channel retransmits.
@@ -631,6 +694,43 @@ impl Driver {
         let now = self.now();
         if !(self.route(now, to) && self.p.transport.send(to, &[&head, &body]).is_ok()) {
             Metrics::add(&self.p.metrics.replies_failed, 1);
+        }
+    }
+
+    /// Track `rank`'s incarnation; a newer one means it restarted: its pair
+    /// state is reset and unanswered cells go to its new life. Returns false
+    /// for a message from an older life (to be dropped).
+    fn observe_incarnation(&mut self, now: Now, rank: Rank, inc: Incarnation) -> bool {
+        match self.incarnations.get(&rank).copied() {
+            Some(known) if inc < known => false,
+            Some(known) if inc == known => true,
+            known => {
+                self.incarnations.insert(rank, inc);
+                if known.is_some() {
+                    self.reliable.reset_peer(now, rank);
+                    self.routes.remove(&rank);
+                    if self.peers.get(&rank).is_some_and(|p| p.incarnation < inc) {
+                        // Its old endpoint is void; resolve it again.
+                        self.peers.remove(&rank);
+                        self.p.transport.disconnect(rank);
+                        if let Some(g) = &mut self.global {
+                            g.forget(rank);
+                        }
+                    }
+                    if self
+                        .p
+                        .events
+                        .try_send(PeerEvent::Restarted {
+                            rank,
+                            incarnation: inc.0,
+                        })
+                        .is_err()
+                    {
+                        Metrics::add(&self.p.metrics.events_dropped, 1);
+                    }
+                }
+                true
+            }
         }
     }
 
@@ -698,13 +798,41 @@ impl Driver {
                 Metrics::add(&self.p.metrics.zmq_malformed, 1);
                 continue;
             }
+            if !self.observe_incarnation(now, header.from, header.incarnation) {
+                Metrics::add(&self.p.metrics.stale_messages, 1);
+                continue;
+            }
             if let Some(rid) = &routing_id {
                 if self.routes.get(&header.from) != Some(rid) {
                     self.routes.insert(header.from, rid.clone());
                 }
             }
             match msg {
-                PeerMsg::Data(data) => self.reliable.handle_data(now, header.from, data),
+                PeerMsg::Data(data) => {
+                    let to = header.to_incarnation;
+                    if to != Incarnation(0) && to != self.p.me.incarnation {
+                        // Meant for an earlier life of this rank.
+                        Metrics::add(&self.p.metrics.stale_messages, 1);
+                        continue;
+                    }
+                    if data.frame >= self.assembler.next_frame()
+                        && !self.assembler.accepts(data.frame)
+                    {
+                        // The frame buffer is full: withhold the answer (and
+                        // so the sender's credit); it is resent later.
+                        Metrics::add(&self.p.metrics.cells_deferred, 1);
+                        continue;
+                    }
+                    self.reliable.handle_data(now, header.from, data)
+                }
+                PeerMsg::Control(Control::FrameQuery { frame }) => {
+                    let ended = self.ended.get(&header.from).is_some_and(|&e| e >= frame);
+                    self.reliable.resend_now(now, header.from);
+                    self.reply(header.from, &Control::FrameReport { frame, ended });
+                }
+                PeerMsg::Control(Control::FrameReport { frame, ended }) => {
+                    tracing::debug!("rank {} reports frame {frame}: ended={ended}", header.from);
+                }
                 PeerMsg::Control(Control::Feedback(fb)) => {
                     self.reliable.handle_feedback(now, header.from, fb)
                 }

@@ -40,7 +40,10 @@ use crate::launch::{self, LaunchError, LaunchInfo, MpiSession};
 use crate::net::{self, NetError};
 use crate::place::{self, Binding, PlaceError, PlacementPolicy};
 use crate::proto::{
-    frames::CompleteFrame, reliable::Outcome, wire::DataKind, Endpoints, PeerInfo, Rank,
+    frames::{CompleteFrame, FrameMissing},
+    reliable::Outcome,
+    wire::DataKind,
+    Endpoints, PeerInfo, Rank,
 };
 
 /// A cell handed to the handler: `payload` from rank `from`, for `frame`.
@@ -117,8 +120,10 @@ pub enum SendError {
 /// Why no frame was received.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecvError {
-    #[error("frame {frame} incomplete after {waited:?}: still missing ranks {missing:?}")]
-    Timeout {
+    /// The frame's deadline passed; `missing` never completed their part
+    /// (they were queried and asked to resend before that).
+    #[error("frame {frame} missing after {waited:?}: no complete part from ranks {missing:?}")]
+    FrameMissing {
         frame: u64,
         waited: Duration,
         missing: Vec<Rank>,
@@ -127,26 +132,52 @@ pub enum RecvError {
     Closed,
 }
 
+/// Something that happened to a peer, for the application to react to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The peer came back with a new incarnation: cells it had received but
+    /// not answered were resent to its new life.
+    Restarted { rank: Rank, incarnation: u64 },
+}
+
 /// The promise of an answer to one sent cell.
 #[must_use = "a ticket tells whether the cell was acknowledged"]
 pub struct Ticket {
     to: Rank,
     rx: Receiver<Outcome>,
+    outcome: std::sync::OnceLock<Outcome>,
 }
 
 impl Ticket {
+    fn new(to: Rank, rx: Receiver<Outcome>) -> Self {
+        Self {
+            to,
+            rx,
+            outcome: std::sync::OnceLock::new(),
+        }
+    }
+
     pub fn to(&self) -> Rank {
         self.to
     }
 
     /// Wait for the answer: ACK, ERR, or timed out after the send deadline.
+    /// Asking again returns the same answer.
     pub fn wait(&self) -> Result<Outcome, SendError> {
-        self.rx.recv().map_err(|_| SendError::Closed)
+        if let Some(o) = self.outcome.get() {
+            return Ok(o.clone());
+        }
+        let o = self.rx.recv().map_err(|_| SendError::Closed)?;
+        Ok(self.outcome.get_or_init(|| o).clone())
     }
 
     /// The answer if it is there already.
     pub fn try_outcome(&self) -> Option<Outcome> {
-        self.rx.try_recv().ok()
+        if let Some(o) = self.outcome.get() {
+            return Some(o.clone());
+        }
+        let o = self.rx.try_recv().ok()?;
+        Some(self.outcome.get_or_init(|| o).clone())
     }
 }
 
@@ -161,6 +192,11 @@ pub(crate) enum Command {
     Expect {
         from_frame: Option<u64>,
         peers: Vec<Rank>,
+    },
+    /// The application waits for `frame` for at most `timeout`.
+    Await {
+        frame: u64,
+        timeout: Duration,
     },
     Shutdown,
 }
@@ -241,13 +277,14 @@ pub struct Communicator {
     me: PeerInfo,
     coordinator: SocketAddrV4,
     commands: Sender<Command>,
-    frames: Receiver<CompleteFrame>,
+    frames: Receiver<Result<CompleteFrame, FrameMissing>>,
+    events: Receiver<PeerEvent>,
     waker: Arc<Waker>,
     credits: Arc<CreditGate>,
     status: Arc<StatusCell>,
     metrics: Arc<Metrics>,
     io: Option<JoinHandle<ShutdownReport>>,
-    next_frame: std::cell::Cell<u64>,
+    next_frame: std::sync::atomic::AtomicU64,
     // Dropped last: MPI is finalized after our sockets are closed.
     mpi: Option<MpiSession>,
 }
@@ -302,6 +339,7 @@ impl Communicator {
         // Bounded: the credit window bounds what the application can queue.
         let (cmd_tx, cmd_rx) = bounded(1024);
         let (frame_tx, frame_rx) = bounded(config.frames_ahead as usize);
+        let (event_tx, event_rx) = bounded(1024);
         let driver = driver::Driver::new(driver::Parts {
             config: config.clone(),
             info: info.clone(),
@@ -313,6 +351,7 @@ impl Communicator {
             handler: handler.unwrap_or_else(|| Arc::new(|_: &Cell| Ok(()))),
             commands: cmd_rx,
             frames: frame_tx,
+            events: event_tx,
             waker: waker.clone(),
             credits: credits.clone(),
             status: status.clone(),
@@ -329,12 +368,13 @@ impl Communicator {
             coordinator,
             commands: cmd_tx,
             frames: frame_rx,
+            events: event_rx,
             waker,
             credits,
             status,
             metrics,
             io: Some(io),
-            next_frame: std::cell::Cell::new(0),
+            next_frame: std::sync::atomic::AtomicU64::new(0),
             mpi,
             config,
         };
@@ -455,7 +495,7 @@ impl Communicator {
             return Err(SendError::Closed);
         }
         self.waker.wake();
-        Ok(Ticket { to, rx })
+        Ok(Ticket::new(to, rx))
     }
 
     /// Send a cell of `frame` to `to`; blocks while the window to `to` is
@@ -571,21 +611,43 @@ impl Communicator {
     }
 
     /// The next frame, strictly in order, once every expected peer's part
-    /// of it is complete.
+    /// of it is complete. Laggards are asked to resend while we wait; after
+    /// `timeout` the answer is [`RecvError::FrameMissing`] naming them.
     pub fn recv_frame(&self, timeout: Duration) -> Result<BTreeMap<Rank, Vec<Bytes>>, RecvError> {
-        let frame = self.next_frame.get();
-        match self.frames.recv_timeout(timeout) {
-            Ok(f) => {
-                self.next_frame.set(f.frame + 1);
-                Ok(f.cells)
+        let frame = self.next_frame.load(std::sync::atomic::Ordering::Relaxed);
+        self.commands
+            .send(Command::Await { frame, timeout })
+            .map_err(|_| RecvError::Closed)?;
+        self.waker.wake();
+        // The I/O thread reports a missing frame at the deadline; the grace
+        // only covers a stopped I/O thread.
+        let grace = Duration::from_secs(5);
+        loop {
+            match self.frames.recv_timeout(timeout + grace) {
+                Ok(Ok(f)) if f.frame < frame => continue,
+                Ok(Ok(f)) => {
+                    self.next_frame
+                        .store(f.frame + 1, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(f.cells);
+                }
+                Ok(Err(m)) if m.frame < frame => continue,
+                Ok(Err(m)) => {
+                    return Err(RecvError::FrameMissing {
+                        frame: m.frame,
+                        waited: timeout,
+                        missing: m.peers,
+                    })
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    return Err(RecvError::Closed)
+                }
             }
-            Err(RecvTimeoutError::Timeout) => Err(RecvError::Timeout {
-                frame,
-                waited: timeout,
-                missing: Vec::new(),
-            }),
-            Err(RecvTimeoutError::Disconnected) => Err(RecvError::Closed),
         }
+    }
+
+    /// Peer events (restarts) since the last call, oldest first.
+    pub fn events(&self) -> Vec<PeerEvent> {
+        self.events.try_iter().collect()
     }
 
     /// Drain: wait until every sent cell is answered (or timed out) and

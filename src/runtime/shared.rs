@@ -15,9 +15,12 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// An eventfd that wakes the I/O thread out of `zmq::poll`.
+/// An eventfd that wakes the I/O thread out of `zmq::poll`. It is written
+/// only while the I/O thread is parked (about to sleep or sleeping): a busy
+/// I/O thread finds new work in its queues without a syscall per message.
 pub(crate) struct Waker {
     fd: RawFd,
+    parked: std::sync::atomic::AtomicBool,
 }
 
 impl Waker {
@@ -27,10 +30,28 @@ impl Waker {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            parked: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
+    /// The I/O thread is going to sleep; it must check its queues after
+    /// this and before sleeping.
+    pub fn park(&self) {
+        self.parked.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn unpark(&self) {
+        self.parked
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Call after queueing work for the I/O thread.
     pub fn wake(&self) {
+        if !self.parked.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to our own eventfd. A full
         // counter (EAGAIN) means a wake-up is pending anyway.
@@ -213,8 +234,14 @@ metrics! {
     timeouts,
     /// Replies that could not be sent (peer gone).
     replies_failed,
-    /// Cells refused by frame ordering (too far ahead, unexpected sender).
+    /// Cells refused by frame ordering (stale frame, unexpected sender).
     cells_refused,
+    /// Cells left unanswered because the frame buffer was full (resent later).
+    cells_deferred,
+    /// Messages from an earlier life of a peer, or for an earlier life of us.
+    stale_messages,
+    /// Peer events dropped because the application did not read them.
+    events_dropped,
 }
 
 impl Metrics {

@@ -112,3 +112,61 @@ pub fn mpirun(n: u32, args: &[&str], env: &[(&str, String)], limit: Duration) ->
         .expect("spawn mpirun (is openmpi-bin installed?)");
     wait(child, limit + Duration::from_secs(10), "mpirun")
 }
+
+/// Identity of instance `rank` of `size`, all on one node.
+pub fn one_node_info(rank: u32, size: u32, key: u64) -> cellnet::launch::LaunchInfo {
+    cellnet::launch::LaunchInfo {
+        rank,
+        size,
+        node_name: "n0".into(),
+        node_index: 0,
+        local_rank: rank,
+        local_size: size,
+        nodes: 1,
+        job_key: cellnet::proto::JobKey(key),
+        source: cellnet::launch::LaunchSource::Explicit,
+        node_list: Vec::new(),
+    }
+}
+
+/// A configuration for in-process instances of one test job: fresh ports,
+/// no core binding (tests share one process), one handler thread.
+pub fn test_config() -> cellnet::config::Config {
+    cellnet::config::Config {
+        placement: cellnet::place::PlacementPolicy::None,
+        threads: 1,
+        discovery_port: free_udp_port(),
+        coordinator: Some(format!("127.0.0.1:{}", free_udp_port())),
+        join_timeout: Duration::from_secs(30),
+        ..cellnet::config::Config::default()
+    }
+}
+
+/// Start `size` communicators of one job in this process (in parallel:
+/// each start waits for the others).
+pub fn start_local(
+    size: u32,
+    config: &cellnet::config::Config,
+    handler: impl Fn(u32) -> Option<cellnet::runtime::Handler>,
+) -> Vec<cellnet::runtime::Communicator> {
+    let key = job_key().parse::<u64>().unwrap_or(7);
+    let handles: Vec<_> = (0..size)
+        .map(|r| {
+            let mut b = cellnet::runtime::Communicator::builder()
+                .config(config.clone())
+                .launch_info(one_node_info(r, size, key));
+            if let Some(h) = handler(r) {
+                b = b.handler_arc(h);
+            }
+            std::thread::spawn(move || b.start())
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .expect("start thread")
+                .expect("communicator starts")
+        })
+        .collect()
+}

@@ -1,0 +1,98 @@
+//! Backpressure instead of unbounded queues: with the window to a peer
+//! full, `try_send` says would-block, a timed send gives up, and a blocked
+//! `send` resumes once ACKs return credits.
+
+mod common;
+use common::*;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use cellnet::runtime::{Handler, SendError};
+
+#[test]
+fn window_full_blocks_then_resumes_after_acks() {
+    let mut config = test_config();
+    config.reliable.window = 4;
+    // The receiver's handler holds every cell until the gate opens.
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let g = gate.clone();
+    let handler: Handler = Arc::new(move |_cell| {
+        let (open, cv) = &*g;
+        let mut o = open.lock().unwrap();
+        while !*o {
+            o = cv.wait(o).unwrap();
+        }
+        Ok(())
+    });
+    let comms = start_local(2, &config, |r| (r == 1).then(|| handler.clone()));
+    let (a, b) = (&comms[0], &comms[1]);
+    b.expect_from([0]).unwrap();
+
+    let first: Vec<_> = (0..4u8).map(|i| a.send(1, 0, vec![i]).unwrap()).collect();
+    assert_eq!(
+        a.try_send(1, 0, vec![9u8]).err(),
+        Some(SendError::WouldBlock { to: 1, window: 4 })
+    );
+    assert!(matches!(
+        a.send_timeout(1, 0, vec![9u8], Duration::from_millis(100)),
+        Err(SendError::WouldBlock { .. })
+    ));
+
+    let resumed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let blocked = s.spawn(|| {
+            let t = a.send(1, 0, vec![4u8]).unwrap();
+            resumed.store(true, Ordering::SeqCst);
+            t
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !resumed.load(Ordering::SeqCst),
+            "send must block while the window is full"
+        );
+        {
+            let (open, cv) = &*gate;
+            *open.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        let fifth = blocked.join().unwrap();
+        assert!(resumed.load(Ordering::SeqCst));
+        for t in first.iter().chain(std::iter::once(&fifth)) {
+            assert!(t.wait().unwrap().is_ack());
+        }
+    });
+    a.end_frame(0, &[1]).unwrap();
+    let frame = b.recv_frame(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        frame[&0].iter().map(|c| c[0]).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
+}
+
+#[test]
+fn a_frame_never_sent_is_reported_missing_with_the_laggard() {
+    let config = test_config();
+    let comms = start_local(3, &config, |_| None);
+    let (a, b, c) = (&comms[0], &comms[1], &comms[2]);
+    a.expect_from([1, 2]).unwrap();
+    // Rank 1 sends its part of frame 0; rank 2 never does.
+    let t = b.send(0, 0, vec![1u8]).unwrap();
+    b.end_frame(0, &[0]).unwrap();
+    assert!(t.wait().unwrap().is_ack());
+    let err = a.recv_frame(Duration::from_millis(1500)).unwrap_err();
+    assert_eq!(
+        err,
+        cellnet::runtime::RecvError::FrameMissing {
+            frame: 0,
+            waited: Duration::from_millis(1500),
+            missing: vec![2]
+        }
+    );
+    // Once rank 2 sends, the same frame completes.
+    c.end_frame(0, &[0]).unwrap();
+    let frame = a.recv_frame(Duration::from_secs(10)).unwrap();
+    assert_eq!(frame[&1].len(), 1);
+    assert!(frame[&2].is_empty());
+}

@@ -108,6 +108,10 @@ cmd_up() {
     command -v nsenter >/dev/null && command -v unshare >/dev/null || die "nsenter/unshare missing (util-linux)"
     [ ${#PREFIX} -le 8 ] || die "CLUSTER_PREFIX '$PREFIX' longer than 8 characters (interface names are limited to 15)"
     [ ! -e "$STATE/env" ] || die "a cluster with prefix '$PREFIX' is already up (scripts/cluster.sh down first)"
+    # Concurrent `up`s on this host must not pick the same subnet: choose
+    # and claim it (bridge address) under a lock.
+    exec 9>"${CLUSTER_LOCK:-/tmp/cellnet-cluster.lock}"
+    flock -w 30 9 || die "could not lock ${CLUSTER_LOCK:-/tmp/cellnet-cluster.lock} within 30 s"
     local subnet="${CLUSTER_SUBNET:-77}"
     [ "$subnet" = auto ] && subnet="$(pick_subnet)"
     [[ "$subnet" =~ ^[0-9]+$ ]] && [ "$subnet" -le 255 ] || die "CLUSTER_SUBNET=$subnet is not 0..255 or auto"
@@ -142,6 +146,7 @@ EOF
     run ip link add "$bridge" type bridge
     run ip addr add "$net.254/24" dev "$bridge"
     run ip link set "$bridge" up
+    flock -u 9
     local k ns veth
     for k in $(seq "$nodes"); do
         ns="$(ns_name "$k")"

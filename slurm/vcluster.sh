@@ -40,10 +40,16 @@ fail() {
 }
 
 PIDS=()      # every daemon we started, stopped in reverse order
+SBATCH_PID=""
 CLUSTER_UP=0
 cleanup() {
     local rc=$? i pid
     trap - EXIT INT TERM
+    if [ -n "$SBATCH_PID" ]; then
+        kill -TERM "$SBATCH_PID" 2>/dev/null || true
+        wait "$SBATCH_PID" 2>/dev/null || true
+        [ "$rc" -ne 0 ] || rc=1
+    fi
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
         pid="${PIDS[$i]}"
         kill -TERM "$pid" 2>/dev/null || true
@@ -155,15 +161,21 @@ say "$NODES nodes idle ($(timeout 5 sinfo -h -o '%D %T %N' </dev/null)) after $(
 cd "$REPO"
 t0=$(date +%s.%N)
 set +e
-job=$(timeout --kill-after=10 "$JOB_TIMEOUT" sbatch --wait --parsable -N "$NODES" --ntasks-per-node="$TPN" \
-    --output="$WORK/out/job-%j.out" slurm/vcluster-life.sbatch </dev/null 2>"$WORK/out/sbatch.err")
+# In the background and waited for, so INT/TERM interrupt the wait at once
+# (cleanup then stops sbatch by its PID).
+timeout --kill-after=10 "$JOB_TIMEOUT" sbatch --wait --parsable -N "$NODES" --ntasks-per-node="$TPN" \
+    --output="$WORK/out/job-%j.out" slurm/vcluster-life.sbatch </dev/null >"$WORK/out/sbatch.out" 2>"$WORK/out/sbatch.err" &
+SBATCH_PID=$!
+wait "$SBATCH_PID"
 rc=$?
+SBATCH_PID=""
 set -e
+job=$(head -n 1 "$WORK/out/sbatch.out")
 t1=$(date +%s.%N)
 elapsed=$(secs "$t0" "$t1")
 out_file="$WORK/out/job-${job%%;*}.out"
 [ -f "$out_file" ] && sed 's/^/  | /' "$out_file"
-[ "$rc" -eq 0 ] || fail "sbatch --wait slurm/vcluster-life.sbatch exited $rc after ${elapsed}s: $(cat "$WORK/out/sbatch.err")"
+[ "$rc" -eq 0 ] || fail "timeout $JOB_TIMEOUT sbatch --wait slurm/vcluster-life.sbatch exited $rc after ${elapsed}s: $(cat "$WORK/out/sbatch.err")"
 grep -q '^verified' "$out_file" 2>/dev/null || grep -q 'verified' "$out_file" \
     || fail "job ${job} finished but did not print 'verified' (output above)"
 probes=$(grep -c '^cellnet probe: rank .* leader ' "$out_file" || true)

@@ -133,14 +133,25 @@ impl Cluster {
                     ("CELLNET_JOIN_TIMEOUT", "60s".to_string()),
                 ];
                 env.extend(extra.iter().cloned());
+                // Debugging a failure: CELLNET_TEST_LOG=cellnet=debug.
+                if let Ok(log) = std::env::var("CELLNET_TEST_LOG") {
+                    env.push(("CELLNET_LOG", log));
+                }
                 children.push(self.spawn(node + 1, args, &env));
             }
         }
-        children
+        let outs = children
             .into_iter()
             .enumerate()
             .map(|(i, c)| wait(c, Duration::from_secs(120), &format!("instance {i}")))
-            .collect()
+            .collect::<Vec<_>>();
+        if let Ok(dir) = std::env::var("CELLNET_TEST_LOG_DIR") {
+            for (rank, out) in outs.iter().enumerate() {
+                let path = format!("{dir}/{}-rank{rank}.log", args[0]);
+                let _ = std::fs::write(path, format!("{}\n{}", out.stdout, out.stderr));
+            }
+        }
+        outs
     }
 
     /// `mpirun -n 16` with the 4 namespaces as hosts (4 slots each): one
@@ -207,6 +218,23 @@ impl Drop for Cluster {
             );
         }
     }
+}
+
+/// Fails naming every instance that did not exit 0, with its stderr.
+fn assert_all_ok(what: &str, outs: &[Output]) {
+    let failed: Vec<String> = outs
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.code != Some(0))
+        .map(|(r, o)| format!("rank {r} exit {:?}: {}", o.code, o.stderr.trim()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} instances failed:\n{}",
+        failed.len(),
+        outs.len(),
+        failed.join("\n")
+    );
 }
 
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
@@ -325,4 +353,58 @@ fn mpirun_with_namespaces_as_hosts_gives_node_identity_and_life_verified() {
         out.stderr
     );
     assert!(out.stdout.contains("verified"), "{}", out.stdout);
+}
+
+impl Cluster {
+    /// Drop `pct` % of UDP and TCP arriving on every node's eth0 (nftables
+    /// inside each namespace; loopback, so node-local traffic, is spared).
+    fn loss(&self, pct: u32) {
+        let out = script(&self.prefix, &["nft-loss", &pct.to_string()]);
+        assert_eq!(out.code, Some(0), "cluster.sh nft-loss: {}", out.stderr);
+    }
+
+    /// Packets the loss rules dropped, summed over all nodes.
+    fn dropped(&self) -> u64 {
+        (1..=NODES)
+            .map(|k| {
+                let out = Command::new("timeout")
+                    .args(["10", "ip", "netns", "exec", &self.name(k)])
+                    .args(["nft", "list", "table", "inet", "cellnet_loss"])
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("nft list");
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                field(&text, "packets ").parse::<u64>().unwrap_or(0)
+            })
+            .sum()
+    }
+}
+
+#[test]
+fn life_on_four_nodes_survives_ten_percent_udp_and_tcp_loss() {
+    let cluster = Cluster::up("c");
+    cluster.loss(10);
+    let outs = cluster.launch_explicit(&["probe", "--exchange", "5"], &[]);
+    for (rank, out) in outs.iter().enumerate() {
+        assert_eq!(
+            out.code,
+            Some(0),
+            "rank {rank} failed under loss: {}",
+            out.stderr
+        );
+        assert!(
+            out.stdout.contains("exchange ok"),
+            "rank {rank}: {}",
+            out.stdout
+        );
+    }
+    let outs = cluster.launch_explicit(&LIFE, &[]);
+    assert_all_ok("life under 10% loss", &outs);
+    assert!(outs[0].stdout.contains("verified"), "{}", outs[0].stdout);
+    let dropped = cluster.dropped();
+    assert!(
+        dropped > 0,
+        "the loss rules dropped nothing: not a fault test"
+    );
+    println!("10% loss: {dropped} packets dropped, life verified");
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use cellnet::app::{life, probe, stress};
+use cellnet::app::{collectives, life, probe, stress};
 use cellnet::config::{parse_duration, Config, VARIABLES};
 use cellnet::launch::{self, LaunchMode};
 use cellnet::place::PlacementPolicy;
@@ -73,6 +73,15 @@ enum Cmd {
     Probe(ProbeArgs),
     /// Many cells between all instances, a subset refused by the handler; checks every ticket
     Stress(StressArgs),
+    /// Run every collective through cellnet; under MPI compare each with MPI's result
+    Collectives(CollectivesArgs),
+}
+
+#[derive(Args, Debug)]
+struct CollectivesArgs {
+    /// Deadline of each collective
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -198,12 +207,10 @@ fn run_life(config: Config, a: &LifeArgs) -> Result<(), Failure> {
     // The partition depends on the job size, known only after launch
     // detection; the handler is built from it before the runtime starts.
     let (info, mpi) = launch::detect(config.launch).map_err(RuntimeError::from)?;
-    let part =
-        cellnet::partition::Partition2d::new(params.rows, params.cols, info.size).map_err(|e| {
-            Failure {
-                code: 2,
-                message: e.to_string(),
-            }
+    let part = cellnet::partition::Partition2d::new([params.rows, params.cols], info.size)
+        .map_err(|e| Failure {
+            code: 2,
+            message: e.to_string(),
         })?;
     let handler = life::handler(part, info.rank, params.frames);
     let mut b = Communicator::builder()
@@ -262,6 +269,14 @@ fn run_stress(config: Config, a: &StressArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn run_collectives(config: Config, a: &CollectivesArgs) -> Result<(), Failure> {
+    let comm = start(config, None)?;
+    let line = collectives::run(&comm, a.timeout).map_err(fail)?;
+    println!("{line}");
+    comm.shutdown()?;
+    Ok(())
+}
+
 fn run_probe(config: Config, a: &ProbeArgs) -> Result<(), Failure> {
     let comm = start(config, None)?;
     println!("{}", probe::line(&comm));
@@ -309,6 +324,7 @@ fn main() -> ExitCode {
             Cmd::Life(a) => run_life(config, a),
             Cmd::Probe(a) => run_probe(config, a),
             Cmd::Stress(a) => run_stress(config, a),
+            Cmd::Collectives(a) => run_collectives(config, a),
         });
     match result {
         Ok(()) => ExitCode::SUCCESS,

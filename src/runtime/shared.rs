@@ -144,6 +144,9 @@ pub struct Status {
     pub members: Vec<PeerInfo>,
     /// `(nodes, size)` once the job is globally ready.
     pub global: Option<(u32, u32)>,
+    /// On leaders: the leader of every node, by node index (the first runs
+    /// the coordinator). Empty on members.
+    pub node_leaders: Vec<Rank>,
     /// Why the I/O thread stopped, if it failed.
     pub failed: Option<String>,
     pub stopped: bool,

@@ -580,6 +580,10 @@ impl Driver {
                          (CELLNET_COORDINATOR must be an address of the first node, and its port free)"
                     )
                 })?;
+                // Port 0 (single-node jobs, tests): register where it landed.
+                if let Some(bound) = udp.local_addr().filter(|_| self.p.coordinator.port() == 0) {
+                    self.p.coordinator = bound;
+                }
                 let (nodes, size) = (self.p.info.nodes, self.p.info.size);
                 let coordinator = if self.p.status.get().global.is_some() {
                     Coordinator::resume(nodes, size)

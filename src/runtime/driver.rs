@@ -677,8 +677,10 @@ impl Driver {
     fn on_global_event(&mut self, e: GlobalEvent) {
         match e {
             GlobalEvent::Ready { nodes, size } => {
-                self.p.status.update(|s| s.global = Some((nodes, size)));
+                // The node leaders first: the application may start a
+                // collective the moment it sees `global`.
                 self.directory_changed();
+                self.p.status.update(|s| s.global = Some((nodes, size)));
             }
             GlobalEvent::DirectoryChanged => self.directory_changed(),
             GlobalEvent::Resolved(info) => {

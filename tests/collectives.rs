@@ -41,6 +41,7 @@ fn collectives_agree_on_five_instances() {
             });
         }
     });
+    shutdown_all(comms);
 }
 
 #[test]
@@ -68,4 +69,5 @@ fn a_participant_that_never_calls_is_named() {
         }
         other => panic!("rank 1: {other:?}"),
     }
+    shutdown_all(comms);
 }

@@ -134,6 +134,10 @@ pub enum Control {
     Feedback(Feedback),
     /// Receiver → laggard: "I have not heard all of `frame` from you".
     FrameQuery { frame: u64 },
+    /// "I am shutting down cleanly; everything I sent is answered."
+    Goodbye,
+    /// "Still here" to a watched peer we have sent nothing to lately.
+    Heartbeat,
     /// Laggard → receiver: whether it has ended `frame` towards the asker
     /// (it resends everything unanswered at the same time).
     FrameReport { frame: u64, ended: bool },

@@ -141,6 +141,16 @@ pub enum PeerEvent {
     /// The peer came back with a new incarnation: cells it had received but
     /// not answered were resent to its new life.
     Restarted { rank: Rank, incarnation: u64 },
+    /// The peer shut down cleanly (it said goodbye).
+    Left { rank: Rank },
+    /// Nothing heard from the peer for a while (it may be dead or slow).
+    Suspect { rank: Rank },
+    /// A suspect peer was heard from again.
+    Recovered { rank: Rank },
+    /// The peer is declared dead (until it returns with a new incarnation).
+    Lost { rank: Rank },
+    /// This node has a new leader (the old one was lost).
+    LeaderChanged { node: u32, leader: Rank },
 }
 
 /// The promise of an answer to one sent cell.
@@ -204,12 +214,27 @@ pub(crate) enum Command {
     Shutdown,
 }
 
-/// How the I/O thread ended, for [`Communicator::shutdown`].
+/// The books of an instance when it stopped, for
+/// [`Communicator::shutdown`]. Messages count cells, frame ends and
+/// collective steps. After a clean drain `sent == acknowledged + refused +
+/// timed_out`, and `unanswered == unacknowledged == 0`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Sent cells still unanswered at the drain deadline (0 on a clean drain).
+    /// Reliable messages sent.
+    pub sent: u64,
+    /// ... answered ACK.
+    pub acknowledged: u64,
+    /// ... answered ERR.
+    pub refused: u64,
+    /// ... that timed out (including any still open when the I/O thread stopped).
+    pub timed_out: u64,
+    /// Reliable messages received (each once, duplicates not counted).
+    pub delivered: u64,
+    /// Cells the handler ran on.
+    pub handled: u64,
+    /// Sent messages unanswered when the drain ended (0 on a clean drain).
     pub unanswered: usize,
-    /// Received cells whose answer was not sent.
+    /// Received messages whose answer was not sent.
     pub unacknowledged: usize,
 }
 

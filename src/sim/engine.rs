@@ -879,6 +879,9 @@ impl<'a> Sim<'a> {
                 }
                 self.book.first_ready.entry(rank).or_insert(now);
             }
+            // The runtime watches the new node leaders' liveness (§7);
+            // the sim does not run failure detection yet.
+            GlobalEvent::DirectoryChanged => {}
             GlobalEvent::Resolved(info) => {
                 let to = info.rank;
                 if inst.lives.get(&to).is_none_or(|l| *l <= info.incarnation) {

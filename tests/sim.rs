@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+mod common;
+
 use cellnet::sim::{self, CrashSpec, Invariant, PartitionSpec, SimConfig, SimViolation};
 
 const SEEDS: u64 = 500;
@@ -259,5 +261,80 @@ fn the_default_deadline_is_generous_up_to_fifteen_percent_loss() {
         at(0.4).loss_justifies_timeouts(),
         "{}",
         at(0.4).timeout_odds()
+    );
+}
+
+#[test]
+fn cellnet_sim_reports_invariants_hold_and_refuses_bad_flags_with_exit_2() {
+    let limit = Duration::from_secs(60);
+    let out = common::run(
+        &[
+            "sim",
+            "--nodes",
+            "2",
+            "--per-node",
+            "3",
+            "--loss",
+            "0.05",
+            "--seed",
+            "4",
+        ],
+        &[],
+        limit,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("global ready (virtual)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.trim_end().ends_with("invariants hold"),
+        "{}",
+        out.stdout
+    );
+    for bad in [
+        &["sim", "--loss", "1"][..],
+        &["sim", "--crash", "5"],
+        &["sim", "--nodes", "0"],
+        &["sim", "--nodes", "2", "--crash", "9@0+1s"],
+    ] {
+        let out = common::run(bad, &[], limit);
+        assert_eq!(out.code, Some(2), "{bad:?}: {}", out.stderr);
+        assert_eq!(
+            out.stderr.trim().lines().count(),
+            1,
+            "{bad:?}: {}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn cellnet_sim_violation_exits_1_and_says_how_to_replay() {
+    // The coordinator (rank 0) crashes: its registry is gone for good.
+    let out = common::run(
+        &[
+            "sim",
+            "--nodes",
+            "2",
+            "--per-node",
+            "2",
+            "--seed",
+            "9",
+            "--crash",
+            "0@0+50ms",
+            "--time-limit",
+            "60s",
+        ],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("violation: "), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("(replay with --seed 9)"),
+        "{}",
+        out.stderr
     );
 }

@@ -8,6 +8,25 @@
 //! instance). The same [`SimConfig`] (seed included) replays the same run
 //! event for event, so a failing seed is a reproducible bug report.
 //!
+//! The model, per message: lost with probability `loss`, delivered twice
+//! with probability `dup`, delayed by `delay` + up to `jitter` (+ up to
+//! `reorder_delay` for a `reorder` fraction); a partition drops what
+//! crosses its cut. Pings reach only the sender's node-mates;
+//! registrations go to whoever runs the coordinator (node 0's leader);
+//! a ZeroMQ message addressed to a life its receiver has left is lost
+//! (its endpoint is gone), one from a sender's past life is dropped.
+//! The workload after global ready is lock-step neighbour exchange on a
+//! block partition: one cell and a frame end to every neighbour per
+//! frame, the next frame sent once the previous one was handed over.
+//!
+//! A crashed instance comes back (same rank, next incarnation, empty
+//! state) and rejoins discovery and the global join, but not the frame
+//! workload: the application state it would resume from is not modelled,
+//! so its neighbours' frames stop at the crash (reported as
+//! `FrameMissing`, not as a violation). A crash of node 0's leader loses
+//! the coordinator for good (failover, DESIGN §7, is not simulated yet)
+//! and is reported as a violation.
+//!
 //! Owns the simulated network, the per-instance driver (a copy of what
 //! `runtime::driver` does with sockets, done with an event queue) and the
 //! invariant checks. Must not touch sockets, threads or the clock, except

@@ -146,6 +146,7 @@ enum Phase {
     DiscoveryZmq,
     GlobalUdp,
     GlobalZmq,
+    GlobalResolve,
     Data,
     Feedback,
     FrameQuery,
@@ -155,6 +156,7 @@ fn phase_of(c: &Control) -> Phase {
     match c {
         Control::Pong(_) | Control::Ready => Phase::DiscoveryZmq,
         Control::Feedback(_) => Phase::Feedback,
+        Control::Resolve { .. } | Control::Resolved { .. } => Phase::GlobalResolve,
         Control::FrameQuery { .. } | Control::FrameReport { .. } => Phase::FrameQuery,
         _ => Phase::GlobalZmq,
     }
@@ -202,6 +204,7 @@ struct Inst {
     works: bool,
     next_send: u64,
     frames_done: u64,
+    /// The earliest pending timer event (later ones are stale).
     timer_at: Option<Now>,
     wakes: (Now, u32),
     /// `discovery.poll_timeout()` (O(node size)) as of the last call that
@@ -458,6 +461,7 @@ impl<'a> Sim<'a> {
             Phase::DiscoveryZmq => m.discovery_zmq += 1,
             Phase::GlobalUdp => m.global_udp += 1,
             Phase::GlobalZmq => m.global_zmq += 1,
+            Phase::GlobalResolve => m.global_resolve += 1,
             Phase::Data => m.data += 1,
             Phase::Feedback => m.feedback += 1,
             Phase::FrameQuery => m.frame_queries += 1,
@@ -807,9 +811,12 @@ impl<'a> Sim<'a> {
         .flatten()
         .min()
         .map(|t| t.max(now));
-        if next != inst.timer_at {
-            inst.timer_at = next;
-            if let Some(t) = next {
+        // Only an earlier wake-up needs a new event: a pending earlier one
+        // fires harmlessly (nothing is due yet) and schedules again. That
+        // keeps the heap small while every ACK moves a retransmission timer.
+        if let Some(t) = next {
+            if inst.timer_at.is_none_or(|pending| t < pending) {
+                inst.timer_at = Some(t);
                 self.net.push(t, EvKind::Timer(rank));
             }
         }

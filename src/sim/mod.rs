@@ -316,8 +316,10 @@ pub struct PhaseCounts {
     pub discovery_zmq: u64,
     /// Registrations to the coordinator.
     pub global_udp: u64,
-    /// Welcome, GlobalReady, AwaitGlobal, Resolve, Resolved.
+    /// Welcome, GlobalReady, AwaitGlobal.
     pub global_zmq: u64,
+    /// Resolve and Resolved (members asking their leader for remote peers).
+    pub global_resolve: u64,
     /// Cells and frame ends, retransmissions included.
     pub data: u64,
     /// Coalesced ACK/ERR.
@@ -328,7 +330,7 @@ pub struct PhaseCounts {
 
 impl PhaseCounts {
     pub fn global(&self) -> u64 {
-        self.global_udp + self.global_zmq
+        self.global_udp + self.global_zmq + self.global_resolve
     }
     pub fn discovery(&self) -> u64 {
         self.discovery_udp + self.discovery_zmq
@@ -428,7 +430,8 @@ impl fmt::Display for SimReport {
             ("  discovery udp (ping)", m.discovery_udp),
             ("  discovery zmq (pong/ready)", m.discovery_zmq),
             ("  global udp (register)", m.global_udp),
-            ("  global zmq", m.global_zmq),
+            ("  global zmq (join)", m.global_zmq),
+            ("  global zmq (resolve)", m.global_resolve),
             ("  reliable data", m.data),
             ("  feedback (ack/err)", m.feedback),
             ("  frame query/report", m.frame_queries),

@@ -207,9 +207,21 @@ impl Driver {
                     self.say_goodbye();
                 }
                 let peers_done = self.incarnations.keys().all(|r| self.goodbyes.contains(r));
-                let lingered = self
-                    .drained_at
-                    .is_some_and(|t| now >= t + self.p.config.linger);
+                // A leader serves its node (resolutions, collectives): it
+                // waits for its members' goodbyes up to the send deadline,
+                // for everybody else's up to the linger time.
+                let status = self.p.status.get();
+                let me = self.p.me.rank;
+                let members_done = status.leader != Some(me)
+                    || status.members.iter().all(|m| {
+                        m.rank == me
+                            || self.goodbyes.contains(&m.rank)
+                            || self.dead.contains(&m.rank)
+                    });
+                let lingered = members_done
+                    && self
+                        .drained_at
+                        .is_some_and(|t| now >= t + self.p.config.linger);
                 let deadline = since + self.p.config.reliable.deadline + self.p.config.linger;
                 if (drained && (peers_done || lingered)) || now >= deadline {
                     return Ok(());

@@ -482,3 +482,51 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimViolation> {
         wall: started.elapsed(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_lossy_job_holds_every_invariant_and_replays_exactly() {
+        let cfg = SimConfig {
+            nodes: 2,
+            per_node: 3,
+            loss: 0.1,
+            dup: 0.05,
+            reorder: 0.2,
+            seed: 11,
+            ..SimConfig::default()
+        };
+        let a = run(&cfg).unwrap();
+        assert_eq!(a.stats.instances, 6);
+        assert_eq!(a.stats.frames_handed, 6 * cfg.frames);
+        assert!(a.stats.global_ready.is_some() && a.stats.lost > 0);
+        assert_eq!(run(&cfg).unwrap().stats, a.stats);
+        assert!(a.to_string().ends_with("invariants hold"));
+    }
+
+    #[test]
+    fn out_of_range_settings_are_named() {
+        let bad = SimConfig {
+            loss: 1.0,
+            ..SimConfig::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(SimConfigError::Probability { name: "loss", .. })
+        ));
+        let bad = SimConfig {
+            partition: Some(PartitionSpec {
+                node: 2,
+                start: Duration::ZERO,
+                duration: Duration::ZERO,
+            }),
+            ..SimConfig::default()
+        };
+        assert_eq!(
+            bad.validate(),
+            Err(SimConfigError::PartitionNode { node: 2, nodes: 2 })
+        );
+    }
+}

@@ -565,6 +565,10 @@ impl Driver {
                     // Complete again after a node-mate restarted.
                     Some(g) => {
                         g.update_members(now, members.clone());
+                        // A member whose leader restarted asks its new life.
+                        if let Some(l) = members.iter().find(|m| m.rank == leader) {
+                            g.follow_leader(now, l.clone());
+                        }
                         self.p.status.update(|s| s.members = members);
                     }
                     None => self.take_role(now, leader, members)?,
@@ -887,6 +891,9 @@ impl Driver {
             known => {
                 self.incarnations.insert(rank, inc);
                 if known.is_some() {
+                    // Parked copies carry ids of the old numbering; the
+                    // reset resends everything unanswered anyway.
+                    self.parked.remove(&rank);
                     self.reliable.reset_peer(now, rank);
                     self.routes.remove(&rank);
                     if self.peers.get(&rank).is_some_and(|p| p.incarnation < inc) {

@@ -129,10 +129,10 @@ pub fn draw(path: &Path, axes: &Axes, lines: &[Line]) -> Result<(), BenchError> 
     }
     match (axes.log_x, axes.log_y) {
         (true, true) => body!(builder
-            .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
+            .build_cartesian_2d((x0..x1).log_scale().base(2.0), (y0..y1).log_scale())
             .map_err(err)?),
         (true, false) => body!(builder
-            .build_cartesian_2d((x0..x1).log_scale(), y0..y1)
+            .build_cartesian_2d((x0..x1).log_scale().base(2.0), y0..y1)
             .map_err(err)?),
         (false, true) => body!(builder
             .build_cartesian_2d(x0..x1, (y0..y1).log_scale())

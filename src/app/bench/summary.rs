@@ -89,7 +89,11 @@ fn compare(
         cellnet_value: c,
         baseline_value: Some(b),
         ratio: Some(r),
-        limit: format!("{} {limit}x", if at_most { "<=" } else { ">=" }),
+        limit: if informative {
+            "-".into()
+        } else {
+            format!("{} {limit}x", if at_most { "<=" } else { ">=" })
+        },
         pass: (!informative).then_some(ok),
     })
 }
@@ -274,13 +278,13 @@ pub fn print(s: &Summary) {
         }
     );
     println!(
-        "{:<52} {:>22} {:>22} {:>22} {:>10} {:>5}",
+        "{:<54} {:>18} {:>18} {:>24} {:>9} {:>5}",
         "target", "cellnet", "baseline", "ratio [min–max]", "limit", ""
     );
     let f = |v: &Spread, u: &str| format!("{} {u}", fmt(v.median));
     for r in &s.rows {
         println!(
-            "{:<52} {:>22} {:>22} {:>22} {:>10} {:>5}",
+            "{:<54} {:>18} {:>18} {:>24} {:>9} {:>5}",
             r.target,
             f(&r.cellnet_value, &r.unit),
             r.baseline_value.map_or("-".into(), |b| f(&b, &r.unit)),

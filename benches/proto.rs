@@ -114,9 +114,9 @@ fn frame_benches(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let p = Partition2d::new(4096, 4096, 6400).unwrap();
+    let p = Partition2d::new([4096, 4096], 6400).unwrap();
     g.bench_function("owner_of_6400_parts", |b| {
-        b.iter(|| p.owner_of(black_box(3000), black_box(1234)))
+        b.iter(|| p.owner_of(black_box([3000, 1234])))
     });
     g.bench_function("neighbours_6400_parts", |b| {
         b.iter(|| p.neighbours(black_box(3333)))

@@ -130,6 +130,9 @@ pub struct Config {
     pub secret: Option<Vec<u8>>,
     pub join_timeout: Duration,
     pub frames_ahead: u64,
+    /// After a drained shutdown, how long to keep answering peers that have
+    /// not said goodbye yet.
+    pub linger: Duration,
     pub discovery: DiscoveryConfig,
     pub global: GlobalConfig,
     pub reliable: ReliableConfig,
@@ -150,6 +153,7 @@ impl Default for Config {
             secret: None,
             join_timeout: Duration::from_secs(60),
             frames_ahead: 64,
+            linger: Duration::from_secs(2),
             discovery: DiscoveryConfig::default(),
             global: GlobalConfig::default(),
             reliable: ReliableConfig::default(),
@@ -265,6 +269,9 @@ impl Config {
             })
         })? {
             c.reliable.window = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_LINGER", parse_duration)? {
+            c.linger = v;
         }
         if let Some(v) = get(vars, "CELLNET_FRAMES_AHEAD", |s| {
             from_str::<u64>(s).and_then(|w| {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use cellnet::app::{bench, life, probe, stress};
+use cellnet::app::{bench, collectives, life, probe, stress};
 use cellnet::config::{parse_duration, Config, VARIABLES};
 use cellnet::launch::{self, LaunchMode};
 use cellnet::place::PlacementPolicy;
@@ -75,6 +75,8 @@ enum Cmd {
     Stress(StressArgs),
     /// Benchmarks against raw ZeroMQ, TCP and MPI: latency, throughput, discovery, halo, all
     Bench(BenchArgs),
+    /// Run every collective through cellnet; under MPI compare each with MPI's result
+    Collectives(CollectivesArgs),
 }
 
 #[derive(Args, Debug)]
@@ -97,6 +99,13 @@ struct BenchArgs {
     /// halo-worker: grid side
     #[arg(long, default_value_t = 512, hide = true, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     grid: u64,
+}
+
+#[derive(Args, Debug)]
+struct CollectivesArgs {
+    /// Deadline of each collective
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -222,12 +231,10 @@ fn run_life(config: Config, a: &LifeArgs) -> Result<(), Failure> {
     // The partition depends on the job size, known only after launch
     // detection; the handler is built from it before the runtime starts.
     let (info, mpi) = launch::detect(config.launch).map_err(RuntimeError::from)?;
-    let part =
-        cellnet::partition::Partition2d::new(params.rows, params.cols, info.size).map_err(|e| {
-            Failure {
-                code: 2,
-                message: e.to_string(),
-            }
+    let part = cellnet::partition::Partition2d::new([params.rows, params.cols], info.size)
+        .map_err(|e| Failure {
+            code: 2,
+            message: e.to_string(),
         })?;
     let handler = life::handler(part, info.rank, params.frames);
     let mut b = Communicator::builder()
@@ -283,6 +290,14 @@ fn run_stress(config: Config, a: &StressArgs) -> Result<(), Failure> {
     let line = stress::run(&comm, &params, &seen).map_err(fail)?;
     comm.shutdown()?;
     println!("{line}");
+    Ok(())
+}
+
+fn run_collectives(config: Config, a: &CollectivesArgs) -> Result<(), Failure> {
+    let comm = start(config, None)?;
+    let line = collectives::run(&comm, a.timeout).map_err(fail)?;
+    println!("{line}");
+    comm.shutdown()?;
     Ok(())
 }
 
@@ -348,6 +363,7 @@ fn main() -> ExitCode {
             Cmd::Probe(a) => run_probe(config, a),
             Cmd::Stress(a) => run_stress(config, a),
             Cmd::Bench(a) => run_bench(config, a),
+            Cmd::Collectives(a) => run_collectives(config, a),
         });
     match result {
         Ok(()) => ExitCode::SUCCESS,

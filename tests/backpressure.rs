@@ -69,6 +69,7 @@ fn window_full_blocks_then_resumes_after_acks() {
         frame[&0].iter().map(|c| c[0]).collect::<Vec<_>>(),
         vec![0, 1, 2, 3, 4]
     );
+    shutdown_all(comms);
 }
 
 #[test]
@@ -95,4 +96,5 @@ fn a_frame_never_sent_is_reported_missing_with_the_laggard() {
     let frame = a.recv_frame(Duration::from_secs(10)).unwrap();
     assert_eq!(frame[&1].len(), 1);
     assert!(frame[&2].is_empty());
+    shutdown_all(comms);
 }

@@ -2,6 +2,9 @@
 //! still completes: junk and forged datagrams on the discovery port, and
 //! garbage ZeroMQ messages on an instance's receiving socket.
 
+mod common;
+use common::shutdown_all;
+
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -158,6 +161,5 @@ fn junk_datagrams_and_garbage_frames_are_counted_and_discovery_completes() {
     );
     assert!(ta.wait().unwrap().is_ack());
     assert!(tb.wait().unwrap().is_ack());
-    a.shutdown().unwrap();
-    b.shutdown().unwrap();
+    shutdown_all(vec![a, b]);
 }

@@ -75,3 +75,21 @@ fn mpirun_four_ranks_life_is_verified() {
         100
     );
 }
+
+#[test]
+fn mpirun_eight_ranks_collectives_equal_mpi() {
+    let out = mpirun(8, &["collectives"], &env(), Duration::from_secs(120));
+    assert_eq!(
+        out.code,
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        out.stdout,
+        out.stderr
+    );
+    let ok = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("ok on 8 instances, equal to MPI"))
+        .count();
+    assert_eq!(ok, 8, "{}", out.stdout);
+}

@@ -143,3 +143,25 @@ fn stress_100k_cells_each_way_every_ticket_right_and_handled_once() {
         );
     }
 }
+
+#[test]
+fn collectives_across_three_nodes_through_leaders_and_coordinator() {
+    let layout = [
+        (0, 0, 0, 2),
+        (1, 0, 1, 2),
+        (2, 1, 0, 2),
+        (3, 1, 1, 2),
+        (4, 2, 0, 2),
+        (5, 2, 1, 2),
+    ];
+    let outs = launch(&layout, 3, &["collectives", "--timeout", "20s"]);
+    for (rank, out) in outs.iter().enumerate() {
+        assert_eq!(out.code, Some(0), "rank {rank} failed: {}", out.stderr);
+        assert!(
+            out.stdout
+                .contains(&format!("rank {rank} ok on 6 instances")),
+            "{}",
+            out.stdout
+        );
+    }
+}

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::partition::{Block, Partition2d};
+use crate::partition::Partition2d;
 use crate::proto::{reliable::Outcome, Rank};
 use crate::runtime::{Communicator, HandlerError, Ticket};
 
@@ -192,14 +192,14 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 pub fn expected_halo_sizes(part: &Partition2d, rank: Rank) -> HashMap<Rank, usize> {
     let b = part.block(rank);
     let t = Tile {
-        rows: b.rows,
-        cols: b.cols,
+        rows: b.len[0],
+        cols: b.len[1],
         cells: Vec::new(),
         next: Vec::new(),
     };
     part.neighbours(rank)
         .into_iter()
-        .map(|(n, di, dj)| (n, t.halo_len(di, dj)))
+        .map(|n| (n.rank, t.halo_len(n.offset[0], n.offset[1])))
         .collect()
 }
 
@@ -213,8 +213,7 @@ pub fn handler(
     let halos = expected_halo_sizes(&part, rank);
     move |cell| {
         let want = if cell.frame == frames {
-            let b = part.block(cell.from);
-            b.rows * b.cols
+            part.block(cell.from).cells()
         } else {
             halos.get(&cell.from).copied().unwrap_or(usize::MAX)
         };
@@ -260,14 +259,14 @@ fn wait_acks(tickets: Vec<Ticket>) -> Result<(), LifeError> {
 /// [`handler`] with the same parameters).
 pub fn run(comm: &Communicator, p: &LifeParams) -> Result<LifeReport, LifeError> {
     let (rank, size) = (comm.rank(), comm.size());
-    let part = Partition2d::new(p.rows, p.cols, size)?;
-    let Block {
-        row0,
-        rows,
-        col0,
-        cols,
-    } = part.block(rank);
-    let neighbours = part.neighbours(rank);
+    let part = Partition2d::new([p.rows, p.cols], size)?;
+    let block = part.block(rank);
+    let ([row0, col0], [rows, cols]) = (block.start, block.len);
+    let neighbours: Vec<(Rank, i32, i32)> = part
+        .neighbours(rank)
+        .iter()
+        .map(|n| (n.rank, n.offset[0], n.offset[1]))
+        .collect();
     let peers: Vec<Rank> = neighbours.iter().map(|n| n.0).collect();
     comm.expect_from(peers.iter().copied())?;
     if rank == 0 {
@@ -330,9 +329,10 @@ pub fn run(comm: &Communicator, p: &LifeParams) -> Result<LifeReport, LifeError>
     let mut grid = vec![0u8; p.rows * p.cols];
     let mut place = |r: Rank, block: &[u8]| {
         let b = part.block(r);
-        for i in 0..b.rows {
-            let dst = (b.row0 + i) * p.cols + b.col0;
-            grid[dst..dst + b.cols].copy_from_slice(&block[i * b.cols..(i + 1) * b.cols]);
+        let ([row0, col0], [rows, cols]) = (b.start, b.len);
+        for i in 0..rows {
+            let dst = (row0 + i) * p.cols + col0;
+            grid[dst..dst + cols].copy_from_slice(&block[i * cols..(i + 1) * cols]);
         }
     };
     place(0, &tile.interior());
@@ -344,13 +344,13 @@ pub fn run(comm: &Communicator, p: &LifeParams) -> Result<LifeReport, LifeError>
                 .and_then(|v| v.first())
                 .map(|b| b.as_ref())
                 .unwrap_or(&[]);
-            let b = part.block(r);
-            if block.len() != b.rows * b.cols {
+            let want = part.block(r).cells();
+            if block.len() != want {
                 return Err(LifeError::BadCell {
                     from: r,
                     frame: p.frames,
                     got: block.len(),
-                    want: b.rows * b.cols,
+                    want,
                 });
             }
             place(r, block);
@@ -393,18 +393,21 @@ mod tests {
     fn tiles_with_exchanged_halos_match_the_serial_run() {
         let (rows, cols, frames, seed) = (23, 31, 12, 5);
         for parts in [1u32, 2, 3, 4, 6] {
-            let part = Partition2d::new(rows, cols, parts).unwrap();
+            let part = Partition2d::new([rows, cols], parts).unwrap();
             let mut tiles: Vec<Tile> = (0..parts)
                 .map(|r| {
                     let b = part.block(r);
-                    Tile::new(b.rows, b.cols, |i, j| initial(seed, b.row0 + i, b.col0 + j))
+                    Tile::new(b.len[0], b.len[1], |i, j| {
+                        initial(seed, b.start[0] + i, b.start[1] + j)
+                    })
                 })
                 .collect();
             for _ in 0..frames {
                 let mut msgs = Vec::new();
                 for r in 0..parts {
-                    for (n, di, dj) in part.neighbours(r) {
-                        msgs.push((n, -di, -dj, tiles[r as usize].edge_bytes(di, dj)));
+                    for n in part.neighbours(r) {
+                        let [di, dj] = n.offset;
+                        msgs.push((n.rank, -di, -dj, tiles[r as usize].edge_bytes(di, dj)));
                     }
                 }
                 for (n, di, dj, bytes) in msgs {
@@ -415,11 +418,11 @@ mod tests {
             let reference = serial(rows, cols, frames, seed);
             for r in 0..parts {
                 let b = part.block(r);
-                for i in 0..b.rows {
-                    for j in 0..b.cols {
+                for i in 0..b.len[0] {
+                    for j in 0..b.len[1] {
                         assert_eq!(
                             tiles[r as usize].get(i, j),
-                            reference[(b.row0 + i) * cols + b.col0 + j],
+                            reference[(b.start[0] + i) * cols + b.start[1] + j],
                             "parts {parts}"
                         );
                     }

@@ -164,6 +164,11 @@ impl ZmqTransport {
         Ok(())
     }
 
+    /// Ranks this instance has a sending socket to.
+    pub fn routes(&self) -> Vec<Rank> {
+        self.dealers.keys().copied().collect()
+    }
+
     /// Close the sending socket to `rank` (peer gone or no longer needed).
     pub fn disconnect(&mut self, rank: Rank) {
         self.dealers.remove(&rank);

@@ -226,6 +226,8 @@ pub struct GlobalJoin {
     directory: HashMap<Rank, PeerInfo>,
     /// Member: ranks asked of the leader and not answered yet.
     pending: BTreeMap<Rank, Backoff>,
+    /// Leader: the leader of every node, by node index.
+    node_leaders: Vec<Rank>,
     rng: SmallRng,
     transmits: VecDeque<GlobalTransmit>,
     events: VecDeque<GlobalEvent>,
@@ -279,6 +281,7 @@ impl GlobalJoin {
             ready: None,
             directory: HashMap::new(),
             pending: BTreeMap::new(),
+            node_leaders: Vec::new(),
             rng: SmallRng::seed_from_u64(seed),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -308,6 +311,12 @@ impl GlobalJoin {
                 self.ready = None;
             }
         }
+    }
+
+    /// Leader, once globally ready: the leader of every node by node index
+    /// (the first one runs the coordinator). Empty on members.
+    pub fn node_leaders(&self) -> &[Rank] {
+        &self.node_leaders
     }
 
     pub fn is_leader(&self) -> bool {
@@ -359,6 +368,7 @@ impl GlobalJoin {
                         .flat_map(|n| n.members.iter())
                         .map(|p| (p.rank, p.clone()))
                         .collect();
+                    self.node_leaders = directory.iter().map(|n| n.leader.rank).collect();
                     let announce = Control::GlobalReady {
                         nodes: *nodes,
                         size: *size,

@@ -64,8 +64,8 @@ impl Default for ReliableConfig {
             ),
             deadline: Duration::from_secs(30),
             window: 256,
-            ack_delay: Duration::from_millis(1),
-            ack_batch: 32,
+            ack_delay: Duration::ZERO,
+            ack_batch: 64,
             dedup_window: 4096,
         }
     }

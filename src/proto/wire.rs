@@ -134,6 +134,8 @@ pub enum Control {
     Feedback(Feedback),
     /// Receiver → laggard: "I have not heard all of `frame` from you".
     FrameQuery { frame: u64 },
+    /// "I am shutting down cleanly; everything I sent is answered."
+    Goodbye,
     /// Laggard → receiver: whether it has ended `frame` towards the asker
     /// (it resends everything unanswered at the same time).
     FrameReport { frame: u64, ended: bool },
@@ -146,6 +148,9 @@ pub enum DataKind {
     Cell,
     /// The sender's part of `frame` is over; it sent `count` cells of it.
     FrameEnd { count: u32 },
+    /// A step of a collective operation (`frame` holds its sequence number);
+    /// never handed to the cell handler or to frame assembly.
+    Collective,
 }
 
 /// A reliable data message: a cell or a frame-end marker.
@@ -178,6 +183,7 @@ pub enum MsgKind {
     Control = 1,
     Cell = 2,
     FrameEnd = 3,
+    Collective = 4,
 }
 
 /// Size of the encoded [`Header`].
@@ -215,6 +221,7 @@ impl Header {
             1 => MsgKind::Control,
             2 => MsgKind::Cell,
             3 => MsgKind::FrameEnd,
+            4 => MsgKind::Collective,
             k => return Err(WireError::UnknownKind(k)),
         };
         Ok(Header {
@@ -261,6 +268,7 @@ pub fn data_header(
     let (kind, aux) = match msg.kind {
         DataKind::Cell => (MsgKind::Cell, 0),
         DataKind::FrameEnd { count } => (MsgKind::FrameEnd, count),
+        DataKind::Collective => (MsgKind::Collective, 0),
     };
     Header {
         kind,
@@ -290,13 +298,13 @@ pub fn decode_peer_msg(frames: &[&[u8]]) -> Result<(Header, PeerMsg), WireError>
             }
             PeerMsg::Control(decode_body(body)?)
         }
-        MsgKind::Cell | MsgKind::FrameEnd => PeerMsg::Data(DataMsg {
+        MsgKind::Cell | MsgKind::FrameEnd | MsgKind::Collective => PeerMsg::Data(DataMsg {
             id: header.id,
             frame: header.frame,
-            kind: if header.kind == MsgKind::Cell {
-                DataKind::Cell
-            } else {
-                DataKind::FrameEnd { count: header.aux }
+            kind: match header.kind {
+                MsgKind::Cell => DataKind::Cell,
+                MsgKind::FrameEnd => DataKind::FrameEnd { count: header.aux },
+                _ => DataKind::Collective,
             },
             payload: Bytes::copy_from_slice(body),
         }),

@@ -43,6 +43,7 @@ pub(crate) struct Parts {
     pub commands: Receiver<Command>,
     pub frames: Sender<Result<CompleteFrame, FrameMissing>>,
     pub events: Sender<PeerEvent>,
+    pub collectives: Sender<(Rank, u64, bytes::Bytes)>,
     pub waker: Arc<Waker>,
     pub credits: Arc<CreditGate>,
     pub status: Arc<StatusCell>,
@@ -79,15 +80,21 @@ pub(crate) struct Driver {
     incarnations: HashMap<Rank, Incarnation>,
     /// The highest frame this instance ended towards each peer.
     ended: HashMap<Rank, u64>,
-    done_tx: Sender<HandlerDone>,
-    done_rx: Receiver<HandlerDone>,
+    done_tx: Sender<Vec<HandlerDone>>,
+    done_rx: Receiver<Vec<HandlerDone>>,
+    /// Cells delivered in this round, for the handler pool.
+    to_handle: Vec<Cell>,
+    /// Cells given to the handler so far.
+    handled: u64,
+    /// When a shutdown found everything answered (and said goodbye).
+    drained_at: Option<Now>,
+    /// Peers that left cleanly.
+    goodbyes: std::collections::HashSet<Rank>,
     handlers_running: usize,
     shutdown_since: Option<Now>,
     /// Reused buffer of received messages.
     inbox: Vec<Inbound>,
 }
-
-const DRAIN_GRACE: Duration = Duration::from_millis(300);
 
 impl Driver {
     pub fn new(p: Parts) -> Self {
@@ -129,6 +136,10 @@ impl Driver {
             done_tx,
             done_rx,
             handlers_running: 0,
+            to_handle: Vec::new(),
+            handled: 0,
+            drained_at: None,
+            goodbyes: std::collections::HashSet::new(),
             shutdown_since: None,
             inbox: Vec::new(),
         }
@@ -140,15 +151,26 @@ impl Driver {
 
     pub fn run(mut self) -> ShutdownReport {
         let result = self.run_loop();
-        let report = ShutdownReport {
-            unanswered: self.reliable.unanswered(),
-            unacknowledged: self.reliable.pending_answers() + self.handlers_running,
-        };
+        if result.is_ok() && self.drained_at.is_none() {
+            self.say_goodbye();
+        }
+        let open = self.tickets.len() as u64;
         // Tickets still open resolve now: nothing waits forever.
         for ((to, _), tx) in self.tickets.drain() {
             let _ = tx.send(Outcome::TimedOut);
             self.p.credits.release(to);
         }
+        let st = self.reliable.stats();
+        let report = ShutdownReport {
+            sent: st.sent,
+            acknowledged: st.acks_received,
+            refused: st.errs_received,
+            timed_out: st.timeouts + open,
+            delivered: st.delivered,
+            handled: self.handled,
+            unanswered: self.reliable.unanswered(),
+            unacknowledged: self.reliable.pending_answers() + self.handlers_running,
+        };
         self.p.status.update(|s| {
             s.stopped = true;
             if let Err(e) = result {
@@ -167,11 +189,22 @@ impl Driver {
             self.fire_timers(now);
             self.flush(now)?;
             if let Some(since) = self.shutdown_since {
+                // Drain: our messages answered, then goodbye ("no more from
+                // me"), then stay until every peer that sent to us has said
+                // goodbye too (answering it meanwhile), or the deadline.
                 let drained = self.reliable.unanswered() == 0
                     && self.reliable.pending_answers() == 0
                     && self.handlers_running == 0;
-                let deadline = since + self.p.config.reliable.deadline + DRAIN_GRACE;
-                if (drained && now >= since + DRAIN_GRACE) || now >= deadline {
+                if drained && self.drained_at.is_none() {
+                    self.drained_at = Some(now);
+                    self.say_goodbye();
+                }
+                let peers_done = self.incarnations.keys().all(|r| self.goodbyes.contains(r));
+                let lingered = self
+                    .drained_at
+                    .is_some_and(|t| now >= t + self.p.config.linger);
+                let deadline = since + self.p.config.reliable.deadline + self.p.config.linger;
+                if (drained && (peers_done || lingered)) || now >= deadline {
                     return Ok(());
                 }
             }
@@ -182,6 +215,12 @@ impl Driver {
                 let d = t.saturating_sub(self.now());
                 d.as_micros().div_ceil(1000).min(100) as i64
             });
+            self.p.waker.park();
+            let wait = if self.p.commands.is_empty() && self.done_rx.is_empty() {
+                wait
+            } else {
+                0
+            };
             let mut fds = vec![self.p.waker.fd(), self.p.udp.raw_fd()];
             if let Some((_, udp)) = &self.coordinator {
                 fds.push(udp.raw_fd());
@@ -191,6 +230,7 @@ impl Driver {
                 .transport
                 .poll(&fds, wait)
                 .map_err(|e| e.to_string())?;
+            self.p.waker.unpark();
             if readable[0] {
                 self.p.waker.clear();
             }
@@ -202,6 +242,26 @@ impl Driver {
                 self.read_datagrams(now, true)?;
             }
             self.read_zmq(now)?;
+        }
+    }
+
+    /// Tell every peer we talked with that we leave cleanly: over our
+    /// sending socket to it, or back on the connection it used to reach us.
+    fn say_goodbye(&mut self) {
+        let [head, body] =
+            wire::encode_control(self.p.me.rank, self.p.me.incarnation, &Control::Goodbye);
+        let mut peers: std::collections::BTreeSet<Rank> =
+            self.p.transport.routes().into_iter().collect();
+        peers.extend(self.incarnations.keys());
+        for rank in peers {
+            let sent = self.p.transport.send(rank, &[&head, &body]).is_ok()
+                || self
+                    .routes
+                    .get(&rank)
+                    .is_some_and(|r| self.p.transport.reply(r, &[&head, &body]).is_ok());
+            if !sent {
+                Metrics::add(&self.p.metrics.replies_failed, 1);
+            }
         }
     }
 
@@ -249,6 +309,7 @@ impl Driver {
                     ticket,
                 }) => {
                     let kind = match kind {
+                        DataKind::Collective => DataKind::Collective,
                         DataKind::Cell => {
                             *self.frame_counts.entry((to, frame)).or_insert(0) += 1;
                             Metrics::add(&self.p.metrics.cells_sent, 1);
@@ -293,33 +354,36 @@ impl Driver {
     }
 
     fn take_handler_results(&mut self, now: Now) {
-        while let Ok(done) = self.done_rx.try_recv() {
-            self.handlers_running -= 1;
-            let HandlerDone { cell, result } = done;
-            match result {
-                Ok(()) => {
-                    match self
-                        .assembler
-                        .handle_cell(cell.from, cell.id, cell.frame, cell.payload)
-                    {
-                        Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
-                        Err(e) => {
-                            Metrics::add(&self.p.metrics.cells_refused, 1);
-                            self.reliable.complete(
-                                now,
-                                cell.from,
-                                cell.id,
-                                Err((codes::FRAME_REFUSED, e.to_string())),
-                            );
+        while let Ok(batch) = self.done_rx.try_recv() {
+            for HandlerDone { cell, result } in batch {
+                self.handlers_running -= 1;
+                match result {
+                    Ok(()) => {
+                        match self.assembler.handle_cell(
+                            cell.from,
+                            cell.id,
+                            cell.frame,
+                            cell.payload,
+                        ) {
+                            Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
+                            Err(e) => {
+                                Metrics::add(&self.p.metrics.cells_refused, 1);
+                                self.reliable.complete(
+                                    now,
+                                    cell.from,
+                                    cell.id,
+                                    Err((codes::FRAME_REFUSED, e.to_string())),
+                                );
+                            }
                         }
                     }
-                }
-                Err(HandlerError { code, text }) => {
-                    self.assembler
-                        .handle_rejected(cell.from, cell.id, cell.frame)
-                        .ok();
-                    self.reliable
-                        .complete(now, cell.from, cell.id, Err((code, text)));
+                    Err(HandlerError { code, text }) => {
+                        self.assembler
+                            .handle_rejected(cell.from, cell.id, cell.frame)
+                            .ok();
+                        self.reliable
+                            .complete(now, cell.from, cell.id, Err((code, text)));
+                    }
                 }
             }
         }
@@ -438,6 +502,7 @@ impl Driver {
                 progressed = true;
                 self.on_reliable_event(now, e);
             }
+            self.dispatch_handlers();
             self.pump_frames();
             if !progressed {
                 break;
@@ -504,7 +569,15 @@ impl Driver {
     fn on_global_event(&mut self, e: GlobalEvent) {
         match e {
             GlobalEvent::Ready { nodes, size } => {
-                self.p.status.update(|s| s.global = Some((nodes, size)));
+                let leaders = self
+                    .global
+                    .as_ref()
+                    .map(|g| g.node_leaders().to_vec())
+                    .unwrap_or_default();
+                self.p.status.update(|s| {
+                    s.global = Some((nodes, size));
+                    s.node_leaders = leaders;
+                });
             }
             GlobalEvent::Resolved(info) => {
                 let rank = info.rank;
@@ -517,9 +590,50 @@ impl Driver {
         }
     }
 
+    /// Hand the cells delivered in this round to the pool, in as many
+    /// batches as it has workers: one task and one wake-up per batch, not
+    /// per cell.
+    fn dispatch_handlers(&mut self) {
+        if self.to_handle.is_empty() {
+            return;
+        }
+        let cells = std::mem::take(&mut self.to_handle);
+        self.handlers_running += cells.len();
+        self.handled += cells.len() as u64;
+        let workers = self.p.pool.current_num_threads().max(1);
+        let chunk = cells.len().div_ceil(workers);
+        let mut cells = cells.into_iter().peekable();
+        while cells.peek().is_some() {
+            let batch: Vec<Cell> = cells.by_ref().take(chunk).collect();
+            let handler = self.p.handler.clone();
+            let done = self.done_tx.clone();
+            let waker = self.p.waker.clone();
+            self.p.pool.spawn(move || {
+                let results = batch
+                    .into_iter()
+                    .map(|cell| {
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            handler(&cell)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(HandlerError::new(u32::MAX, "the cell handler panicked"))
+                        });
+                        HandlerDone { cell, result }
+                    })
+                    .collect();
+                let _ = done.send(results);
+                waker.wake();
+            });
+        }
+    }
+
     fn on_reliable_event(&mut self, now: Now, e: ReliableEvent) {
         match e {
             ReliableEvent::Deliver { from, msg } => match msg.kind {
+                DataKind::Collective => {
+                    self.reliable.complete(now, from, msg.id, Ok(()));
+                    let _ = self.p.collectives.send((from, msg.frame, msg.payload));
+                }
                 DataKind::FrameEnd { count } => {
                     let answer = self
                         .assembler
@@ -543,25 +657,11 @@ impl Driver {
                         );
                         return;
                     }
-                    let cell = Cell {
+                    self.to_handle.push(Cell {
                         from,
                         frame: msg.frame,
                         id: msg.id,
                         payload: msg.payload,
-                    };
-                    let handler = self.p.handler.clone();
-                    let done = self.done_tx.clone();
-                    let waker = self.p.waker.clone();
-                    self.handlers_running += 1;
-                    self.p.pool.spawn(move || {
-                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            handler(&cell)
-                        }))
-                        .unwrap_or_else(|_| {
-                            Err(HandlerError::new(u32::MAX, "the cell handler panicked"))
-                        });
-                        let _ = done.send(HandlerDone { cell, result });
-                        waker.wake();
                     });
                 }
             },
@@ -779,7 +879,8 @@ impl Driver {
                         Metrics::add(&self.p.metrics.stale_messages, 1);
                         continue;
                     }
-                    if data.frame >= self.assembler.next_frame()
+                    if data.kind != DataKind::Collective
+                        && data.frame >= self.assembler.next_frame()
                         && !self.assembler.accepts(data.frame)
                     {
                         // The frame buffer is full: withhold the answer (and
@@ -793,6 +894,17 @@ impl Driver {
                     let ended = self.ended.get(&header.from).is_some_and(|&e| e >= frame);
                     self.reliable.resend_now(now, header.from);
                     self.reply(header.from, &Control::FrameReport { frame, ended });
+                }
+                PeerMsg::Control(Control::Goodbye) => {
+                    self.goodbyes.insert(header.from);
+                    if self
+                        .p
+                        .events
+                        .try_send(PeerEvent::Left { rank: header.from })
+                        .is_err()
+                    {
+                        Metrics::add(&self.p.metrics.events_dropped, 1);
+                    }
                 }
                 PeerMsg::Control(Control::FrameReport { frame, ended }) => {
                     tracing::debug!("rank {} reports frame {frame}: ended={ended}", header.from);

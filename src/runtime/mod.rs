@@ -21,8 +21,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod collective;
 mod driver;
 mod shared;
+
+pub use self::collective::CollectiveError;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
@@ -138,6 +141,8 @@ pub enum PeerEvent {
     /// The peer came back with a new incarnation: cells it had received but
     /// not answered were resent to its new life.
     Restarted { rank: Rank, incarnation: u64 },
+    /// The peer shut down cleanly (it said goodbye).
+    Left { rank: Rank },
 }
 
 /// The promise of an answer to one sent cell.
@@ -201,12 +206,27 @@ pub(crate) enum Command {
     Shutdown,
 }
 
-/// How the I/O thread ended, for [`Communicator::shutdown`].
+/// The books of an instance when it stopped, for
+/// [`Communicator::shutdown`]. Messages count cells, frame ends and
+/// collective steps. After a clean drain `sent == acknowledged + refused +
+/// timed_out`, and `unanswered == unacknowledged == 0`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Sent cells still unanswered at the drain deadline (0 on a clean drain).
+    /// Reliable messages sent.
+    pub sent: u64,
+    /// ... answered ACK.
+    pub acknowledged: u64,
+    /// ... answered ERR.
+    pub refused: u64,
+    /// ... that timed out (including any still open when the I/O thread stopped).
+    pub timed_out: u64,
+    /// Reliable messages received (each once, duplicates not counted).
+    pub delivered: u64,
+    /// Cells the handler ran on.
+    pub handled: u64,
+    /// Sent messages unanswered when the drain ended (0 on a clean drain).
     pub unanswered: usize,
-    /// Received cells whose answer was not sent.
+    /// Received messages whose answer was not sent.
     pub unacknowledged: usize,
 }
 
@@ -279,6 +299,7 @@ pub struct Communicator {
     commands: Sender<Command>,
     frames: Receiver<Result<CompleteFrame, FrameMissing>>,
     events: Receiver<PeerEvent>,
+    mailbox: collective::Mailbox,
     waker: Arc<Waker>,
     credits: Arc<CreditGate>,
     status: Arc<StatusCell>,
@@ -340,6 +361,9 @@ impl Communicator {
         let (cmd_tx, cmd_rx) = bounded(1024);
         let (frame_tx, frame_rx) = bounded(config.frames_ahead as usize);
         let (event_tx, event_rx) = bounded(1024);
+        // Collective messages: bounded by the participants of the calls in
+        // progress (each sends one message per phase).
+        let (coll_tx, coll_rx) = crossbeam_channel::unbounded();
         let driver = driver::Driver::new(driver::Parts {
             config: config.clone(),
             info: info.clone(),
@@ -352,6 +376,7 @@ impl Communicator {
             commands: cmd_rx,
             frames: frame_tx,
             events: event_tx,
+            collectives: coll_tx,
             waker: waker.clone(),
             credits: credits.clone(),
             status: status.clone(),
@@ -369,6 +394,7 @@ impl Communicator {
             commands: cmd_tx,
             frames: frame_rx,
             events: event_rx,
+            mailbox: collective::Mailbox::new(coll_rx),
             waker,
             credits,
             status,
@@ -496,6 +522,18 @@ impl Communicator {
         }
         self.waker.wake();
         Ok(Ticket::new(to, rx))
+    }
+
+    /// A step of a collective (sequence `seq`), over the reliable channel.
+    pub(crate) fn send_collective(
+        &self,
+        to: Rank,
+        seq: u64,
+        payload: Bytes,
+    ) -> Result<Ticket, SendError> {
+        self.check_target(to)?;
+        self.acquire(to, None)?;
+        self.submit(to, seq, DataKind::Collective, payload)
     }
 
     /// Send a cell of `frame` to `to`; blocks while the window to `to` is

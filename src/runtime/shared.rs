@@ -15,9 +15,12 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// An eventfd that wakes the I/O thread out of `zmq::poll`.
+/// An eventfd that wakes the I/O thread out of `zmq::poll`. It is written
+/// only while the I/O thread is parked (about to sleep or sleeping): a busy
+/// I/O thread finds new work in its queues without a syscall per message.
 pub(crate) struct Waker {
     fd: RawFd,
+    parked: std::sync::atomic::AtomicBool,
 }
 
 impl Waker {
@@ -27,10 +30,28 @@ impl Waker {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            parked: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
+    /// The I/O thread is going to sleep; it must check its queues after
+    /// this and before sleeping.
+    pub fn park(&self) {
+        self.parked.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn unpark(&self) {
+        self.parked
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Call after queueing work for the I/O thread.
     pub fn wake(&self) {
+        if !self.parked.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to our own eventfd. A full
         // counter (EAGAIN) means a wake-up is pending anyway.
@@ -123,6 +144,9 @@ pub struct Status {
     pub members: Vec<PeerInfo>,
     /// `(nodes, size)` once the job is globally ready.
     pub global: Option<(u32, u32)>,
+    /// On leaders: the leader of every node, by node index (the first runs
+    /// the coordinator). Empty on members.
+    pub node_leaders: Vec<Rank>,
     /// Why the I/O thread stopped, if it failed.
     pub failed: Option<String>,
     pub stopped: bool,

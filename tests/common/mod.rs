@@ -170,3 +170,19 @@ pub fn start_local(
         })
         .collect()
 }
+
+/// Shut every communicator down at once, as separate processes would (a
+/// sequential shutdown makes each wait for the goodbyes of the next).
+pub fn shutdown_all(
+    comms: Vec<cellnet::runtime::Communicator>,
+) -> Vec<cellnet::runtime::ShutdownReport> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| s.spawn(move || c.shutdown().expect("clean shutdown")))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("shutdown thread"))
+            .collect()
+    })
+}

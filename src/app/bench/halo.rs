@@ -63,14 +63,18 @@ fn tag(di: i32, dj: i32) -> i32 {
     (di + 1) * 3 + (dj + 1)
 }
 
-/// The halo exchange with MPI `Isend`/`Irecv`; returns the mean frame time.
-fn mpi_life(world: &SimpleCommunicator, part: &Partition2d, p: &LifeParams) -> Duration {
+/// The halo exchange with MPI `Isend`/`Irecv`; returns the mean frame time
+/// and this rank's block at the end.
+fn mpi_life(world: &SimpleCommunicator, part: &Partition2d, p: &LifeParams) -> (Duration, Tile) {
     let rank = world.rank() as u32;
     let b = part.block(rank);
-    let neighbours = part.neighbours(rank);
-    let mut tile = Tile::new(b.rows, b.cols, |i, j| {
-        initial(p.seed, b.row0 + i, b.col0 + j)
-    });
+    let ([row0, col0], [rows, cols]) = (b.start, b.len);
+    let neighbours: Vec<(u32, i32, i32)> = part
+        .neighbours(rank)
+        .iter()
+        .map(|n| (n.rank, n.offset[0], n.offset[1]))
+        .collect();
+    let mut tile = Tile::new(rows, cols, |i, j| initial(p.seed, row0 + i, col0 + j));
     let mut bufs: Vec<Vec<u8>> = neighbours
         .iter()
         .map(|&(_, di, dj)| vec![0u8; tile.halo_len(di, dj)])
@@ -116,7 +120,27 @@ fn mpi_life(world: &SimpleCommunicator, part: &Partition2d, p: &LifeParams) -> D
         }
         tile.step();
     }
-    start.elapsed() / p.frames.max(1) as u32
+    (start.elapsed() / p.frames.max(1) as u32, tile)
+}
+
+/// The MPI version computes what the serial run computes (checked once,
+/// so the baseline is known to do the same work).
+fn check_against_serial(part: &Partition2d, rank: u32, p: &LifeParams, tile: &Tile) -> Result<()> {
+    let reference = life::serial(p.rows, p.cols, p.frames, p.seed);
+    let b = part.block(rank);
+    let ([row0, col0], [rows, cols]) = (b.start, b.len);
+    for i in 0..rows {
+        for j in 0..cols {
+            if tile.get(i, j) != reference[(row0 + i) * p.cols + col0 + j] {
+                return Err(BenchError::Failed(format!(
+                    "MPI halo baseline differs from the serial run on rank {rank} at ({}, {})",
+                    row0 + i,
+                    col0 + j
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Under `mpirun -n N`: alternate cellnet life and the MPI version.
@@ -133,7 +157,7 @@ pub fn worker(config: Config, opts: &BenchOpts) -> Result<()> {
     .map_err(failed)?;
     let world = mpi.world();
     let rank = info.rank;
-    let part = Partition2d::new(opts.grid, opts.grid, info.size)
+    let part = Partition2d::new([opts.grid, opts.grid], info.size)
         .map_err(|e| BenchError::Usage(e.to_string()))?;
     let params = LifeParams {
         rows: opts.grid,
@@ -178,8 +202,11 @@ pub fn worker(config: Config, opts: &BenchOpts) -> Result<()> {
         run.cellnet_frame_ms
             .push(report.elapsed.as_secs_f64() * 1e3 / params.frames.max(1) as f64);
         world.barrier();
-        run.mpi_frame_ms
-            .push(mpi_life(&world, &part, &params).as_secs_f64() * 1e3);
+        let (frame_time, tile) = mpi_life(&world, &part, &params);
+        run.mpi_frame_ms.push(frame_time.as_secs_f64() * 1e3);
+        if rep == 0 {
+            check_against_serial(&part, rank, &params, &tile)?;
+        }
         world.barrier();
         if rank == 0 {
             println!(

@@ -33,6 +33,10 @@ pub struct Summary {
     pub reps: u32,
     pub rows: Vec<Row>,
     pub missing: Vec<String>,
+    /// `/proc/loadavg` when the summary was made: other work on the machine
+    /// shows up in every number, most in the blocking transports' latency.
+    #[serde(default)]
+    pub loadavg: String,
 }
 
 fn ratio(c: Spread, b: Spread) -> Spread {
@@ -256,6 +260,9 @@ pub fn build(opts: &BenchOpts) -> Summary {
         reps: opts.reps,
         rows,
         missing,
+        loadavg: std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -302,6 +309,9 @@ pub fn print(s: &Summary) {
     }
     for m in &s.missing {
         println!("missing: {m}");
+    }
+    if !s.loadavg.is_empty() {
+        println!("machine load (/proc/loadavg) at the end: {}", s.loadavg);
     }
 }
 

@@ -233,6 +233,7 @@ pub fn drive(config: Config, opts: &BenchOpts) -> Result<DiscoveryReport> {
             y: "ms",
             log_x: true,
             log_y: false,
+            x_bytes: false,
         },
         &[
             plot::Line {

@@ -276,6 +276,7 @@ pub fn drive(opts: &BenchOpts) -> Result<HaloReport> {
             format!("Game of Life {grid}x{grid}, {frames} frames per repetition; frame time = elapsed / frames on rank 0"),
             "cellnet: cellnet life (send halos, end_frame, recv_frame, wait ACKs); MPI: Isend/Irecv of the same edges into the same Tile code".into(),
             "both in the same mpirun job, alternating per repetition, same binding; ranks > cores are oversubscribed".into(),
+            "MPI waits busy-poll (OpenMPI yields only when oversubscribed), cellnet waits block: on a machine shared with other work the spinning ranks lose CPU to it, so compare at a quiet moment".into(),
         ],
         points,
     };
@@ -315,6 +316,7 @@ pub fn drive(opts: &BenchOpts) -> Result<HaloReport> {
             y: "ms per frame",
             log_x: true,
             log_y: false,
+            x_bytes: false,
         },
         &[
             line("cellnet life", |p| p.cellnet_frame_ms),

@@ -791,6 +791,7 @@ fn plot_latency(opts: &BenchOpts, r: &LatencyReport) -> Result<()> {
             y: "round trip (µs)",
             log_x: true,
             log_y: true,
+            x_bytes: true,
         },
         &lines(|p| p.rtt_us),
     )?;
@@ -802,6 +803,7 @@ fn plot_latency(opts: &BenchOpts, r: &LatencyReport) -> Result<()> {
             y: "round trip (µs)",
             log_x: true,
             log_y: true,
+            x_bytes: true,
         },
         &lines(|p| Spread {
             median: p.p99_us,
@@ -829,6 +831,7 @@ fn plot_throughput(opts: &BenchOpts, r: &ThroughputReport) -> Result<()> {
             y: "messages per second",
             log_x: true,
             log_y: true,
+            x_bytes: true,
         },
         &lines(|p| p.msgs_per_s),
     )?;
@@ -840,6 +843,7 @@ fn plot_throughput(opts: &BenchOpts, r: &ThroughputReport) -> Result<()> {
             y: "MiB/s",
             log_x: true,
             log_y: true,
+            x_bytes: true,
         },
         &lines(|p| p.mib_per_s),
     )

@@ -35,9 +35,11 @@ pub struct Axes<'a> {
     pub y: &'a str,
     pub log_x: bool,
     pub log_y: bool,
+    /// x is a size in bytes: ticks as B, KiB, MiB.
+    pub x_bytes: bool,
 }
 
-const COLORS: [RGBColor; 8] = [
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -46,6 +48,8 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(23, 190, 207),
+    RGBColor(188, 189, 34),
+    RGBColor(0, 0, 0),
 ];
 
 fn err(e: impl std::fmt::Display) -> BenchError {
@@ -94,7 +98,13 @@ pub fn draw(path: &Path, axes: &Axes, lines: &[Line]) -> Result<(), BenchError> 
                 .x_desc(axes.x)
                 .y_desc(axes.y)
                 .label_style(("sans-serif", 13))
-                .x_label_formatter(&|v: &f64| tick(*v))
+                .x_label_formatter(&|v: &f64| {
+                    if axes.x_bytes {
+                        bytes_tick(*v)
+                    } else {
+                        tick(*v)
+                    }
+                })
                 .y_label_formatter(&|v: &f64| tick(*v))
                 .draw()
                 .map_err(err)?;
@@ -160,4 +170,15 @@ fn tick(v: f64) -> String {
 fn trim(v: f64) -> String {
     let s = format!("{v:.2}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Byte-size tick text: 64 B, 1 KiB, 1 MiB.
+fn bytes_tick(v: f64) -> String {
+    if v >= (1 << 20) as f64 {
+        format!("{} MiB", trim(v / (1 << 20) as f64))
+    } else if v >= 1024.0 {
+        format!("{} KiB", trim(v / 1024.0))
+    } else {
+        format!("{} B", trim(v))
+    }
 }

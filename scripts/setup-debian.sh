@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what cellnet needs on Debian 12 (idempotent; run as root or with sudo).
 set -euo pipefail
-packages=(libzmq3-dev libopenmpi-dev openmpi-bin libhwloc-dev libclang-dev clang pkg-config iproute2 build-essential)
+# slurm-wlm, munge, nftables: the virtual-cluster and Slurm tests (scripts/cluster.sh, slurm/vcluster.sh).
+packages=(libzmq3-dev libopenmpi-dev openmpi-bin libhwloc-dev libclang-dev clang pkg-config iproute2 build-essential util-linux slurm-wlm munge nftables)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use crate::launch::LaunchMode;
 use crate::place::PlacementPolicy;
-use crate::proto::{discovery::DiscoveryConfig, global::GlobalConfig, reliable::ReliableConfig};
+use crate::proto::{
+    discovery::DiscoveryConfig, global::GlobalConfig, liveness::LivenessConfig,
+    reliable::ReliableConfig,
+};
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +138,7 @@ pub struct Config {
     pub linger: Duration,
     pub discovery: DiscoveryConfig,
     pub global: GlobalConfig,
+    pub liveness: LivenessConfig,
     pub reliable: ReliableConfig,
 }
 
@@ -156,6 +160,7 @@ impl Default for Config {
             linger: Duration::from_secs(2),
             discovery: DiscoveryConfig::default(),
             global: GlobalConfig::default(),
+            liveness: LivenessConfig::default(),
             reliable: ReliableConfig::default(),
         }
     }
@@ -270,6 +275,15 @@ impl Config {
         })? {
             c.reliable.window = v;
         }
+        if let Some(v) = get(vars, "CELLNET_HEARTBEAT", parse_duration)? {
+            c.liveness.heartbeat = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_SUSPECT_AFTER", parse_duration)? {
+            c.liveness.suspect_after = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_DEAD_AFTER", parse_duration)? {
+            c.liveness.dead_after = v;
+        }
         if let Some(v) = get(vars, "CELLNET_LINGER", parse_duration)? {
             c.linger = v;
         }
@@ -283,6 +297,17 @@ impl Config {
             })
         })? {
             c.frames_ahead = v;
+        }
+        let l = c.liveness;
+        if l.heartbeat >= l.suspect_after || l.suspect_after >= l.dead_after {
+            return Err(ConfigError {
+                var: "CELLNET_HEARTBEAT / _SUSPECT_AFTER / _DEAD_AFTER",
+                value: format!(
+                    "{:?} / {:?} / {:?}",
+                    l.heartbeat, l.suspect_after, l.dead_after
+                ),
+                reason: "must grow: heartbeat < suspect after < dead after".into(),
+            });
         }
         Ok(c)
     }

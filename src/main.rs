@@ -154,6 +154,10 @@ struct ProbeArgs {
     /// After probing, send this many cells to every other instance and check the ACKs
     #[arg(long, default_value_t = 0)]
     exchange: u32,
+    /// Then stay this long printing peer events (restarts, losses, leader
+    /// changes), and finish with a barrier and a count of the survivors
+    #[arg(long, value_parser = parse_duration)]
+    hold: Option<Duration>,
 }
 
 fn config(opts: &CommonOpts) -> Result<Config, RuntimeError> {
@@ -308,6 +312,9 @@ fn run_probe(config: Config, a: &ProbeArgs) -> Result<(), Failure> {
         let others: Vec<u32> = (0..comm.size()).filter(|&r| r != comm.rank()).collect();
         let report = probe::exchange(&comm, &others, a.exchange).map_err(fail)?;
         println!("{report}");
+    }
+    if let Some(hold) = a.hold {
+        println!("{}", probe::hold(&comm, hold).map_err(fail)?);
     }
     comm.shutdown()?;
     Ok(())

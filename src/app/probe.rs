@@ -83,3 +83,27 @@ pub fn exchange(
         count as usize * peers.len()
     ))
 }
+
+/// Stay `hold`, printing peer events as they come; then a barrier and an
+/// all_reduce over the survivors show the structure still works.
+pub fn hold(comm: &Communicator, hold: std::time::Duration) -> Result<String, String> {
+    use std::io::Write;
+    let until = std::time::Instant::now() + hold;
+    while std::time::Instant::now() < until {
+        for e in comm.events() {
+            println!("cellnet event: rank {}: {e:?}", comm.rank());
+            let _ = std::io::stdout().flush();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let t = std::time::Duration::from_secs(20);
+    comm.barrier(t).map_err(|e| e.to_string())?;
+    let survivors = comm.all_reduce_sum(1u64, t).map_err(|e| e.to_string())?;
+    let s = comm.status();
+    Ok(format!(
+        "cellnet probe: rank {} after hold: leader {} node-leaders {:?} survivors {survivors}",
+        comm.rank(),
+        s.leader.map_or("-".into(), |l| l.to_string()),
+        s.node_leaders
+    ))
+}

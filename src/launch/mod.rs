@@ -83,8 +83,8 @@ pub struct LaunchInfo {
     pub job_key: JobKey,
     /// Which launcher this came from.
     pub source: LaunchSource,
-    /// Hostnames of all nodes in `node_index` order when known (Slurm);
-    /// empty otherwise.
+    /// Hostnames of all nodes in `node_index` order when known (Slurm: the
+    /// node list; MPI: the node leaders' processor names); empty otherwise.
     pub node_list: Vec<String>,
 }
 

@@ -126,11 +126,39 @@ pub fn from_mpi(vars: &HashMap<String, String>) -> Result<(LaunchInfo, MpiSessio
     let is_leader = u8::from(local_rank == 0);
     let mut leaders = vec![0u8; size as usize];
     world.all_gather_into(&is_leader, &mut leaders[..]);
-    let nodes = leaders.iter().filter(|&&l| l == 1).count() as u32;
-    let node_index = leaders[..leader_world_rank as usize]
+    let (nodes, node_index) = node_counts(&leaders, leader_world_rank as usize);
+
+    let node_name = mpi::environment::processor_name()
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(super::hostname);
+
+    // Names of all nodes in node-index order (each node leader contributes
+    // its name), so the coordinator default (first node) works under
+    // mpirun and `srun --mpi=pmix` across nodes as it does under Slurm.
+    let mine: &[u8] = if local_rank == 0 {
+        node_name.as_bytes()
+    } else {
+        &[]
+    };
+    let mut lengths = vec![0 as mpi::Count; size as usize];
+    world.all_gather_into(&(mine.len() as mpi::Count), &mut lengths[..]);
+    let displs: Vec<mpi::Count> = lengths
         .iter()
-        .filter(|&&l| l == 1)
-        .count() as u32;
+        .scan(0, |acc, &n| {
+            let at = *acc;
+            *acc += n;
+            Some(at)
+        })
+        .collect();
+    let total: usize = lengths.iter().map(|&n| n.max(0) as usize).sum();
+    let mut names = vec![0u8; total];
+    {
+        let mut partition =
+            mpi::datatype::PartitionMut::new(&mut names[..], lengths.clone(), &displs[..]);
+        world.all_gather_varcount_into(mine, &mut partition);
+    }
+    let node_list = split_names(&names, &lengths);
 
     let mut key = match key_override {
         Some(JobKey(k)) => k,
@@ -138,11 +166,6 @@ pub fn from_mpi(vars: &HashMap<String, String>) -> Result<(LaunchInfo, MpiSessio
         None => 0,
     };
     world.process_at_rank(0).broadcast_into(&mut key);
-
-    let node_name = mpi::environment::processor_name()
-        .ok()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(super::hostname);
 
     let info = LaunchInfo {
         rank,
@@ -154,7 +177,66 @@ pub fn from_mpi(vars: &HashMap<String, String>) -> Result<(LaunchInfo, MpiSessio
         nodes,
         job_key: JobKey(key),
         source: LaunchSource::Mpi,
-        node_list: Vec::new(),
+        node_list,
     };
     Ok((info, session))
+}
+
+/// Number of nodes and this rank's node index from the world-wide "is node
+/// leader" flags (local rank 0 of a `split_shared` group) and the world rank
+/// of this rank's node leader: nodes are numbered in the order of their
+/// leaders' world ranks.
+pub fn node_counts(leaders: &[u8], leader_world_rank: usize) -> (u32, u32) {
+    let nodes = leaders.iter().filter(|&&l| l == 1).count() as u32;
+    let index = leaders[..leader_world_rank.min(leaders.len())]
+        .iter()
+        .filter(|&&l| l == 1)
+        .count() as u32;
+    (nodes, index)
+}
+
+/// Splits the gathered node names (`lengths[r]` bytes from world rank `r`;
+/// non-leaders contribute none) into one name per node, in node-index order.
+pub fn split_names(bytes: &[u8], lengths: &[mpi::Count]) -> Vec<String> {
+    let mut at = 0usize;
+    let mut names = Vec::new();
+    for &n in lengths {
+        let n = n.max(0) as usize;
+        if n > 0 {
+            let end = (at + n).min(bytes.len());
+            names.push(String::from_utf8_lossy(&bytes[at..end]).into_owned());
+        }
+        at += n;
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_are_numbered_by_their_leaders_world_rank() {
+        // 4 nodes x 4 ranks, block mapping: leaders at 0, 4, 8, 12.
+        let mut leaders = vec![0u8; 16];
+        for l in [0, 4, 8, 12] {
+            leaders[l] = 1;
+        }
+        for rank in 0..16 {
+            assert_eq!(node_counts(&leaders, rank / 4 * 4), (4, rank as u32 / 4));
+        }
+        // Round-robin mapping: leaders are world ranks 0..3, node of rank r is r % 4.
+        let leaders = [1, 1, 1, 1, 0, 0, 0, 0];
+        for rank in 0..8 {
+            assert_eq!(node_counts(&leaders, rank % 4), (4, rank as u32 % 4));
+        }
+    }
+
+    #[test]
+    fn gathered_names_come_back_in_node_order() {
+        let bytes = b"n1n22n333";
+        let lengths = [2, 0, 3, 0, 0, 4];
+        assert_eq!(split_names(bytes, &lengths), ["n1", "n22", "n333"]);
+        assert!(split_names(b"", &[0, 0]).is_empty());
+    }
 }

@@ -69,6 +69,9 @@ pub enum GlobalEvent {
     Ready { nodes: u32, size: u32 },
     /// Where a remote instance receives (answer to [`GlobalJoin::resolve`]).
     Resolved(PeerInfo),
+    /// Leader: the coordinator announced a changed directory (a node's
+    /// membership or leader changed) after global ready.
+    DirectoryChanged,
 }
 
 /// Registrations the coordinator refused, and why.
@@ -87,6 +90,9 @@ pub struct Coordinator {
     size: u32,
     nodes: BTreeMap<u32, NodeEntry>,
     announced: bool,
+    /// The job was globally ready once: from then on instances may be
+    /// missing (lost), and every change of a node is announced.
+    was_ready: bool,
     transmits: VecDeque<GlobalTransmit>,
     stats: CoordinatorStats,
 }
@@ -98,6 +104,7 @@ impl Coordinator {
             size,
             nodes: BTreeMap::new(),
             announced: false,
+            was_ready: false,
             transmits: VecDeque::new(),
             stats: CoordinatorStats::default(),
         }
@@ -111,14 +118,18 @@ impl Coordinator {
         self.nodes.len() as u32
     }
 
+    /// A coordinator that takes over after the job was globally ready (its
+    /// predecessor died): lost instances are not waited for.
+    pub fn resume(expected_nodes: u32, size: u32) -> Self {
+        Self {
+            was_ready: true,
+            ..Self::new(expected_nodes, size)
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.registered() == self.expected_nodes
-            && self
-                .nodes
-                .values()
-                .map(|n| n.members.len() as u64)
-                .sum::<u64>()
-                == self.size as u64
+        let members: u64 = self.nodes.values().map(|n| n.members.len() as u64).sum();
+        self.registered() == self.expected_nodes && (self.was_ready || members == self.size as u64)
     }
 
     /// A registration that arrived over UDP (already authenticated).
@@ -165,6 +176,7 @@ impl Coordinator {
         if self.is_ready() {
             if !self.announced {
                 self.announced = true;
+                self.was_ready = true;
                 let msg = self.global_ready();
                 for node in self.nodes.values() {
                     self.transmits.push_back(GlobalTransmit::ToPeer {
@@ -228,6 +240,8 @@ pub struct GlobalJoin {
     pending: BTreeMap<Rank, Backoff>,
     /// Leader: the leader of every node, by node index.
     node_leaders: Vec<Rank>,
+    /// Still repeating the registration (leader) or AwaitGlobal (member).
+    waiting: bool,
     rng: SmallRng,
     transmits: VecDeque<GlobalTransmit>,
     events: VecDeque<GlobalEvent>,
@@ -282,6 +296,7 @@ impl GlobalJoin {
             directory: HashMap::new(),
             pending: BTreeMap::new(),
             node_leaders: Vec::new(),
+            waiting: true,
             rng: SmallRng::seed_from_u64(seed),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -308,8 +323,17 @@ impl GlobalJoin {
             if registration.members != members {
                 registration.members = members;
                 *timer = Backoff::start(self.config.register, now);
-                self.ready = None;
+                self.waiting = true;
             }
+        }
+    }
+
+    /// Leader: register again (the coordinator moved to a new leader of
+    /// node 0, whose registry starts empty).
+    pub fn reregister(&mut self, now: Now) {
+        if let Role::Leader { timer, .. } = &mut self.role {
+            *timer = Backoff::start(self.config.register, now);
+            self.waiting = true;
         }
     }
 
@@ -369,6 +393,10 @@ impl GlobalJoin {
                         .map(|p| (p.rank, p.clone()))
                         .collect();
                     self.node_leaders = directory.iter().map(|n| n.leader.rank).collect();
+                    self.waiting = false;
+                    if self.ready.is_some() {
+                        self.events.push_back(GlobalEvent::DirectoryChanged);
+                    }
                     let announce = Control::GlobalReady {
                         nodes: *nodes,
                         size: *size,
@@ -382,6 +410,9 @@ impl GlobalJoin {
                             });
                         }
                     }
+                }
+                if !self.is_leader() {
+                    self.waiting = false;
                 }
                 if self.ready.is_none() {
                     self.ready = Some((*nodes, *size));
@@ -423,7 +454,7 @@ impl GlobalJoin {
 
     pub fn poll_timeout(&self) -> Option<Now> {
         let role = match &self.role {
-            Role::Leader { timer, .. } | Role::Member { timer, .. } if self.ready.is_none() => {
+            Role::Leader { timer, .. } | Role::Member { timer, .. } if self.waiting => {
                 Some(timer.next())
             }
             _ => None,
@@ -434,7 +465,7 @@ impl GlobalJoin {
     }
 
     pub fn handle_timeout(&mut self, now: Now) {
-        if self.ready.is_none() {
+        if self.waiting {
             match &mut self.role {
                 Role::Leader {
                     registration,
@@ -629,6 +660,36 @@ mod tests {
         }
         // messages per node stay constant (not growing with the node count)
         assert!(counts[2] < counts[0] * 2.0, "{counts:?}");
+    }
+
+    #[test]
+    fn after_global_ready_a_node_that_lost_an_instance_is_announced_again() {
+        let mut c = Coordinator::new(2, 4);
+        let reg = |node: u32, ranks: &[u32]| Register {
+            node_index: node,
+            node_name: format!("n{node}"),
+            leader: info(ranks[0], node),
+            members: ranks.iter().map(|&r| info(r, node)).collect(),
+        };
+        c.handle_register(reg(0, &[0, 1]));
+        c.handle_register(reg(1, &[2, 3]));
+        while c.poll_transmit().is_some() {}
+        // Rank 2 (node 1's leader) died; rank 3 leads and registers alone.
+        c.handle_register(reg(1, &[3]));
+        let out: Vec<_> = std::iter::from_fn(|| c.poll_transmit()).collect();
+        assert_eq!(out.len(), 2, "both leaders get the new directory: {out:?}");
+        assert!(out.iter().all(|t| matches!(
+            t,
+            GlobalTransmit::ToPeer {
+                msg: Control::GlobalReady { .. },
+                ..
+            }
+        )));
+        // A coordinator taking over after global ready does not wait for the lost.
+        let mut r = Coordinator::resume(2, 4);
+        r.handle_register(reg(0, &[1]));
+        r.handle_register(reg(1, &[2, 3]));
+        assert!(r.is_ready());
     }
 
     #[test]

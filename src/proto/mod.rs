@@ -15,6 +15,7 @@ pub mod backoff;
 pub mod discovery;
 pub mod frames;
 pub mod global;
+pub mod liveness;
 pub mod reliable;
 pub mod wire;
 

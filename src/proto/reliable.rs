@@ -306,6 +306,10 @@ pub struct ReliableEndpoint {
     transmits: VecDeque<(Rank, ReliableTransmit)>,
     events: VecDeque<ReliableEvent>,
     stats: ReliableStats,
+    /// No retransmission or deadline of any in-flight message is due
+    /// before this (a lower bound, exact after each scan): the in-flight
+    /// messages are scanned only when it passes, not on every call.
+    timers_due: Option<Now>,
 }
 
 impl ReliableEndpoint {
@@ -322,6 +326,7 @@ impl ReliableEndpoint {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: ReliableStats::default(),
+            timers_due: None,
         }
     }
 
@@ -371,6 +376,7 @@ impl ReliableEndpoint {
         out.next_ticket += 1;
         let mut retry = Backoff::start(self.config.retransmit, now);
         retry.fire(now, &mut self.rng);
+        let due = retry.next().min(now + self.config.deadline);
         self.transmits
             .push_back((to, ReliableTransmit::Data(msg.clone())));
         out.inflight.insert(
@@ -383,6 +389,7 @@ impl ReliableEndpoint {
             },
         );
         self.stats.sent += 1;
+        self.arm(due);
         Ok(ticket)
     }
 
@@ -501,6 +508,7 @@ impl ReliableEndpoint {
     /// Retransmissions, deadlines, hole give-ups and feedback flushes due at `now`.
     pub fn handle_timeout(&mut self, now: Now) {
         let hole_timeout = self.hole_timeout();
+        let scan = self.timers_due.is_some_and(|t| t <= now);
         let Self {
             config,
             rng,
@@ -508,30 +516,38 @@ impl ReliableEndpoint {
             transmits,
             events,
             stats,
+            timers_due,
         } = self;
+        if scan {
+            *timers_due = None;
+        }
         for (&rank, peer) in peers.iter_mut() {
             let out = &mut peer.out;
-            let expired: Vec<u64> = out
-                .inflight
-                .iter()
-                .filter(|(_, o)| o.deadline <= now)
-                .map(|(&id, _)| id)
-                .collect();
-            for id in expired {
-                if let Some(o) = out.inflight.remove(&id) {
-                    stats.timeouts += 1;
-                    events.push_back(ReliableEvent::Resolved {
-                        to: rank,
-                        id: o.ticket,
-                        outcome: Outcome::TimedOut,
-                    });
+            if scan {
+                let expired: Vec<u64> = out
+                    .inflight
+                    .iter()
+                    .filter(|(_, o)| o.deadline <= now)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in expired {
+                    if let Some(o) = out.inflight.remove(&id) {
+                        stats.timeouts += 1;
+                        events.push_back(ReliableEvent::Resolved {
+                            to: rank,
+                            id: o.ticket,
+                            outcome: Outcome::TimedOut,
+                        });
+                    }
                 }
-            }
-            for o in out.inflight.values_mut() {
-                if o.retry.is_due(now) {
-                    o.retry.fire(now, rng);
-                    stats.retransmitted += 1;
-                    transmits.push_back((rank, ReliableTransmit::Data(o.msg.clone())));
+                for o in out.inflight.values_mut() {
+                    if o.retry.is_due(now) {
+                        o.retry.fire(now, rng);
+                        stats.retransmitted += 1;
+                        transmits.push_back((rank, ReliableTransmit::Data(o.msg.clone())));
+                    }
+                    let due = o.retry.next().min(o.deadline);
+                    *timers_due = Some(timers_due.map_or(due, |t| t.min(due)));
                 }
             }
 
@@ -553,6 +569,11 @@ impl ReliableEndpoint {
         }
     }
 
+    /// A retransmission timer or deadline at `due` was (re)armed.
+    fn arm(&mut self, due: Now) {
+        self.timers_due = Some(self.timers_due.map_or(due, |t| t.min(due)));
+    }
+
     /// The earliest time [`handle_timeout`](Self::handle_timeout) has work.
     pub fn poll_timeout(&self) -> Option<Now> {
         let hole_timeout = self.hole_timeout();
@@ -560,10 +581,10 @@ impl ReliableEndpoint {
         let mut consider = |t: Now| {
             earliest = Some(earliest.map_or(t, |e| e.min(t)));
         };
+        if let Some(t) = self.timers_due {
+            consider(t);
+        }
         for peer in self.peers.values() {
-            for o in peer.out.inflight.values() {
-                consider(o.retry.next().min(o.deadline));
-            }
             if let Some(t) = peer.inb.pending_since {
                 consider(t + self.config.ack_delay);
             }
@@ -596,10 +617,12 @@ impl ReliableEndpoint {
         state.inb = Inbound::default();
         let old = std::mem::take(&mut state.out.inflight);
         let mut wire = 1;
+        let mut earliest: Option<Now> = None;
         for (_, mut o) in old {
             o.msg.id = wire;
             o.retry = Backoff::start(self.config.retransmit, now);
             o.retry.fire(now, &mut self.rng);
+            earliest = Some(earliest.map_or(o.retry.next(), |e| e.min(o.retry.next())));
             self.transmits
                 .push_back((peer, ReliableTransmit::Data(o.msg.clone())));
             self.stats.resent_after_reset += 1;
@@ -607,6 +630,9 @@ impl ReliableEndpoint {
             wire += 1;
         }
         state.out.next_wire = wire;
+        if let Some(t) = earliest {
+            self.arm(t);
+        }
     }
 
     /// `peer` asked for what it misses (a frame query): resend everything
@@ -615,14 +641,20 @@ impl ReliableEndpoint {
         let Some(state) = self.peers.get_mut(&peer) else {
             return 0;
         };
+        let mut earliest: Option<Now> = None;
         for o in state.out.inflight.values_mut() {
             o.retry = Backoff::start(self.config.retransmit, now);
             o.retry.fire(now, &mut self.rng);
+            earliest = Some(earliest.map_or(o.retry.next(), |e| e.min(o.retry.next())));
             self.stats.retransmitted += 1;
             self.transmits
                 .push_back((peer, ReliableTransmit::Data(o.msg.clone())));
         }
-        state.out.inflight.len()
+        let n = state.out.inflight.len();
+        if let Some(t) = earliest {
+            self.arm(t);
+        }
+        n
     }
 
     /// Unanswered messages towards `peer`.

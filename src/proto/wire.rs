@@ -136,6 +136,8 @@ pub enum Control {
     FrameQuery { frame: u64 },
     /// "I am shutting down cleanly; everything I sent is answered."
     Goodbye,
+    /// "Still here" to a watched peer we have sent nothing to lately.
+    Heartbeat,
     /// Laggard → receiver: whether it has ended `frame` towards the asker
     /// (it resends everything unanswered at the same time).
     FrameReport { frame: u64, ended: bool },

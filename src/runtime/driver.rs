@@ -25,6 +25,7 @@ use crate::proto::{
     discovery::{DiscoveryEvent, DiscoveryTransmit, LocalDiscovery},
     frames::{CompleteFrame, FrameAssembler, FrameMissing},
     global::{Coordinator, GlobalEvent, GlobalJoin, GlobalTransmit},
+    liveness::{Liveness, LivenessEvent},
     reliable::{Outcome, ReliableEndpoint, ReliableEvent, ReliableTransmit},
     wire::{self, Control, DataKind, DataMsg, Datagram, JobSecret, PeerMsg, WireError},
     Incarnation, Now, PeerInfo, Rank,
@@ -86,6 +87,9 @@ pub(crate) struct Driver {
     to_handle: Vec<Cell>,
     /// Cells given to the handler so far.
     handled: u64,
+    liveness: Liveness,
+    /// Peers declared dead (until they come back with a new incarnation).
+    dead: std::collections::BTreeSet<Rank>,
     /// When a shutdown found everything answered (and said goodbye).
     drained_at: Option<Now>,
     /// Peers that left cleanly.
@@ -115,6 +119,7 @@ impl Driver {
         );
         let reliable = ReliableEndpoint::new(p.config.reliable.clone(), seed.rotate_left(17));
         let assembler = FrameAssembler::new(0, p.config.frames_ahead);
+        let p_liveness = p.config.liveness;
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         Self {
             p,
@@ -139,6 +144,8 @@ impl Driver {
             to_handle: Vec::new(),
             handled: 0,
             drained_at: None,
+            liveness: Liveness::new(p_liveness),
+            dead: std::collections::BTreeSet::new(),
             goodbyes: std::collections::HashSet::new(),
             shutdown_since: None,
             inbox: Vec::new(),
@@ -200,9 +207,21 @@ impl Driver {
                     self.say_goodbye();
                 }
                 let peers_done = self.incarnations.keys().all(|r| self.goodbyes.contains(r));
-                let lingered = self
-                    .drained_at
-                    .is_some_and(|t| now >= t + self.p.config.linger);
+                // A leader serves its node (resolutions, collectives): it
+                // waits for its members' goodbyes up to the send deadline,
+                // for everybody else's up to the linger time.
+                let status = self.p.status.get();
+                let me = self.p.me.rank;
+                let members_done = status.leader != Some(me)
+                    || status.members.iter().all(|m| {
+                        m.rank == me
+                            || self.goodbyes.contains(&m.rank)
+                            || self.dead.contains(&m.rank)
+                    });
+                let lingered = members_done
+                    && self
+                        .drained_at
+                        .is_some_and(|t| now >= t + self.p.config.linger);
                 let deadline = since + self.p.config.reliable.deadline + self.p.config.linger;
                 if (drained && (peers_done || lingered)) || now >= deadline {
                     return Ok(());
@@ -421,6 +440,26 @@ impl Driver {
         while let Some((peer, frame)) = self.assembler.poll_query() {
             self.reply(peer, &Control::FrameQuery { frame });
         }
+        self.liveness.handle_timeout(now);
+        while let Some(peer) = self.liveness.poll_heartbeat() {
+            self.reply(peer, &Control::Heartbeat);
+        }
+        while let Some(e) = self.liveness.poll_event() {
+            let result = match e {
+                LivenessEvent::Suspect(rank) => {
+                    self.emit(PeerEvent::Suspect { rank });
+                    Ok(())
+                }
+                LivenessEvent::Recovered(rank) => {
+                    self.emit(PeerEvent::Recovered { rank });
+                    Ok(())
+                }
+                LivenessEvent::Dead(rank) => self.on_peer_dead(now, rank),
+            };
+            if let Err(e) = result {
+                tracing::warn!("after a peer died: {e}");
+            }
+        }
     }
 
     /// Send everything the state machines queued and act on their events.
@@ -521,64 +560,141 @@ impl Driver {
                 self.peers.insert(info.rank, info);
             }
             DiscoveryEvent::Complete { leader, members } => {
-                self.p.status.update(|s| {
-                    s.local_complete = true;
-                    s.leader = Some(leader);
-                    s.members = members.clone();
-                });
-                if let Some(g) = &mut self.global {
-                    g.update_members(now, members.clone());
-                }
-                if self.global.is_none() {
-                    let seed = self.p.me.incarnation.0.rotate_left(7);
-                    let cfg = self.p.config.global;
-                    if leader == self.p.me.rank {
-                        if self.p.me.node_index == 0 {
-                            let udp = UdpEndpoint::bind_exclusive(self.p.coordinator).map_err(|e| {
-                                format!(
-                                    "this instance leads node 0 and so must run the coordinator, but {e} \
-                                     (CELLNET_COORDINATOR must be an address of the first node, and its port free)"
-                                )
-                            })?;
-                            self.coordinator =
-                                Some((Coordinator::new(self.p.info.nodes, self.p.info.size), udp));
-                        }
-                        self.global = Some(GlobalJoin::leader(
-                            self.p.me.clone(),
-                            self.p.info.node_name.clone(),
-                            members,
-                            cfg,
-                            now,
-                            seed,
-                        ));
-                    } else if let Some(l) = members.iter().find(|m| m.rank == leader) {
-                        self.global = Some(GlobalJoin::member(
-                            self.p.me.rank,
-                            l.clone(),
-                            cfg,
-                            now,
-                            seed,
-                        ));
+                self.p.status.update(|s| s.local_complete = true);
+                match &mut self.global {
+                    // Complete again after a node-mate restarted.
+                    Some(g) => {
+                        g.update_members(now, members.clone());
+                        self.p.status.update(|s| s.members = members);
                     }
+                    None => self.take_role(now, leader, members)?,
                 }
             }
         }
         Ok(())
     }
 
+    /// Take the role `leader` gives this instance on its node: lead it (and
+    /// run the coordinator on node 0) or follow `leader`.
+    fn take_role(&mut self, now: Now, leader: Rank, members: Vec<PeerInfo>) -> Result<(), String> {
+        let me = self.p.me.rank;
+        let seed = self.p.me.incarnation.0.rotate_left(7) ^ leader as u64;
+        let cfg = self.p.config.global;
+        self.p.status.update(|s| {
+            s.leader = Some(leader);
+            s.members = members.clone();
+        });
+        if leader == me {
+            if self.p.me.node_index == 0 && self.coordinator.is_none() {
+                let udp = UdpEndpoint::bind_exclusive(self.p.coordinator).map_err(|e| {
+                    format!(
+                        "this instance leads node 0 and so must run the coordinator, but {e} \
+                         (CELLNET_COORDINATOR must be an address of the first node, and its port free)"
+                    )
+                })?;
+                // Port 0 (single-node jobs, tests): register where it landed.
+                if let Some(bound) = udp.local_addr().filter(|_| self.p.coordinator.port() == 0) {
+                    self.p.coordinator = bound;
+                }
+                let (nodes, size) = (self.p.info.nodes, self.p.info.size);
+                let coordinator = if self.p.status.get().global.is_some() {
+                    Coordinator::resume(nodes, size)
+                } else {
+                    Coordinator::new(nodes, size)
+                };
+                self.coordinator = Some((coordinator, udp));
+            }
+            for m in members.iter().filter(|m| m.rank != me) {
+                self.liveness.watch(now, m.rank);
+            }
+            self.global = Some(GlobalJoin::leader(
+                self.p.me.clone(),
+                self.p.info.node_name.clone(),
+                members,
+                cfg,
+                now,
+                seed,
+            ));
+        } else if let Some(l) = members.iter().find(|m| m.rank == leader) {
+            self.liveness.watch(now, leader);
+            self.global = Some(GlobalJoin::member(me, l.clone(), cfg, now, seed));
+        }
+        Ok(())
+    }
+
+    /// A watched peer is dead: tell the application, and if it led this
+    /// node (or was a member this instance leads, or ran the coordinator),
+    /// repair the structure: the next lowest live rank leads the node and
+    /// registers; leaders register again with a moved coordinator.
+    fn on_peer_dead(&mut self, now: Now, rank: Rank) -> Result<(), String> {
+        self.dead.insert(rank);
+        self.emit(PeerEvent::Lost { rank });
+        let status = self.p.status.get();
+        let me = self.p.me.rank;
+        let alive: Vec<PeerInfo> = status
+            .members
+            .iter()
+            .filter(|m| !self.dead.contains(&m.rank))
+            .cloned()
+            .collect();
+        if status.leader == Some(rank) {
+            let Some(new_leader) = alive.iter().map(|m| m.rank).min() else {
+                return Ok(());
+            };
+            self.liveness.unwatch(rank);
+            self.take_role(now, new_leader, alive)?;
+            self.emit(PeerEvent::LeaderChanged {
+                node: self.p.me.node_index,
+                leader: new_leader,
+            });
+        } else if status.leader == Some(me) && status.members.iter().any(|m| m.rank == rank) {
+            self.p.status.update(|s| s.members = alive.clone());
+            if let Some(g) = &mut self.global {
+                g.update_members(now, alive);
+            }
+        }
+        if status.leader == Some(me)
+            && status.node_leaders.first() == Some(&rank)
+            && self.coordinator.is_none()
+        {
+            // The coordinator died with its node's leader; node 0's next
+            // leader takes over the same address with an empty registry.
+            if let Some(g) = &mut self.global {
+                g.reregister(now);
+            }
+        }
+        Ok(())
+    }
+
+    fn emit(&self, event: PeerEvent) {
+        if self.p.events.try_send(event).is_err() {
+            Metrics::add(&self.p.metrics.events_dropped, 1);
+        }
+    }
+
+    /// Leaders watch each other (the coordinator's failure moves it).
+    fn directory_changed(&mut self) {
+        let leaders = self
+            .global
+            .as_ref()
+            .map(|g| g.node_leaders().to_vec())
+            .unwrap_or_default();
+        let now = self.now();
+        for &l in leaders.iter().filter(|&&l| l != self.p.me.rank) {
+            self.liveness.watch(now, l);
+        }
+        self.p.status.update(|s| s.node_leaders = leaders);
+    }
+
     fn on_global_event(&mut self, e: GlobalEvent) {
         match e {
             GlobalEvent::Ready { nodes, size } => {
-                let leaders = self
-                    .global
-                    .as_ref()
-                    .map(|g| g.node_leaders().to_vec())
-                    .unwrap_or_default();
-                self.p.status.update(|s| {
-                    s.global = Some((nodes, size));
-                    s.node_leaders = leaders;
-                });
+                // The node leaders first: the application may start a
+                // collective the moment it sees `global`.
+                self.directory_changed();
+                self.p.status.update(|s| s.global = Some((nodes, size)));
             }
+            GlobalEvent::DirectoryChanged => self.directory_changed(),
             GlobalEvent::Resolved(info) => {
                 let rank = info.rank;
                 self.peers.insert(rank, info);
@@ -781,17 +897,14 @@ impl Driver {
                             g.forget(rank);
                         }
                     }
-                    if self
-                        .p
-                        .events
-                        .try_send(PeerEvent::Restarted {
-                            rank,
-                            incarnation: inc.0,
-                        })
-                        .is_err()
-                    {
-                        Metrics::add(&self.p.metrics.events_dropped, 1);
-                    }
+                    self.emit(PeerEvent::Restarted {
+                        rank,
+                        incarnation: inc.0,
+                    });
+                    // A new life is watched afresh.
+                    self.dead.remove(&rank);
+                    self.liveness.unwatch(rank);
+                    self.liveness.watch(now, rank);
                 }
                 true
             }
@@ -866,6 +979,7 @@ impl Driver {
                 Metrics::add(&self.p.metrics.stale_messages, 1);
                 continue;
             }
+            self.liveness.heard(now, header.from);
             if let Some(rid) = &routing_id {
                 if self.routes.get(&header.from) != Some(rid) {
                     self.routes.insert(header.from, rid.clone());
@@ -895,7 +1009,10 @@ impl Driver {
                     self.reliable.resend_now(now, header.from);
                     self.reply(header.from, &Control::FrameReport { frame, ended });
                 }
+                PeerMsg::Control(Control::Heartbeat) => {}
                 PeerMsg::Control(Control::Goodbye) => {
+                    // Gone on purpose: not a failure to detect.
+                    self.liveness.unwatch(header.from);
                     self.goodbyes.insert(header.from);
                     if self
                         .p

@@ -143,6 +143,14 @@ pub enum PeerEvent {
     Restarted { rank: Rank, incarnation: u64 },
     /// The peer shut down cleanly (it said goodbye).
     Left { rank: Rank },
+    /// Nothing heard from the peer for a while (it may be dead or slow).
+    Suspect { rank: Rank },
+    /// A suspect peer was heard from again.
+    Recovered { rank: Rank },
+    /// The peer is declared dead (until it returns with a new incarnation).
+    Lost { rank: Rank },
+    /// This node has a new leader (the old one was lost).
+    LeaderChanged { node: u32, leader: Rank },
 }
 
 /// The promise of an answer to one sent cell.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use cellnet::app::{collectives, life, probe, stress};
+use cellnet::app::{bench, collectives, life, probe, stress};
 use cellnet::config::{parse_duration, Config, VARIABLES};
 use cellnet::launch::{self, LaunchMode};
 use cellnet::place::PlacementPolicy;
@@ -75,8 +75,32 @@ enum Cmd {
     Sim(SimArgs),
     /// Many cells between all instances, a subset refused by the handler; checks every ticket
     Stress(StressArgs),
+    /// Benchmarks against raw ZeroMQ, TCP and MPI: latency, throughput, discovery, halo, all
+    Bench(BenchArgs),
     /// Run every collective through cellnet; under MPI compare each with MPI's result
     Collectives(CollectivesArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// latency, throughput, discovery, halo or all
+    #[arg(value_name = "NAME")]
+    name: bench::BenchName,
+    /// Small counts, for a smoke test (numbers not meaningful)
+    #[arg(long)]
+    quick: bool,
+    /// Folder for the JSON files and PNG plots
+    #[arg(long, default_value = "results")]
+    out: std::path::PathBuf,
+    /// Repetitions; medians and spread are taken over them
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    reps: u32,
+    /// halo-worker: frames per repetition
+    #[arg(long, default_value_t = 100, hide = true, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    frames: u64,
+    /// halo-worker: grid side
+    #[arg(long, default_value_t = 512, hide = true, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    grid: u64,
 }
 
 #[derive(Args, Debug)]
@@ -420,6 +444,20 @@ fn run_probe(config: Config, a: &ProbeArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn run_bench(config: Config, a: &BenchArgs) -> Result<(), Failure> {
+    let opts = bench::BenchOpts {
+        quick: a.quick,
+        out: a.out.clone(),
+        reps: a.reps,
+        frames: a.frames,
+        grid: a.grid as usize,
+    };
+    bench::run(a.name, config, &opts).map_err(|e| Failure {
+        code: if e.is_usage() { 2 } else { 1 },
+        message: e.to_string(),
+    })
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -458,6 +496,7 @@ fn main() -> ExitCode {
                 Cmd::Life(a) => run_life(config, a),
                 Cmd::Probe(a) => run_probe(config, a),
                 Cmd::Stress(a) => run_stress(config, a),
+                Cmd::Bench(a) => run_bench(config, a),
                 Cmd::Collectives(a) => run_collectives(config, a),
                 Cmd::Sim(a) => run_sim(a),
             }),

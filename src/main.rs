@@ -164,6 +164,12 @@ struct SimArgs {
     /// Crash RANK once it handed over FRAME, restart it DOWN later: RANK@FRAME+DOWN, e.g. 5@1+300ms
     #[arg(long, value_name = "RANK@FRAME+DOWN", value_parser = parse_crash)]
     crash: Option<cellnet::sim::CrashSpec>,
+    /// Kill RANK for good at PHASE (discovery, join, or a frame number): RANK@PHASE, e.g. 100@join, 0@2
+    #[arg(long, value_name = "RANK@PHASE", value_parser = parse_kill)]
+    kill: Option<cellnet::sim::KillSpec>,
+    /// After global ready and the frames, run barrier, broadcast, all_gather and all_reduce and check them
+    #[arg(long)]
+    collectives: bool,
     /// Cut NODE off from the other nodes from START for DURATION: NODE@START+DURATION, e.g. 1@10ms+2s
     #[arg(long, value_name = "NODE@START+DURATION", value_parser = parse_partition)]
     partition: Option<cellnet::sim::PartitionSpec>,
@@ -207,6 +213,25 @@ fn parse_crash(s: &str) -> Result<cellnet::sim::CrashSpec, String> {
     })
 }
 
+fn parse_kill(s: &str) -> Result<cellnet::sim::KillSpec, String> {
+    let (rank, phase) = s.split_once('@').ok_or("expected RANK@PHASE")?;
+    let at = match phase.trim() {
+        "discovery" => cellnet::sim::KillAt::Discovery,
+        "join" => cellnet::sim::KillAt::Join,
+        f => cellnet::sim::KillAt::Frame(
+            f.parse()
+                .map_err(|_| format!("bad phase {f:?} (discovery, join or a frame number)"))?,
+        ),
+    };
+    Ok(cellnet::sim::KillSpec {
+        rank: rank
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad rank {rank:?}"))?,
+        at,
+    })
+}
+
 fn parse_partition(s: &str) -> Result<cellnet::sim::PartitionSpec, String> {
     let (node, start, duration) = split_spec(s)?;
     Ok(cellnet::sim::PartitionSpec {
@@ -229,6 +254,8 @@ fn run_sim(a: &SimArgs) -> Result<(), Failure> {
         frames: a.frames,
         seed: a.seed,
         crash: a.crash.clone(),
+        kill: a.kill,
+        collectives: a.collectives,
         partition: a.partition.clone(),
         time_limit: a.time_limit,
         ..Default::default()

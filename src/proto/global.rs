@@ -118,6 +118,12 @@ impl Coordinator {
         self.nodes.len() as u32
     }
 
+    /// The registered leader of every node, by node index (what the next
+    /// `GlobalReady` announces as the node-leader list).
+    pub fn node_leaders(&self) -> Vec<Rank> {
+        self.nodes.values().map(|n| n.leader.rank).collect()
+    }
+
     /// A coordinator that takes over after the job was globally ready (its
     /// predecessor died): lost instances are not waited for.
     pub fn resume(expected_nodes: u32, size: u32) -> Self {
@@ -335,6 +341,12 @@ impl GlobalJoin {
             *timer = Backoff::start(self.config.register, now);
             self.waiting = true;
         }
+    }
+
+    /// What this instance knows of `rank` without asking anybody (a
+    /// leader: the whole directory; a member: what it resolved).
+    pub fn directory_entry(&self, rank: Rank) -> Option<&PeerInfo> {
+        self.directory.get(&rank)
     }
 
     /// Leader, once globally ready: the leader of every node by node index
@@ -653,6 +665,9 @@ mod tests {
         let events: Vec<_> = std::iter::from_fn(|| job.joins[4].poll_event()).collect();
         assert!(events.contains(&GlobalEvent::Resolved(info(11, 3))));
         assert_eq!(job.joins[4].resolve(ms(62), 11), Some(info(11, 3)));
+        assert_eq!(job.joins[4].directory_entry(11), Some(&info(11, 3)));
+        assert_eq!(job.joins[0].directory_entry(10), Some(&info(10, 3)));
+        assert_eq!(job.joins[4].directory_entry(10), None, "not resolved yet");
         assert!(job.per == 3);
     }
 
@@ -714,6 +729,11 @@ mod tests {
                 ..
             }
         )));
+        assert_eq!(
+            c.node_leaders(),
+            vec![0, 3],
+            "the failed-over leader is listed"
+        );
         // A coordinator taking over after global ready does not wait for the lost.
         let mut r = Coordinator::resume(2, 4);
         r.handle_register(reg(0, &[1]));

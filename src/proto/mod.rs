@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod backoff;
+pub mod collective;
 pub mod discovery;
 pub mod frames;
 pub mod global;

@@ -7,18 +7,20 @@
 //! `HashMap` counts handler calls and is never iterated).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 
-use super::{Invariant, SimConfig, SimStats, SimViolation};
+use super::{CollectiveTime, Invariant, KillAt, SimConfig, SimStats, SimViolation};
 use crate::partition::Partition2d;
 use crate::proto::{
+    collective::collective_tree,
     discovery::{DiscoveryEvent, DiscoveryTransmit, LocalDiscovery},
     frames::{CompleteFrame, FrameAssembler},
     global::{Coordinator, GlobalEvent, GlobalJoin, GlobalTransmit},
+    liveness::{Liveness, LivenessEvent},
     reliable::{Outcome, ReliableEndpoint, ReliableEvent, ReliableTransmit},
     wire::{Control, DataKind, DataMsg, Ping, Register},
     Endpoints, Incarnation, Now, PeerInfo, Rank,
@@ -115,6 +117,10 @@ enum EvKind {
     },
     Crash(Rank),
     Restart(Rank),
+    /// Dies for good.
+    Kill(Rank),
+    /// `heal_within` after a kill: the structure must have healed.
+    CheckHealed,
 }
 
 struct Ev {
@@ -150,6 +156,8 @@ enum Phase {
     Data,
     Feedback,
     FrameQuery,
+    Heartbeat,
+    Collective,
 }
 
 fn phase_of(c: &Control) -> Phase {
@@ -158,6 +166,7 @@ fn phase_of(c: &Control) -> Phase {
         Control::Feedback(_) => Phase::Feedback,
         Control::Resolve { .. } | Control::Resolved { .. } => Phase::GlobalResolve,
         Control::FrameQuery { .. } | Control::FrameReport { .. } => Phase::FrameQuery,
+        Control::Heartbeat => Phase::Heartbeat,
         _ => Phase::GlobalZmq,
     }
 }
@@ -210,6 +219,74 @@ struct Inst {
     /// `discovery.poll_timeout()` (O(node size)) as of the last call that
     /// could change it; `None`: ask again.
     discovery_timeout: Option<Option<Now>>,
+    /// Failure detection, and what the runtime keeps in its status: the
+    /// node's leader and members, the node-leader list, who was declared
+    /// dead, whether the job was globally ready once.
+    liveness: Liveness,
+    leader: Option<Rank>,
+    members: Vec<PeerInfo>,
+    node_leaders: Vec<Rank>,
+    dead: BTreeSet<Rank>,
+    was_ready: bool,
+    /// A frame went missing: the lock-step workload cannot go on.
+    stuck: bool,
+    coll: Coll,
+    /// Counted in `Book::finished`.
+    finished: bool,
+}
+
+/// The collectives every instance calls, in this order (sequence 1..=4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CollOp {
+    Barrier,
+    Broadcast,
+    AllGather,
+    AllReduceSum,
+}
+
+const COLL_OPS: [CollOp; 4] = [
+    CollOp::Barrier,
+    CollOp::Broadcast,
+    CollOp::AllGather,
+    CollOp::AllReduceSum,
+];
+const UP: u8 = 0;
+const DOWN: u8 = 1;
+
+impl CollOp {
+    fn name(self) -> &'static str {
+        match self {
+            CollOp::Barrier => "barrier",
+            CollOp::Broadcast => "broadcast",
+            CollOp::AllGather => "all_gather",
+            CollOp::AllReduceSum => "all_reduce (sum)",
+        }
+    }
+}
+
+/// One instance's collectives: what `runtime::collective` does, as events.
+#[derive(Default)]
+struct Coll {
+    /// Index into `COLL_OPS` of the next call.
+    next: usize,
+    call: Option<CollCall>,
+    /// Steps that arrived before their call waited for them, by
+    /// `(sequence, phase)`.
+    stash: BTreeMap<(u64, u8), BTreeMap<Rank, Bytes>>,
+}
+
+struct CollCall {
+    seq: u64,
+    op: CollOp,
+    parent: Option<Rank>,
+    children: Vec<Rank>,
+    /// Sent UP, waiting for the result from the parent.
+    waiting_down: bool,
+}
+
+/// What rank `r` contributes to all_gather.
+fn gather_value(r: Rank) -> u32 {
+    r.wrapping_mul(2_654_435_761) ^ 0xC0FFEE
 }
 
 /// Everything a check needs that outlives one instance's life.
@@ -229,12 +306,27 @@ struct Book {
     /// Last time an instance had something to do (superseded timers and
     /// messages to nobody do not count).
     last_work_at: Now,
+    /// The kill of the config has not happened yet.
+    kill_armed: bool,
+    killed: Option<Rank>,
+    heal_checked: bool,
+    /// Instances whose workload is over (counted while they live).
+    finished: u32,
+    /// Every living instance finished: the run ends (the job shuts down)
+    /// once every ticket resolved; failure detection would go on forever.
+    quiesced: bool,
+    /// Tickets of living senders not resolved yet.
+    open_tickets: u64,
+    /// `(from, from_inc, to, to_inc, seq, phase)` → collective steps handed over.
+    coll_handled: HashMap<(Rank, Incarnation, Rank, Incarnation, u64, u8), u32>,
 }
 
 struct Ticket {
     frame: u64,
     end: bool,
     sent: Now,
+    /// A collective step (`frame` is its sequence), with its phase.
+    coll: Option<u8>,
 }
 
 pub(super) struct Sim<'a> {
@@ -293,6 +385,18 @@ impl<'a> Sim<'a> {
     pub(super) fn run(mut self) -> Result<SimStats, SimViolation> {
         self.book.stats.nodes = self.cfg.nodes;
         self.book.stats.instances = self.size;
+        self.book.kill_armed = self.cfg.kill.is_some();
+        if self.cfg.collectives {
+            self.book.stats.collectives = COLL_OPS
+                .iter()
+                .map(|op| CollectiveTime {
+                    op: op.name(),
+                    participants: 0,
+                    last_call: Duration::ZERO,
+                    last_return: Duration::ZERO,
+                })
+                .collect();
+        }
         for r in 0..self.size {
             let skew = self.cfg.start_skew.as_nanos() as u64;
             let at = Duration::from_nanos(if skew > 0 {
@@ -303,6 +407,11 @@ impl<'a> Sim<'a> {
             self.net.push(at, EvKind::Start(r));
         }
         while let Some(Reverse(ev)) = self.net.queue.pop() {
+            if self.book.quiesced && self.book.open_tickets == 0 {
+                // The job is over: every instance finished its workload
+                // and every ticket resolved; what is left is background.
+                break;
+            }
             if ev.at > self.cfg.time_limit {
                 self.net.now = self.cfg.time_limit;
                 return Err(self.violation(
@@ -363,6 +472,7 @@ impl<'a> Sim<'a> {
                 }
                 inst.reliable.handle_timeout(now);
                 inst.assembler.handle_timeout(now);
+                self.fire_liveness(r)?;
                 self.pump(r)
             }
             EvKind::Msg { to, wire } => {
@@ -395,8 +505,33 @@ impl<'a> Sim<'a> {
                 }
                 self.pump(rank)
             }
+            EvKind::Kill(r) => {
+                if let Some(inst) = self.insts[r as usize].take() {
+                    self.end_life(r, &inst);
+                    self.book.kill_armed = false;
+                    self.book.killed = Some(r);
+                    self.book.crashed = Some((r, now, None));
+                    self.book.stats.killed_at = Some(now);
+                    if self.book.coordinator == Some(r) {
+                        self.book.coordinator = None;
+                    }
+                    self.net
+                        .push(now + self.cfg.heal_within, EvKind::CheckHealed);
+                }
+                Ok(())
+            }
+            EvKind::CheckHealed => {
+                self.check_healed()?;
+                self.book.heal_checked = true;
+                // Survivors may start their collectives now.
+                for r in 0..self.size {
+                    self.pump(r)?;
+                }
+                Ok(())
+            }
             EvKind::Crash(r) => {
-                if self.insts[r as usize].take().is_some() {
+                if let Some(inst) = self.insts[r as usize].take() {
+                    self.end_life(r, &inst);
                     let down = self
                         .cfg
                         .crash
@@ -447,7 +582,31 @@ impl<'a> Sim<'a> {
             timer_at: None,
             wakes: (now, 0),
             discovery_timeout: None,
+            liveness: Liveness::new(self.cfg.liveness),
+            leader: None,
+            members: Vec::new(),
+            node_leaders: Vec::new(),
+            dead: BTreeSet::new(),
+            was_ready: false,
+            stuck: false,
+            coll: Coll::default(),
+            finished: false,
         }
+    }
+
+    /// A life ended (crash or kill): its tickets will never resolve, it no
+    /// longer counts as finished.
+    fn end_life(&mut self, rank: Rank, inst: &Inst) {
+        if inst.finished {
+            self.book.finished -= 1;
+        }
+        let inc = inst.me.incarnation;
+        let open = self
+            .book
+            .tickets
+            .range((rank, inc, 0, 0)..=(rank, inc, Rank::MAX, u64::MAX))
+            .count() as u64;
+        self.book.open_tickets -= open;
     }
 
     /// Put a message on the wire: count it, then loss, partition,
@@ -465,6 +624,8 @@ impl<'a> Sim<'a> {
             Phase::Data => m.data += 1,
             Phase::Feedback => m.feedback += 1,
             Phase::FrameQuery => m.frame_queries += 1,
+            Phase::Heartbeat => m.heartbeats += 1,
+            Phase::Collective => m.collective += 1,
         }
         if let Some(p) = &cfg.partition {
             let (a, b) = (self.node_of(from), to.map_or(0, |t| self.node_of(t)));
@@ -536,7 +697,7 @@ impl<'a> Sim<'a> {
     fn send_peer(&mut self, from: Me, to: Rank, to_inc: Incarnation, body: Body) {
         let phase = match &body {
             Body::Control(c) => phase_of(c),
-            Body::Data(_) => Phase::Data,
+            Body::Data(d) => data_phase(d),
         };
         let wire = Wire::Peer {
             from: from.rank,
@@ -568,7 +729,16 @@ impl<'a> Sim<'a> {
                 }
             }
             Wire::Register(reg) => match &mut inst.coordinator {
-                Some(c) => c.handle_register(reg),
+                Some(c) => {
+                    let node = reg.node_index;
+                    c.handle_register(reg);
+                    if let (true, Some(k)) = (self.book.kill_armed, self.cfg.kill) {
+                        if k.at == KillAt::Join && node == k.rank / self.cfg.per_node {
+                            self.book.kill_armed = false;
+                            self.net.push(now, EvKind::Kill(k.rank));
+                        }
+                    }
+                }
                 None => self.book.stats.to_dead += 1,
             },
             Wire::Peer {
@@ -585,7 +755,9 @@ impl<'a> Sim<'a> {
                     self.book.stats.from_old_life += 1;
                     return Ok(());
                 }
+                inst.liveness.heard(now, from);
                 match body {
+                    Body::Control(Control::Heartbeat) => {}
                     Body::Data(d)
                         if d.kind != DataKind::Collective
                             && d.frame >= inst.assembler.next_frame()
@@ -772,8 +944,14 @@ impl<'a> Sim<'a> {
             }
             for m in missing {
                 progressed = true;
+                if let Some(inst) = self.insts[r].as_mut() {
+                    inst.stuck = true;
+                }
                 self.book.stats.frames_missing += 1;
-                if self.book.crashed.is_none() && self.cfg.partition.is_none() {
+                if self.book.crashed.is_none()
+                    && self.cfg.partition.is_none()
+                    && !self.book.kill_armed
+                {
                     return Err(self.violation(
                         Invariant::AllFrames,
                         format!(
@@ -784,13 +962,46 @@ impl<'a> Sim<'a> {
                 }
             }
             progressed |= self.work(rank)?;
+            progressed |= self.collectives(rank)?;
             if !progressed {
                 break;
             }
         }
         self.check_bounds(rank)?;
+        self.note_finished(rank);
         self.schedule(rank);
         Ok(())
+    }
+
+    /// Count `rank` as finished once its workload is over; when every
+    /// living instance is, the job shuts down.
+    fn note_finished(&mut self, rank: Rank) {
+        let cfg = self.cfg;
+        let Some(inst) = self.insts[rank as usize].as_mut() else {
+            return;
+        };
+        let ready = inst.global.as_ref().is_some_and(|g| g.ready().is_some());
+        let frames = !inst.works || inst.stuck || inst.frames_done == cfg.frames;
+        let colls = !cfg.collectives || !inst.works || inst.coll.next == COLL_OPS.len();
+        // A node-mate's restart makes discovery incomplete again.
+        let done = ready && frames && colls && inst.discovery.is_complete();
+        if done == inst.finished {
+            return;
+        }
+        inst.finished = done;
+        if !done {
+            self.book.finished -= 1;
+            self.book.quiesced = false;
+            return;
+        }
+        self.book.finished += 1;
+        let living = self.size - u32::from(self.book.killed.is_some());
+        if self.book.finished == living
+            && !self.book.kill_armed
+            && (self.book.killed.is_none() || self.book.heal_checked)
+        {
+            self.book.quiesced = true;
+        }
     }
 
     fn schedule(&mut self, rank: Rank) {
@@ -803,6 +1014,7 @@ impl<'a> Sim<'a> {
             .get_or_insert_with(|| inst.discovery.poll_timeout());
         let next = [
             discovery,
+            inst.liveness.poll_timeout(),
             inst.global.as_ref().and_then(|g| g.poll_timeout()),
             inst.reliable.poll_timeout(),
             inst.assembler.poll_timeout(),
@@ -824,10 +1036,6 @@ impl<'a> Sim<'a> {
 
     fn on_discovery_event(&mut self, rank: Rank, e: DiscoveryEvent) {
         let now = self.net.now;
-        let nodes = self.cfg.nodes;
-        let size = self.size;
-        let gcfg = self.cfg.global;
-        let seed = mix(self.cfg.seed ^ 0x5EED ^ rank as u64);
         let Some(inst) = self.insts[rank as usize].as_mut() else {
             return;
         };
@@ -847,27 +1055,163 @@ impl<'a> Sim<'a> {
                     if let Some(l) = members.iter().find(|m| m.rank == leader) {
                         g.follow_leader(now, l.clone());
                     }
-                    g.update_members(now, members);
+                    g.update_members(now, members.clone());
+                    inst.members = members;
                     return;
                 }
-                let seed = mix(seed ^ inst.me.incarnation.0);
-                if leader == rank {
-                    if inst.me.node_index == 0 {
-                        inst.coordinator = Some(Coordinator::new(nodes, size));
-                        self.book.coordinator = Some(rank);
+                self.take_role(rank, leader, members);
+                if let (true, Some(k)) = (self.book.kill_armed, self.cfg.kill) {
+                    let per = self.cfg.per_node;
+                    let node = k.rank / per;
+                    if k.at == KillAt::Discovery
+                        && (node * per..(node + 1) * per)
+                            .all(|r| self.book.first_complete.contains_key(&r))
+                    {
+                        self.book.kill_armed = false;
+                        self.net.push(now, EvKind::Kill(k.rank));
                     }
-                    inst.global = Some(GlobalJoin::leader(
-                        inst.me.clone(),
-                        format!("n{}", inst.me.node_index),
-                        members,
-                        gcfg,
-                        now,
-                        seed,
-                    ));
-                } else if let Some(l) = members.iter().find(|m| m.rank == leader) {
-                    inst.global = Some(GlobalJoin::member(rank, l.clone(), gcfg, now, seed));
                 }
             }
+        }
+    }
+
+    /// What `runtime::driver::take_role` does: lead the node (and run the
+    /// coordinator on node 0, resumed if the job was globally ready once)
+    /// or follow `leader`, watching whom the role says.
+    fn take_role(&mut self, rank: Rank, leader: Rank, members: Vec<PeerInfo>) {
+        let now = self.net.now;
+        let (nodes, size, gcfg) = (self.cfg.nodes, self.size, self.cfg.global);
+        let killed = self.book.killed.is_some();
+        let Some(inst) = self.insts[rank as usize].as_mut() else {
+            return;
+        };
+        let seed = mix(mix(self.cfg.seed ^ 0x5EED ^ rank as u64) ^ inst.me.incarnation.0)
+            ^ ((leader as u64) << 32);
+        inst.leader = Some(leader);
+        inst.members = members.clone();
+        if killed {
+            self.book.stats.healed_at = Some(now);
+        }
+        if leader == rank {
+            if inst.me.node_index == 0 && inst.coordinator.is_none() {
+                inst.coordinator = Some(if inst.was_ready {
+                    Coordinator::resume(nodes, size)
+                } else {
+                    Coordinator::new(nodes, size)
+                });
+                self.book.coordinator = Some(rank);
+            }
+            for m in members.iter().filter(|m| m.rank != rank) {
+                inst.liveness.watch(now, m.rank);
+            }
+            inst.global = Some(GlobalJoin::leader(
+                inst.me.clone(),
+                format!("n{}", inst.me.node_index),
+                members,
+                gcfg,
+                now,
+                seed,
+            ));
+        } else if let Some(l) = members.iter().find(|m| m.rank == leader) {
+            inst.liveness.watch(now, leader);
+            inst.global = Some(GlobalJoin::member(rank, l.clone(), gcfg, now, seed));
+        }
+    }
+
+    /// What `runtime::driver::fire_timers` does with failure detection:
+    /// heartbeats to quiet watched peers, and a dead peer repairs the
+    /// structure.
+    fn fire_liveness(&mut self, rank: Rank) -> Check {
+        let now = self.net.now;
+        let Some(inst) = self.insts[rank as usize].as_mut() else {
+            return Ok(());
+        };
+        inst.liveness.handle_timeout(now);
+        let me = Me::of(inst);
+        let mut beats = Vec::new();
+        while let Some(peer) = inst.liveness.poll_heartbeat() {
+            if let Some(life) = life_of(inst, peer) {
+                beats.push((peer, life));
+            }
+        }
+        let mut dead = Vec::new();
+        while let Some(e) = inst.liveness.poll_event() {
+            if let LivenessEvent::Dead(r) = e {
+                dead.push(r);
+            }
+        }
+        for (peer, life) in beats {
+            self.send_peer(me, peer, life, Body::Control(Control::Heartbeat));
+        }
+        for r in dead {
+            self.on_peer_dead(rank, r);
+        }
+        Ok(())
+    }
+
+    /// What `runtime::driver::on_peer_dead` does: the next lowest live
+    /// rank leads a node whose leader died; a leader drops a dead member;
+    /// leaders register again when the coordinator's node leader died.
+    fn on_peer_dead(&mut self, rank: Rank, dead: Rank) {
+        let now = self.net.now;
+        self.book.stats.declared_dead += 1;
+        let Some(inst) = self.insts[rank as usize].as_mut() else {
+            return;
+        };
+        inst.dead.insert(dead);
+        let (old_leader, old_first) = (inst.leader, inst.node_leaders.first().copied());
+        let alive: Vec<PeerInfo> = inst
+            .members
+            .iter()
+            .filter(|m| !inst.dead.contains(&m.rank))
+            .cloned()
+            .collect();
+        if old_leader == Some(dead) {
+            let Some(new_leader) = alive.iter().map(|m| m.rank).min() else {
+                return;
+            };
+            inst.liveness.unwatch(dead);
+            self.take_role(rank, new_leader, alive);
+        } else if old_leader == Some(rank) && inst.members.iter().any(|m| m.rank == dead) {
+            if self.book.killed.is_some() {
+                self.book.stats.healed_at = Some(now);
+            }
+            inst.members = alive.clone();
+            if let Some(g) = &mut inst.global {
+                g.update_members(now, alive);
+            }
+        }
+        let Some(inst) = self.insts[rank as usize].as_mut() else {
+            return;
+        };
+        if old_leader == Some(rank) && old_first == Some(dead) && inst.coordinator.is_none() {
+            if let Some(g) = &mut inst.global {
+                g.reregister(now);
+            }
+        }
+    }
+
+    /// What `runtime::driver::directory_changed` does: leaders watch each
+    /// other (the coordinator's failure moves it).
+    fn directory_changed(&mut self, rank: Rank) {
+        let now = self.net.now;
+        let killed = self.book.killed.is_some();
+        let Some(inst) = self.insts[rank as usize].as_mut() else {
+            return;
+        };
+        let leaders = inst
+            .global
+            .as_ref()
+            .map(|g| g.node_leaders().to_vec())
+            .unwrap_or_default();
+        for &l in leaders.iter().filter(|&&l| l != rank) {
+            inst.liveness.watch(now, l);
+        }
+        if inst.node_leaders != leaders {
+            if killed {
+                self.book.stats.healed_at = Some(now);
+            }
+            inst.node_leaders = leaders;
         }
     }
 
@@ -885,10 +1229,10 @@ impl<'a> Sim<'a> {
                     ));
                 }
                 self.book.first_ready.entry(rank).or_insert(now);
+                inst.was_ready = true;
+                self.directory_changed(rank);
             }
-            // The runtime watches the new node leaders' liveness (§7);
-            // the sim does not run failure detection yet.
-            GlobalEvent::DirectoryChanged => {}
+            GlobalEvent::DirectoryChanged => self.directory_changed(rank),
             GlobalEvent::Resolved(info) => {
                 let to = info.rank;
                 if inst.lives.get(&to).is_none_or(|l| *l <= info.incarnation) {
@@ -919,9 +1263,37 @@ impl<'a> Sim<'a> {
                 let from_inc = inst.lives.get(&from).copied().unwrap_or(FIRST_LIFE);
                 let end = matches!(msg.kind, DataKind::FrameEnd { .. });
                 let handed = match msg.kind {
-                    // Not sent by the sim's workload; answered like the runtime does.
+                    // Answered like the runtime does, then waits in the
+                    // mailbox for its call.
                     DataKind::Collective => {
                         inst.reliable.complete(now, from, msg.id, Ok(()));
+                        let Some(&phase) = msg.payload.first() else {
+                            return Err(self.violation(
+                                Invariant::Collectives,
+                                format!("rank {rank}: empty collective step from {from}"),
+                            ));
+                        };
+                        inst.coll
+                            .stash
+                            .entry((msg.frame, phase))
+                            .or_default()
+                            .insert(from, msg.payload.slice(1..));
+                        let n = self
+                            .book
+                            .coll_handled
+                            .entry((from, from_inc, rank, me, msg.frame, phase))
+                            .or_insert(0);
+                        *n += 1;
+                        if *n > 1 {
+                            let n = *n;
+                            return Err(self.violation(
+                                Invariant::ExactlyOnce,
+                                format!(
+                                    "collective #{} phase {phase} from {from} handed to {rank} {n} times",
+                                    msg.frame
+                                ),
+                            ));
+                        }
                         false
                     }
                     DataKind::FrameEnd { count } => {
@@ -1003,7 +1375,9 @@ impl<'a> Sim<'a> {
                 let key = (rank, me, to, id);
                 // Checked and forgotten: memory stays proportional to
                 // what is in flight, not to the whole run.
-                let Some(t) = self.book.tickets.remove(&key) else {
+                let Some(t) = self.book.tickets.remove(&key).inspect(|_| {
+                    self.book.open_tickets -= 1;
+                }) else {
                     return Err(self.violation(
                         Invariant::TicketResolved,
                         format!("rank {rank}: ticket {id} to {to} resolved twice or never issued"),
@@ -1035,6 +1409,12 @@ impl<'a> Sim<'a> {
                 if let Some(c) = &self.cfg.crash {
                     if works && c.rank == rank && c.after_frame + 1 == done {
                         self.net.push(now, EvKind::Crash(rank));
+                    }
+                }
+                if let (true, Some(k)) = (self.book.kill_armed, self.cfg.kill) {
+                    if k.rank == rank && k.at == KillAt::Frame(done - 1) {
+                        self.book.kill_armed = false;
+                        self.net.push(now, EvKind::Kill(rank));
                     }
                 }
                 continue;
@@ -1069,8 +1449,10 @@ impl<'a> Sim<'a> {
                                     frame,
                                     end,
                                     sent: now,
+                                    coll: None,
                                 },
                             );
+                            self.book.open_tickets += 1;
                         }
                         Err(e) => {
                             return Err(SimViolation::Broken {
@@ -1084,6 +1466,300 @@ impl<'a> Sim<'a> {
                 }
             }
         }
+    }
+
+    /// The ranks still alive at the end (all but the killed one).
+    fn survivors(&self) -> impl Iterator<Item = Rank> + '_ {
+        let killed = self.cfg.kill.map(|k| k.rank);
+        (0..self.size).filter(move |&r| Some(r) != killed)
+    }
+
+    fn broadcast_root(&self) -> Rank {
+        self.survivors().last().unwrap_or(0)
+    }
+
+    fn broadcast_value(&self) -> u64 {
+        mix(self.cfg.seed ^ 0xB0AD_CA57)
+    }
+
+    fn contribution(&self, op: CollOp, rank: Rank) -> Bytes {
+        let mut b = Vec::new();
+        match op {
+            CollOp::Barrier => {}
+            CollOp::Broadcast if rank == self.broadcast_root() => {
+                b.push(1);
+                b.extend_from_slice(&self.broadcast_value().to_le_bytes());
+            }
+            CollOp::Broadcast => b.push(0),
+            CollOp::AllGather => {
+                b.extend_from_slice(&rank.to_le_bytes());
+                b.extend_from_slice(&gather_value(rank).to_le_bytes());
+            }
+            CollOp::AllReduceSum => b.extend_from_slice(&(rank as u64).to_le_bytes()),
+        }
+        Bytes::from(b)
+    }
+
+    /// Send one step of collective `seq` (the phase byte, then the body).
+    fn coll_send(&mut self, rank: Rank, to: Rank, seq: u64, phase: u8, body: &[u8]) -> Check {
+        let now = self.net.now;
+        let Some(inst) = self.insts[rank as usize].as_mut() else {
+            return Ok(());
+        };
+        let mut payload = Vec::with_capacity(body.len() + 1);
+        payload.push(phase);
+        payload.extend_from_slice(body);
+        let inc = inst.me.incarnation;
+        match inst
+            .reliable
+            .send(now, to, seq, DataKind::Collective, Bytes::from(payload))
+        {
+            Ok(id) => {
+                self.book.tickets.insert(
+                    (rank, inc, to, id),
+                    Ticket {
+                        frame: seq,
+                        end: false,
+                        sent: now,
+                        coll: Some(phase),
+                    },
+                );
+                self.book.open_tickets += 1;
+                Ok(())
+            }
+            Err(e) => Err(self.violation(
+                Invariant::BuffersBounded,
+                format!("rank {rank}: {e} sending collective #{seq} to {to}"),
+            )),
+        }
+    }
+
+    /// Call, advance and finish this instance's collectives, like
+    /// `runtime::collective`: contributions combined up the tree, the
+    /// result spread down.
+    fn collectives(&mut self, rank: Rank) -> Result<bool, SimViolation> {
+        let cfg = self.cfg;
+        if !cfg.collectives {
+            return Ok(false);
+        }
+        let now = self.net.now;
+        let mut progressed = false;
+        loop {
+            let heal_checked = self.book.heal_checked;
+            let Some(inst) = self.insts[rank as usize].as_mut() else {
+                return Ok(progressed);
+            };
+            if inst.coll.call.is_none() {
+                let idx = inst.coll.next;
+                let ready = inst.global.as_ref().is_some_and(|g| g.ready().is_some());
+                let leads = inst.leader == Some(rank);
+                let workload_over = if cfg.kill.is_some() {
+                    heal_checked
+                } else {
+                    inst.stuck || inst.frames_done == cfg.frames
+                };
+                if !(inst.works
+                    && idx < COLL_OPS.len()
+                    && ready
+                    && inst.leader.is_some()
+                    && (!leads || !inst.node_leaders.is_empty())
+                    && workload_over)
+                {
+                    return Ok(progressed);
+                }
+                let tree = collective_tree(
+                    rank,
+                    inst.leader,
+                    inst.members.iter().map(|m| m.rank),
+                    &inst.node_leaders,
+                );
+                inst.coll.call = Some(CollCall {
+                    seq: idx as u64 + 1,
+                    op: COLL_OPS[idx],
+                    parent: tree.parent,
+                    children: tree.children,
+                    waiting_down: false,
+                });
+                let t = &mut self.book.stats.collectives[idx];
+                t.last_call = t.last_call.max(now);
+                progressed = true;
+                continue;
+            }
+            let Some(call) = inst.coll.call.as_mut() else {
+                return Ok(progressed);
+            };
+            let (seq, op, parent) = (call.seq, call.op, call.parent);
+            let value = if !call.waiting_down {
+                let have = inst.coll.stash.get(&(seq, UP));
+                if !call
+                    .children
+                    .iter()
+                    .all(|c| have.is_some_and(|h| h.contains_key(c)))
+                {
+                    return Ok(progressed);
+                }
+                // Like the runtime: whatever arrived for this step counts.
+                let got = inst.coll.stash.remove(&(seq, UP)).unwrap_or_default();
+                let mut parts = vec![(rank, self.contribution(op, rank))];
+                parts.extend(got);
+                let total = combine(op, parts);
+                if let Some(p) = parent {
+                    if let Some(call) = self.insts[rank as usize]
+                        .as_mut()
+                        .and_then(|i| i.coll.call.as_mut())
+                    {
+                        call.waiting_down = true;
+                    }
+                    self.coll_send(rank, p, seq, UP, &total)?;
+                    progressed = true;
+                    continue;
+                }
+                total
+            } else {
+                let p = parent.unwrap_or(rank);
+                let Some(v) = inst
+                    .coll
+                    .stash
+                    .get_mut(&(seq, DOWN))
+                    .and_then(|m| m.remove(&p))
+                else {
+                    return Ok(progressed);
+                };
+                v
+            };
+            let children = self.insts[rank as usize]
+                .as_mut()
+                .and_then(|i| i.coll.call.take())
+                .map(|c| c.children)
+                .unwrap_or_default();
+            for c in children {
+                self.coll_send(rank, c, seq, DOWN, &value)?;
+            }
+            self.check_collective(rank, op, seq, &value)?;
+            if let Some(inst) = self.insts[rank as usize].as_mut() {
+                inst.coll.next += 1;
+                inst.coll.stash.remove(&(seq, DOWN));
+            }
+            let t = &mut self.book.stats.collectives[seq as usize - 1];
+            t.last_return = t.last_return.max(now);
+            t.participants += 1;
+            progressed = true;
+        }
+    }
+
+    fn check_collective(&self, rank: Rank, op: CollOp, seq: u64, value: &[u8]) -> Check {
+        let wrong = |what: String| {
+            Err(self.violation(
+                Invariant::Collectives,
+                format!("rank {rank}: {} #{seq} {what}", op.name()),
+            ))
+        };
+        match op {
+            CollOp::Barrier if !value.is_empty() => {
+                wrong(format!("returned {} bytes", value.len()))
+            }
+            CollOp::Barrier => Ok(()),
+            CollOp::Broadcast => {
+                let mut want = vec![1];
+                want.extend_from_slice(&self.broadcast_value().to_le_bytes());
+                if value == want.as_slice() {
+                    Ok(())
+                } else {
+                    wrong(format!(
+                        "returned {value:?}, root {} sent {want:?}",
+                        self.broadcast_root()
+                    ))
+                }
+            }
+            CollOp::AllGather => {
+                let got = value.chunks(8);
+                let mut n = 0usize;
+                for (c, want) in got.zip(self.survivors()) {
+                    n += 1;
+                    let r = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    let v = c
+                        .get(4..8)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                    if r != want || v != Some(gather_value(want)) {
+                        return wrong(format!("has rank {r} (value {v:?}) where {want} belongs"));
+                    }
+                }
+                let want = self.survivors().count();
+                if n != want || value.len() != want * 8 {
+                    return wrong(format!("has {} bytes, {want} survivors", value.len()));
+                }
+                Ok(())
+            }
+            CollOp::AllReduceSum => {
+                let want: u64 = self.survivors().map(u64::from).sum();
+                let got = value.try_into().ok().map(u64::from_le_bytes);
+                if got == Some(want) {
+                    Ok(())
+                } else {
+                    wrong(format!("returned {got:?}, the sum is {want}"))
+                }
+            }
+        }
+    }
+
+    /// `heal_within` after a kill: the survivors of its node follow the
+    /// lowest live rank, the coordinator lists it, and every leader has
+    /// the coordinator's node-leader list.
+    fn check_healed(&self) -> Check {
+        let Some(k) = self.cfg.kill else {
+            return Ok(());
+        };
+        let per = self.cfg.per_node;
+        let node = k.rank / per;
+        let Some(lowest) = (node * per..(node + 1) * per).find(|&r| r != k.rank) else {
+            return Ok(()); // the node died with it
+        };
+        for r in (node * per..(node + 1) * per).filter(|&r| r != k.rank) {
+            let leader = self.insts[r as usize].as_ref().and_then(|i| i.leader);
+            if leader != Some(lowest) {
+                return Err(self.violation(
+                    Invariant::Failover,
+                    format!(
+                        "rank {r} follows {leader:?}, not {lowest}, after rank {} died",
+                        k.rank
+                    ),
+                ));
+            }
+        }
+        let coordinator = self
+            .book
+            .coordinator
+            .and_then(|c| self.insts[c as usize].as_ref())
+            .and_then(|i| i.coordinator.as_ref());
+        let Some(c) = coordinator else {
+            return Err(self.violation(Invariant::Failover, "no coordinator"));
+        };
+        let list = c.node_leaders();
+        if !c.is_ready() || list.get(node as usize) != Some(&lowest) {
+            return Err(self.violation(
+                Invariant::Failover,
+                format!(
+                    "coordinator (rank {:?}, {} of {} nodes, ready {}) lists leaders {list:?}; node {node} should be led by {lowest}",
+                    self.book.coordinator,
+                    c.registered(),
+                    self.cfg.nodes,
+                    c.is_ready()
+                ),
+            ));
+        }
+        for inst in self.insts.iter().flatten() {
+            let leads = inst.global.as_ref().is_some_and(|g| g.is_leader());
+            if leads && inst.node_leaders != list {
+                return Err(self.violation(
+                    Invariant::Failover,
+                    format!(
+                        "leader {} has node leaders {:?}, the coordinator {list:?}",
+                        inst.me.rank, inst.node_leaders
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_frame(&self, rank: Rank, expect: u64, f: &CompleteFrame) -> Check {
@@ -1147,6 +1823,40 @@ impl<'a> Sim<'a> {
     ) -> Check {
         let (from, from_inc, to, id) = key;
         let to_crashed = self.crashed_rank() == Some(to);
+        if let Some(phase) = t.coll {
+            return match outcome {
+                Outcome::Ack => {
+                    let n = self
+                        .book
+                        .coll_handled
+                        .get(&(from, from_inc, to, self.lives[to as usize], t.frame, phase))
+                        .copied()
+                        .unwrap_or(0);
+                    if n == 1 || to_crashed {
+                        Ok(())
+                    } else {
+                        Err(self.violation(
+                            Invariant::ExactlyOnce,
+                            format!("collective #{} step from {from} to {to} acknowledged, handed over {n} times", t.frame),
+                        ))
+                    }
+                }
+                Outcome::TimedOut
+                    if to_crashed
+                        || self.partition_cuts(from, to, t.sent, at)
+                        || self.cfg.loss_justifies_timeouts() =>
+                {
+                    Ok(())
+                }
+                _ => Err(self.violation(
+                    Invariant::TicketResolved,
+                    format!(
+                        "collective #{} step from {from} to {to} resolved {outcome:?}",
+                        t.frame
+                    ),
+                )),
+            };
+        }
         let refuse = !t.end && handler_refuses(self.cfg, from, to, t.frame);
         let fine = match outcome {
             Outcome::TimedOut => {
@@ -1259,7 +1969,9 @@ impl<'a> Sim<'a> {
         for node in 0..self.cfg.nodes {
             let ranks: Vec<Rank> = (node * per..(node + 1) * per).collect();
             let mut leaders = 0;
-            for &r in &ranks {
+            let killed = self.cfg.kill.map(|k| k.rank);
+            let lowest_live = ranks.iter().copied().find(|&r| Some(r) != killed);
+            for &r in ranks.iter().filter(|&&r| Some(r) != killed) {
                 let Some(inst) = self.insts[r as usize].as_ref() else {
                     return Err(self
                         .violation(Invariant::DiscoveryPeers, format!("rank {r} never started")));
@@ -1288,12 +2000,49 @@ impl<'a> Sim<'a> {
                         ),
                     ));
                 }
+                if inst.leader != lowest_live {
+                    return Err(self.violation(
+                        Invariant::OneLeaderPerNode,
+                        format!(
+                            "rank {r} follows {:?}, lowest live is {lowest_live:?}",
+                            inst.leader
+                        ),
+                    ));
+                }
                 let Some(g) = &inst.global else {
                     return Err(self.violation(
                         Invariant::GlobalReady,
                         format!("rank {r} never joined globally"),
                     ));
                 };
+                if self.cfg.collectives && inst.works && inst.coll.next != COLL_OPS.len() {
+                    let step = inst.coll.call.as_ref().map(|c| {
+                        let seq = c.seq;
+                        let phase = if c.waiting_down { DOWN } else { UP };
+                        let have: Vec<Rank> = inst
+                            .coll
+                            .stash
+                            .get(&(seq, phase))
+                            .map(|m| m.keys().copied().collect())
+                            .unwrap_or_default();
+                        format!(
+                            "in {} #{seq} waiting for {} from parent {:?} / children {:?}, has {have:?}",
+                            c.op.name(),
+                            if c.waiting_down { "DOWN" } else { "UP" },
+                            c.parent,
+                            c.children
+                        )
+                    });
+                    return Err(self.violation(
+                        Invariant::Collectives,
+                        format!(
+                            "rank {r} completed {} of {} collectives ({})",
+                            inst.coll.next,
+                            COLL_OPS.len(),
+                            step.unwrap_or_else(|| "never called the next".into())
+                        ),
+                    ));
+                }
                 leaders += usize::from(g.is_leader());
                 if g.ready().is_none() {
                     return Err(self.violation(
@@ -1320,8 +2069,9 @@ impl<'a> Sim<'a> {
                 ));
             }
         }
+        let killed = self.cfg.kill.map(|k| k.rank);
         for (&(from, from_inc, to, id), t) in &self.book.tickets {
-            if self.lives[from as usize] == from_inc {
+            if self.lives[from as usize] == from_inc && Some(from) != killed {
                 return Err(self.violation(
                     Invariant::TicketResolved,
                     format!(
@@ -1377,6 +2127,10 @@ fn note_life(inst: &mut Inst, now: Now, from: Rank, inc: Incarnation) -> bool {
             inst.lives.insert(from, inc);
             inst.reliable.reset_peer(now, from);
             inst.parked.remove(&from);
+            // Like the runtime: a new life is watched afresh.
+            inst.dead.remove(&from);
+            inst.liveness.unwatch(from);
+            inst.liveness.watch(now, from);
             if let Some(p) = inst.peers.get_mut(&from) {
                 *p = peer_info(from, p.node_index, inc);
             }
@@ -1388,6 +2142,57 @@ fn note_life(inst: &mut Inst, now: Now, from: Rank, inc: Incarnation) -> bool {
             true
         }
     }
+}
+
+fn data_phase(d: &DataMsg) -> Phase {
+    match d.kind {
+        DataKind::Collective => Phase::Collective,
+        _ => Phase::Data,
+    }
+}
+
+/// A collective's contributions combined at one level of the tree.
+fn combine(op: CollOp, parts: Vec<(Rank, Bytes)>) -> Bytes {
+    match op {
+        CollOp::Barrier => Bytes::new(),
+        CollOp::Broadcast => parts
+            .into_iter()
+            .map(|p| p.1)
+            .find(|b| b.first() == Some(&1))
+            .unwrap_or_else(|| Bytes::from_static(&[0])),
+        CollOp::AllGather => {
+            let mut all: Vec<&[u8]> = parts.iter().flat_map(|p| p.1.chunks(8)).collect();
+            all.sort_by_key(|c| {
+                c.get(..4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            });
+            Bytes::from(all.concat())
+        }
+        CollOp::AllReduceSum => {
+            let sum: u64 = parts
+                .iter()
+                .filter_map(|p| <[u8; 8]>::try_from(&p.1[..]).ok())
+                .map(u64::from_le_bytes)
+                .sum();
+            Bytes::copy_from_slice(&sum.to_le_bytes())
+        }
+    }
+}
+
+/// The life of `to` a message should address: the newest heard of, the
+/// endpoint known, or (leaders) the directory's.
+fn life_of(inst: &Inst, to: Rank) -> Option<Incarnation> {
+    inst.lives
+        .get(&to)
+        .copied()
+        .or_else(|| inst.peers.get(&to).map(|p| p.incarnation))
+        .or_else(|| {
+            inst.global
+                .as_ref()
+                .filter(|g| g.is_leader())
+                .and_then(|g| g.directory_entry(to))
+                .map(|p| p.incarnation)
+        })
 }
 
 /// Where data for `to` goes: to its known endpoint, or parked until a
@@ -1408,7 +2213,7 @@ fn route_data(inst: &mut Inst, now: Now, to: Rank, msg: DataMsg) -> Option<Out> 
     match life {
         Some(life) => Some((
             Some(to),
-            Phase::Data,
+            data_phase(&msg),
             Wire::Peer {
                 from: inst.me.rank,
                 from_inc: inst.me.incarnation,

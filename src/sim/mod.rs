@@ -42,7 +42,8 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::proto::{
-    discovery::DiscoveryConfig, global::GlobalConfig, reliable::ReliableConfig, Rank,
+    discovery::DiscoveryConfig, global::GlobalConfig, liveness::LivenessConfig,
+    reliable::ReliableConfig, Rank,
 };
 
 mod engine;
@@ -55,6 +56,27 @@ pub struct CrashSpec {
     /// The crash happens as soon as `rank` has handed over this frame.
     pub after_frame: u64,
     pub down_for: Duration,
+}
+
+/// When a killed instance dies (for good).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KillAt {
+    /// As soon as every instance of its node completed local discovery
+    /// (other nodes may still be discovering; nobody is registered yet).
+    Discovery,
+    /// As soon as the coordinator holds its node's registration (before
+    /// the job is globally ready, unless its node came last).
+    Join,
+    /// As soon as it has handed over this frame.
+    Frame(u64),
+}
+
+/// Kill one instance without restart: failure detection must notice and
+/// the structure heal around it (DESIGN §7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KillSpec {
+    pub rank: Rank,
+    pub at: KillAt,
 }
 
 /// Cut `node` off from every other node (both directions) for an interval
@@ -89,7 +111,15 @@ pub struct SimConfig {
     pub frames: u64,
     pub seed: u64,
     pub crash: Option<CrashSpec>,
+    /// Kill an instance for good (not together with `crash`).
+    pub kill: Option<KillSpec>,
     pub partition: Option<PartitionSpec>,
+    /// After global ready (and the frames, or once the structure healed
+    /// after a kill), every instance runs barrier, broadcast, all_gather
+    /// and all_reduce (sum) over the reliable channel.
+    pub collectives: bool,
+    /// The structure must have healed this long after a kill.
+    pub heal_within: Duration,
     /// A handler runs up to this long (virtual) before its outcome is known.
     pub handler_time: Duration,
     /// The handler answers ERR for one cell in this many (by a hash of
@@ -103,6 +133,7 @@ pub struct SimConfig {
     pub discovery: DiscoveryConfig,
     pub global: GlobalConfig,
     pub reliable: ReliableConfig,
+    pub liveness: LivenessConfig,
 }
 
 impl Default for SimConfig {
@@ -120,7 +151,10 @@ impl Default for SimConfig {
             frames: 3,
             seed: 1,
             crash: None,
+            kill: None,
             partition: None,
+            collectives: false,
+            heal_within: Duration::from_secs(20),
             handler_time: Duration::from_micros(200),
             err_one_in: 50,
             frame_timeout: Duration::from_secs(60),
@@ -129,6 +163,7 @@ impl Default for SimConfig {
             discovery: DiscoveryConfig::default(),
             global: GlobalConfig::default(),
             reliable: ReliableConfig::default(),
+            liveness: LivenessConfig::default(),
         }
     }
 }
@@ -152,6 +187,12 @@ pub enum SimConfigError {
     PartitionNode { node: u32, nodes: u32 },
     #[error("time limit must be positive")]
     NoTime,
+    #[error("kill of rank {rank}, but the job has {size} instances")]
+    KillRank { rank: Rank, size: u32 },
+    #[error("kill after frame {frame}, but the job runs {frames} frames")]
+    KillFrame { frame: u64, frames: u64 },
+    #[error("{0} cannot be combined with a crash and restart (the restarted life does not rejoin the workload)")]
+    WithRestart(&'static str),
 }
 
 impl SimConfig {
@@ -229,6 +270,30 @@ impl SimConfig {
                 });
             }
         }
+        if let Some(k) = &self.kill {
+            if k.rank >= self.size() {
+                return Err(SimConfigError::KillRank {
+                    rank: k.rank,
+                    size: self.size(),
+                });
+            }
+            if let KillAt::Frame(frame) = k.at {
+                if frame >= self.frames {
+                    return Err(SimConfigError::KillFrame {
+                        frame,
+                        frames: self.frames,
+                    });
+                }
+            }
+        }
+        if self.crash.is_some() {
+            if self.kill.is_some() {
+                return Err(SimConfigError::WithRestart("a kill"));
+            }
+            if self.collectives {
+                return Err(SimConfigError::WithRestart("collectives"));
+            }
+        }
         if let Some(p) = &self.partition {
             if p.node >= self.nodes {
                 return Err(SimConfigError::PartitionNode {
@@ -272,6 +337,13 @@ pub enum Invariant {
     Livelock,
     /// Work still pending at the time limit.
     TimeLimit,
+    /// Within `heal_within` of a kill, the survivors of its node agree on
+    /// the lowest live rank as leader, the coordinator lists it, and every
+    /// leader has the coordinator's node-leader list.
+    Failover,
+    /// Every (surviving) instance completes every collective with the
+    /// right result.
+    Collectives,
 }
 
 impl fmt::Display for Invariant {
@@ -289,6 +361,8 @@ impl fmt::Display for Invariant {
             Invariant::BuffersBounded => "buffers bounded",
             Invariant::Livelock => "no livelock",
             Invariant::TimeLimit => "work done before the time limit",
+            Invariant::Failover => "the structure heals after a leader dies",
+            Invariant::Collectives => "every collective completes with the right result",
         })
     }
 }
@@ -326,6 +400,10 @@ pub struct PhaseCounts {
     pub feedback: u64,
     /// FrameQuery to laggards and their FrameReport answers.
     pub frame_queries: u64,
+    /// Heartbeats of failure detection.
+    pub heartbeats: u64,
+    /// Collective steps (UP/DOWN), retransmissions included.
+    pub collective: u64,
 }
 
 impl PhaseCounts {
@@ -377,6 +455,33 @@ pub struct SimStats {
     pub events: u64,
     /// Hash over every processed event: equal traces, equal hashes.
     pub trace: u64,
+    /// When the killed instance died.
+    pub killed_at: Option<Duration>,
+    /// When the last survivor changed its view of the structure (leader,
+    /// members or node-leader list) after the kill.
+    pub healed_at: Option<Duration>,
+    /// Leaders declared dead by someone (a kill, or a false suspicion).
+    pub declared_dead: u64,
+    /// Per collective, in call order: its name, when the last participant
+    /// called it and when the last one returned.
+    pub collectives: Vec<CollectiveTime>,
+}
+
+/// The virtual time one collective took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CollectiveTime {
+    pub op: &'static str,
+    pub participants: u32,
+    /// The last participant called it…
+    pub last_call: Duration,
+    /// …and the last one returned.
+    pub last_return: Duration,
+}
+
+impl CollectiveTime {
+    pub fn took(&self) -> Duration {
+        self.last_return.saturating_sub(self.last_call)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -425,6 +530,25 @@ impl fmt::Display for SimReport {
             "last work (virtual)",
             opt_ms(Some(s.end))
         )?;
+        if let Some(k) = s.killed_at {
+            writeln!(f, "  {:<28} {:>14}", "killed at (virtual)", opt_ms(Some(k)))?;
+            writeln!(
+                f,
+                "  {:<28} {:>14}",
+                "healed at (virtual)",
+                opt_ms(s.healed_at)
+            )?;
+        }
+        for c in &s.collectives {
+            writeln!(
+                f,
+                "  {:<28} {:>14}   ({} instances, last call at {})",
+                format!("{} (virtual)", c.op),
+                opt_ms(Some(c.took())),
+                c.participants,
+                opt_ms(Some(c.last_call)),
+            )?;
+        }
         writeln!(f, "  {:<28} {:>14}", "messages by phase", "")?;
         for (name, n) in [
             ("  discovery udp (ping)", m.discovery_udp),
@@ -435,6 +559,8 @@ impl fmt::Display for SimReport {
             ("  reliable data", m.data),
             ("  feedback (ack/err)", m.feedback),
             ("  frame query/report", m.frame_queries),
+            ("  heartbeats", m.heartbeats),
+            ("  collective steps", m.collective),
         ] {
             writeln!(f, "  {name:<28} {n:>14}")?;
         }
@@ -460,6 +586,7 @@ impl fmt::Display for SimReport {
             ),
             ("retransmissions", s.retransmissions.to_string()),
             ("peer resets", s.peer_resets.to_string()),
+            ("declared dead", s.declared_dead.to_string()),
             ("max in flight", s.max_in_flight.to_string()),
             ("max buffered cells", s.max_buffered_cells.to_string()),
             ("events", s.events.to_string()),

@@ -285,11 +285,15 @@ pub fn data_header(
 }
 
 /// Decode a multipart ZeroMQ message (routing frames already removed).
-pub fn decode_peer_msg(frames: &[&[u8]]) -> Result<(Header, PeerMsg), WireError> {
-    let [head, body] = frames else {
-        return Err(WireError::FrameCount(frames.len()));
+///
+/// Takes the frames by value: a cell's payload becomes the `Bytes` of its
+/// frame without another copy.
+pub fn decode_peer_msg(frames: Vec<Bytes>) -> Result<(Header, PeerMsg), WireError> {
+    let count = frames.len();
+    let Ok([head, body]) = <[Bytes; 2]>::try_from(frames) else {
+        return Err(WireError::FrameCount(count));
     };
-    let header = Header::decode(head)?;
+    let header = Header::decode(&head)?;
     let msg = match header.kind {
         MsgKind::Control => {
             if body.len() > MAX_CONTROL {
@@ -298,7 +302,7 @@ pub fn decode_peer_msg(frames: &[&[u8]]) -> Result<(Header, PeerMsg), WireError>
                     limit: MAX_CONTROL,
                 });
             }
-            PeerMsg::Control(decode_body(body)?)
+            PeerMsg::Control(decode_body(&body)?)
         }
         MsgKind::Cell | MsgKind::FrameEnd | MsgKind::Collective => PeerMsg::Data(DataMsg {
             id: header.id,
@@ -308,7 +312,7 @@ pub fn decode_peer_msg(frames: &[&[u8]]) -> Result<(Header, PeerMsg), WireError>
                 MsgKind::FrameEnd => DataKind::FrameEnd { count: header.aux },
                 _ => DataKind::Collective,
             },
-            payload: Bytes::copy_from_slice(body),
+            payload: body,
         }),
     };
     Ok((header, msg))
@@ -478,7 +482,13 @@ mod tests {
     #[test]
     fn peer_messages_round_trip() {
         let [h, b] = encode_control(1, Incarnation(2), &Control::Pong(info(1)));
-        let (header, msg) = decode_peer_msg(&[&h, &b]).unwrap();
+        let frames = |parts: &[&[u8]]| {
+            parts
+                .iter()
+                .map(|p| Bytes::copy_from_slice(p))
+                .collect::<Vec<_>>()
+        };
+        let (header, msg) = decode_peer_msg(frames(&[&h, &b])).unwrap();
         assert_eq!(header.from, 1);
         assert_eq!(msg, PeerMsg::Control(Control::Pong(info(1))));
 
@@ -489,11 +499,11 @@ mod tests {
             payload: Bytes::new(),
         };
         let h = data_header(4, Incarnation(1), Incarnation(0), &data);
-        let (_, msg) = decode_peer_msg(&[&h, &[]]).unwrap();
+        let (_, msg) = decode_peer_msg(frames(&[&h, &[]])).unwrap();
         assert_eq!(msg, PeerMsg::Data(data));
-        assert!(decode_peer_msg(&[b"x"]).is_err());
-        assert!(decode_peer_msg(&[&h, &[], &[]]).is_err());
+        assert!(decode_peer_msg(frames(&[b"x"])).is_err());
+        assert!(decode_peer_msg(frames(&[&h, &[], &[]])).is_err());
         let [h, _] = encode_control(1, Incarnation(2), &Control::Ready);
-        assert!(decode_peer_msg(&[&h, b"\xff\xff\xff\xff"]).is_err());
+        assert!(decode_peer_msg(frames(&[&h, b"\xff\xff\xff\xff"])).is_err());
     }
 }

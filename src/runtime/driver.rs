@@ -4,7 +4,8 @@
 //! the state machines want to send, then sleep in `zmq::poll` until a
 //! socket, the wake-up eventfd or the next timer.
 
-use std::collections::HashMap;
+// Keys are ranks (validated against the job size): a fast hash is safe.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -93,7 +94,7 @@ pub(crate) struct Driver {
     /// When a shutdown found everything answered (and said goodbye).
     drained_at: Option<Now>,
     /// Peers that left cleanly.
-    goodbyes: std::collections::HashSet<Rank>,
+    goodbyes: HashSet<Rank>,
     handlers_running: usize,
     shutdown_since: Option<Now>,
     /// Reused buffer of received messages.
@@ -130,14 +131,14 @@ impl Driver {
             coordinator: None,
             reliable,
             assembler,
-            peers: HashMap::new(),
-            routes: HashMap::new(),
-            parked: HashMap::new(),
-            tickets: HashMap::new(),
-            frame_counts: HashMap::new(),
+            peers: HashMap::default(),
+            routes: HashMap::default(),
+            parked: HashMap::default(),
+            tickets: HashMap::default(),
+            frame_counts: HashMap::default(),
             ready_frame: None,
-            incarnations: HashMap::new(),
-            ended: HashMap::new(),
+            incarnations: HashMap::default(),
+            ended: HashMap::default(),
             done_tx,
             done_rx,
             handlers_running: 0,
@@ -146,7 +147,7 @@ impl Driver {
             drained_at: None,
             liveness: Liveness::new(p_liveness),
             dead: std::collections::BTreeSet::new(),
-            goodbyes: std::collections::HashSet::new(),
+            goodbyes: HashSet::default(),
             shutdown_since: None,
             inbox: Vec::new(),
         }
@@ -969,8 +970,8 @@ impl Driver {
                 Inbound::Router { routing_id, frames } => (Some(routing_id), frames),
                 Inbound::Dealer { frames, .. } => (None, frames),
             };
-            let parts: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
-            let (header, msg) = match wire::decode_peer_msg(&parts) {
+            let frames = frames.into_iter().map(bytes::Bytes::from).collect();
+            let (header, msg) = match wire::decode_peer_msg(frames) {
                 Ok(m) => m,
                 Err(e) => {
                     Metrics::add(&self.p.metrics.zmq_malformed, 1);

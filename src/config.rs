@@ -140,6 +140,8 @@ pub struct Config {
     pub global: GlobalConfig,
     pub liveness: LivenessConfig,
     pub reliable: ReliableConfig,
+    /// Injected wire faults (tests); `None` in production.
+    pub faults: Option<crate::runtime::faults::FaultConfig>,
 }
 
 impl Default for Config {
@@ -162,6 +164,7 @@ impl Default for Config {
             global: GlobalConfig::default(),
             liveness: LivenessConfig::default(),
             reliable: ReliableConfig::default(),
+            faults: None,
         }
     }
 }
@@ -283,6 +286,33 @@ impl Config {
         }
         if let Some(v) = get(vars, "CELLNET_DEAD_AFTER", parse_duration)? {
             c.liveness.dead_after = v;
+        }
+        let delay = get(vars, "CELLNET_FAULT_DELAY", parse_duration)?;
+        let jitter = get(vars, "CELLNET_FAULT_JITTER", parse_duration)?;
+        let dup = get(vars, "CELLNET_FAULT_DUP", |s| {
+            from_str::<f64>(s).and_then(|p| {
+                if (0.0..1.0).contains(&p) {
+                    Ok(p)
+                } else {
+                    Err("must be a probability in [0, 1)".into())
+                }
+            })
+        })?;
+        if delay.is_some() || jitter.is_some() || dup.is_some() {
+            let delay = delay.unwrap_or_default();
+            let jitter = jitter.unwrap_or_default();
+            if jitter > delay {
+                return Err(ConfigError {
+                    var: "CELLNET_FAULT_JITTER",
+                    value: format!("{jitter:?}"),
+                    reason: format!("must not exceed CELLNET_FAULT_DELAY ({delay:?})"),
+                });
+            }
+            c.faults = Some(crate::runtime::faults::FaultConfig {
+                delay,
+                jitter,
+                dup: dup.unwrap_or(0.0),
+            });
         }
         if let Some(v) = get(vars, "CELLNET_LINGER", parse_duration)? {
             c.linger = v;

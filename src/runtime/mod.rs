@@ -23,6 +23,7 @@
 
 mod collective;
 mod driver;
+pub mod faults;
 mod shared;
 
 pub use self::collective::CollectiveError;

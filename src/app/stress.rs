@@ -15,11 +15,14 @@ use crate::runtime::{Cell, Communicator, HandlerError};
 pub struct StressParams {
     /// Cells each instance sends to each peer.
     pub cells: u64,
+    /// Cells per frame towards each peer (at least 1).
     pub per_frame: u64,
+    /// Bytes per cell (at least 8: the sequence number comes first).
     pub payload: usize,
     /// The handler answers ERR(7) for cells whose sequence number is a
     /// multiple of this (0: never).
     pub err_every: u64,
+    /// How long to wait for each frame.
     pub timeout: Duration,
 }
 
@@ -42,6 +45,7 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Counts for `size` senders of `cells` sequence numbers each, all zero.
     pub fn new(size: u32, cells: u64) -> Arc<Self> {
         Arc::new(Self {
             counts: (0..size)

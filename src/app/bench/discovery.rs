@@ -16,12 +16,14 @@ use crate::runtime::Communicator;
 
 type Result<T, E = BenchError> = std::result::Result<T, E>;
 
+/// Instance counts measured (the quick run stops at 16).
 pub const INSTANCES: [u32; 6] = [2, 4, 8, 16, 32, 64];
 const QUICK_INSTANCES: [u32; 4] = [2, 4, 8, 16];
 
 /// What one instance reports (µs since the Unix epoch).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkerTimes {
+    /// The reporting instance's rank.
     pub rank: u32,
     /// Just before `Communicator::start` (which binds the sockets first).
     pub start_call_us: u64,
@@ -29,8 +31,10 @@ pub struct WorkerTimes {
     pub ready_us: u64,
 }
 
+/// Timings at one instance count, over the repetitions.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DiscoveryPoint {
+    /// Instances started on this host.
     pub instances: u32,
     /// First process spawned → last instance globally ready (ms).
     pub spawn_to_all_ready_ms: Spread,
@@ -41,12 +45,18 @@ pub struct DiscoveryPoint {
     pub instance_start_to_ready_ms: Spread,
 }
 
+/// What `bench discovery` writes to `discovery.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DiscoveryReport {
+    /// Always `discovery`.
     pub bench: String,
+    /// Whether this was a `--quick` run (tiny counts, not a measurement).
     pub quick: bool,
+    /// Repetitions per point.
     pub reps: u32,
+    /// Conditions worth knowing when reading the numbers.
     pub notes: Vec<String>,
+    /// One point per instance count, ascending.
     pub points: Vec<DiscoveryPoint>,
     /// Simulated nodes (`cellnet::sim`), when that module exists.
     #[serde(default)]

@@ -85,7 +85,8 @@ pub fn run(comm: &Communicator, p: &StressParams, seen: &Seen) -> Result<String,
     let peers: Vec<Rank> = (0..comm.size()).filter(|&r| r != me).collect();
     comm.expect_from(peers.iter().copied())
         .map_err(|e| e.to_string())?;
-    let frames = p.cells.div_ceil(p.per_frame.max(1));
+    let per_frame = p.per_frame.max(1);
+    let frames = p.cells.div_ceil(per_frame);
     let start = Instant::now();
     let (sent, wrong) = std::thread::scope(|s| {
         let sender = s.spawn(|| -> Result<(u64, Vec<String>), String> {
@@ -103,7 +104,7 @@ pub fn run(comm: &Communicator, p: &StressParams, seen: &Seen) -> Result<String,
                 }
             };
             for frame in 0..frames {
-                for seq in frame * p.per_frame..((frame + 1) * p.per_frame).min(p.cells) {
+                for seq in frame * per_frame..((frame + 1) * per_frame).min(p.cells) {
                     let mut payload = vec![0u8; p.payload.max(8)];
                     payload[..8].copy_from_slice(&seq.to_le_bytes());
                     let payload = bytes::Bytes::from(payload);
@@ -142,8 +143,8 @@ pub fn run(comm: &Communicator, p: &StressParams, seen: &Seen) -> Result<String,
             match comm.recv_frame(p.timeout) {
                 Ok(cells) => {
                     for &from in &peers {
-                        let want: Vec<u64> = (frame * p.per_frame
-                            ..((frame + 1) * p.per_frame).min(p.cells))
+                        let want: Vec<u64> = (frame * per_frame
+                            ..((frame + 1) * per_frame).min(p.cells))
                             .filter(|&s| !refused(p, s))
                             .collect();
                         let got: Vec<u64> = cells

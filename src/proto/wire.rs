@@ -3,7 +3,10 @@
 //! Everything that comes off the network is decoded here into typed values or
 //! a [`WireError`]; nothing in this module panics on input. Datagrams carry a
 //! job key and an HMAC-SHA256 tag over the whole datagram, so beacons from
-//! another job or from a forger are dropped (and counted by the caller).
+//! another job, or from anyone without the job's secret, are dropped (and
+//! counted by the caller). Without `CELLNET_SECRET` the secret is derived
+//! from the job key, which travels in the clear: that separates jobs but
+//! does not stop a deliberate forger on the node — set a secret for that.
 //!
 //! ZeroMQ messages are multipart: a fixed little-endian [`Header`] frame,
 //! then, for control messages, a bincode body, or, for cells, the user's

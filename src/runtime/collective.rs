@@ -58,6 +58,14 @@ pub enum CollectiveError {
     /// A step could not be sent (typically: the communicator is shut down).
     #[error("{0}")]
     Send(#[from] SendError),
+    /// The communicator's I/O thread stopped while the collective waited.
+    #[error("{op} #{seq}: the communicator is shut down")]
+    Closed {
+        /// The operation (`"barrier"`, `"all_reduce"`, ...).
+        op: &'static str,
+        /// Its sequence number.
+        seq: u64,
+    },
 }
 
 const UP: u8 = 0;
@@ -144,6 +152,7 @@ impl Call<'_> {
                 }
             }
             if !mailbox.receive(self.deadline) {
+                self.closed()?;
                 let st = super::shared::lock(&mailbox.state);
                 let have = st.stash.get(&(self.seq, phase));
                 let missing = from
@@ -154,6 +163,17 @@ impl Call<'_> {
                 return Err(self.timeout(missing));
             }
         }
+    }
+
+    /// A wait that ended because the I/O thread is gone is not a timeout.
+    fn closed(&self) -> Result<(), CollectiveError> {
+        if self.comm.status().stopped {
+            return Err(CollectiveError::Closed {
+                op: self.op,
+                seq: self.seq,
+            });
+        }
+        Ok(())
     }
 
     fn timeout(&self, missing: Vec<Rank>) -> CollectiveError {
@@ -179,6 +199,7 @@ impl Call<'_> {
                 }
             }
             if !mailbox.receive(self.deadline) {
+                self.closed()?;
                 return Err(self.timeout(self.tree.parent.into_iter().collect()));
             }
         }

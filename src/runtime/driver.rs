@@ -433,7 +433,7 @@ impl Driver {
                                     now,
                                     cell.from,
                                     cell.id,
-                                    Err((codes::FRAME_REFUSED, e.to_string())),
+                                    Err((codes::for_frame_error(&e), e.to_string())),
                                 );
                             }
                         }
@@ -801,7 +801,7 @@ impl Driver {
                     let answer = self
                         .assembler
                         .handle_frame_end(from, msg.frame, count)
-                        .map_err(|e| (codes::UNEXPECTED_SENDER, e.to_string()));
+                        .map_err(|e| (codes::for_frame_error(&e), e.to_string()));
                     if answer.is_err() {
                         Metrics::add(&self.p.metrics.cells_refused, 1);
                     }

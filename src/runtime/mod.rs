@@ -88,10 +88,21 @@ pub type Handler = Arc<dyn Fn(&Cell) -> Result<(), HandlerError> + Send + Sync>;
 
 /// Error codes cellnet itself answers with (handlers use their own).
 pub mod codes {
-    /// The cell's frame is too far ahead of the one the application reads.
+    use crate::proto::frames::FrameError;
+
+    /// The cell or frame end does not fit frame ordering: its frame was
+    /// already handed over, or more cells came than the frame end said.
     pub const FRAME_REFUSED: u32 = 0xCE00_0001;
-    /// The sender is not expected for that frame.
+    /// The sender is not expected in that frame.
     pub const UNEXPECTED_SENDER: u32 = 0xCE00_0002;
+
+    /// The code a receiver answers a frame-ordering error with.
+    pub fn for_frame_error(e: &FrameError) -> u32 {
+        match e {
+            FrameError::UnexpectedPeer { .. } => UNEXPECTED_SENDER,
+            _ => FRAME_REFUSED,
+        }
+    }
 }
 
 /// Why a communicator could not start or stopped.
@@ -761,7 +772,8 @@ impl Communicator {
         }
     }
 
-    /// Peer events (restarts) since the last call, oldest first.
+    /// Peer events (restarted, left, suspect, recovered, lost, leader
+    /// changed) since the last call, oldest first.
     pub fn events(&self) -> Vec<PeerEvent> {
         self.events.try_iter().collect()
     }

@@ -37,7 +37,8 @@ fn wire_benches(c: &mut Criterion) {
     });
     let [h, body] = wire::encode_control(1, Incarnation(1), &fb);
     g.bench_function("feedback_decode", |b| {
-        b.iter(|| wire::decode_peer_msg(black_box(&[h.as_slice(), body.as_slice()])))
+        let frames = vec![Bytes::from(h.clone()), Bytes::from(body.clone())];
+        b.iter(|| wire::decode_peer_msg(black_box(frames.clone())))
     });
     g.finish();
 }

@@ -21,8 +21,11 @@ use crate::proto::{
 #[derive(Debug, thiserror::Error)]
 #[error("{var}={value:?}: {reason}")]
 pub struct ConfigError {
+    /// The variable (or flag) that holds the value, e.g. `CELLNET_WINDOW`.
     pub var: &'static str,
+    /// The value as given.
     pub value: String,
+    /// Why it cannot be used.
     pub reason: String,
 }
 
@@ -115,31 +118,48 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Every setting of cellnet; [`Config::default`] gives the documented
+/// defaults of [`VARIABLES`], [`Config::from_env`] applies `CELLNET_*`.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Where this instance's identity comes from (`CELLNET_LAUNCH`).
     pub launch: LaunchMode,
+    /// How the node's instances are bound to cores (`CELLNET_PLACEMENT`).
     pub placement: PlacementPolicy,
     /// Rayon workers; 0 = one per PU of the binding.
     pub threads: usize,
+    /// UDP port of the node-local discovery beacons; 0 = any free port (a
+    /// one-instance job only, since node-mates must share it).
     pub discovery_port: u16,
+    /// Node-local broadcast address the beacons go to.
     pub broadcast: Ipv4Addr,
     /// `host:port` of the coordinator; `None` = derived from the launch.
     pub coordinator: Option<String>,
+    /// Port of the coordinator when its address is derived from the launch.
     pub coordinator_port: u16,
     /// `None` = 127.0.0.1 on one node, else the address of the hostname.
     pub bind_ip: Option<std::net::IpAddr>,
     /// `None` disables ipc:// between same-node peers.
     pub ipc_dir: Option<PathBuf>,
+    /// Key of the HMAC tag on datagrams; `None` = derived from the job key.
     pub secret: Option<Vec<u8>>,
+    /// Give up starting when the job is not globally ready by then.
     pub join_timeout: Duration,
+    /// Frames buffered ahead of the one the application waits for (at least 1).
     pub frames_ahead: u64,
     /// After a drained shutdown, how long to keep answering peers that have
     /// not said goodbye yet.
     pub linger: Duration,
+    /// Timing of the node-local discovery handshake.
     pub discovery: DiscoveryConfig,
+    /// Timing of the global join.
     pub global: GlobalConfig,
+    /// Timing of failure detection.
     pub liveness: LivenessConfig,
+    /// Tuning of the reliable channel (retransmission, deadline, window).
     pub reliable: ReliableConfig,
+    /// Injected wire faults (tests); `None` in production.
+    pub faults: Option<crate::runtime::faults::FaultConfig>,
 }
 
 impl Default for Config {
@@ -162,6 +182,7 @@ impl Default for Config {
             global: GlobalConfig::default(),
             liveness: LivenessConfig::default(),
             reliable: ReliableConfig::default(),
+            faults: None,
         }
     }
 }
@@ -283,6 +304,33 @@ impl Config {
         }
         if let Some(v) = get(vars, "CELLNET_DEAD_AFTER", parse_duration)? {
             c.liveness.dead_after = v;
+        }
+        let delay = get(vars, "CELLNET_FAULT_DELAY", parse_duration)?;
+        let jitter = get(vars, "CELLNET_FAULT_JITTER", parse_duration)?;
+        let dup = get(vars, "CELLNET_FAULT_DUP", |s| {
+            from_str::<f64>(s).and_then(|p| {
+                if (0.0..1.0).contains(&p) {
+                    Ok(p)
+                } else {
+                    Err("must be a probability in [0, 1)".into())
+                }
+            })
+        })?;
+        if delay.is_some() || jitter.is_some() || dup.is_some() {
+            let delay = delay.unwrap_or_default();
+            let jitter = jitter.unwrap_or_default();
+            if jitter > delay {
+                return Err(ConfigError {
+                    var: "CELLNET_FAULT_JITTER",
+                    value: format!("{jitter:?}"),
+                    reason: format!("must not exceed CELLNET_FAULT_DELAY ({delay:?})"),
+                });
+            }
+            c.faults = Some(crate::runtime::faults::FaultConfig {
+                delay,
+                jitter,
+                dup: dup.unwrap_or(0.0),
+            });
         }
         if let Some(v) = get(vars, "CELLNET_LINGER", parse_duration)? {
             c.linger = v;

@@ -57,6 +57,8 @@
 //! ZeroMQ) → [`runtime`] (I/O thread, rayon pool, the [`runtime::Communicator`])
 //! → [`app`] (what the `cellnet` binary runs).
 
+#![warn(missing_docs)]
+
 pub mod app;
 pub mod config;
 pub mod launch;

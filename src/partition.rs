@@ -7,8 +7,15 @@ use crate::proto::Rank;
 /// Why a grid cannot be split as asked.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PartitionError {
+    /// Some axis has fewer cells than instances along it in every factorization.
     #[error("a grid of shape {shape:?} cannot be split over {parts} instances: every instance needs at least one cell along every axis")]
-    TooSmall { shape: Vec<usize>, parts: u32 },
+    TooSmall {
+        /// The grid's cells per axis.
+        shape: Vec<usize>,
+        /// The instances asked for.
+        parts: u32,
+    },
+    /// Zero instances were asked for.
     #[error("cannot partition over zero instances")]
     NoInstances,
 }
@@ -16,11 +23,14 @@ pub enum PartitionError {
 /// The cells one instance owns: `start[d] .. start[d] + len[d]` on axis `d`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Block<const D: usize> {
+    /// First cell of the block on each axis.
     pub start: [usize; D],
+    /// Cells of the block on each axis (at least 1).
     pub len: [usize; D],
 }
 
 impl<const D: usize> Block<D> {
+    /// Number of cells in the block.
     pub fn cells(&self) -> usize {
         self.len.iter().product()
     }
@@ -30,7 +40,9 @@ impl<const D: usize> Block<D> {
 /// in `-1..=1`) from the instance's block to the neighbour's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Neighbour<const D: usize> {
+    /// The neighbour's rank.
     pub rank: Rank,
+    /// Direction from this block to the neighbour's, each component in `-1..=1`.
     pub offset: [i32; D],
 }
 
@@ -39,13 +51,17 @@ pub struct Neighbour<const D: usize> {
 /// one when the grid does not divide evenly.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockPartition<const D: usize> {
+    /// Cells of the grid per axis.
     pub shape: [usize; D],
+    /// Blocks per axis; their product is the number of instances.
     pub procs: [u32; D],
     /// Axes that wrap around (a torus along them).
     pub periodic: [bool; D],
 }
 
+/// A 2-D grid split into blocks.
 pub type Partition2d = BlockPartition<2>;
+/// A 3-D grid split into blocks.
 pub type Partition3d = BlockPartition<3>;
 
 /// Start and length of part `i` of `parts` over `len` cells.
@@ -133,6 +149,7 @@ impl<const D: usize> BlockPartition<D> {
         self
     }
 
+    /// Number of blocks (instances), the product of `procs`.
     pub fn parts(&self) -> u32 {
         self.procs.iter().product()
     }
@@ -148,6 +165,7 @@ impl<const D: usize> BlockPartition<D> {
         c
     }
 
+    /// The rank at position `coords` of the process grid (inverse of [`Self::coords`]).
     pub fn rank_at(&self, coords: [u32; D]) -> Rank {
         coords
             .iter()
@@ -155,6 +173,7 @@ impl<const D: usize> BlockPartition<D> {
             .fold(0, |r, (c, p)| r * p + c)
     }
 
+    /// The cells `rank` owns.
     pub fn block(&self, rank: Rank) -> Block<D> {
         let c = self.coords(rank);
         let parts: [(usize, usize); D] =

@@ -66,16 +66,36 @@ pub enum PlaceError {
     NoPus,
     /// A local rank outside `0..local_size`.
     #[error("local rank {local_rank} is not below local size {local_size}")]
-    BadLocalRank { local_rank: u32, local_size: u32 },
+    BadLocalRank {
+        /// The local rank given.
+        local_rank: u32,
+        /// Instances on the node.
+        local_size: u32,
+    },
     /// The OS refused to bind the process (a container or cgroup may forbid it).
     #[error("binding the process to PUs {cpuset} failed: {reason}")]
-    BindProcess { cpuset: String, reason: String },
+    BindProcess {
+        /// The PUs asked for as a CPU list (OS indices, `0-2,5`).
+        cpuset: String,
+        /// hwloc's error.
+        reason: String,
+    },
     /// The binding could not be read back.
     #[error("reading the CPU binding of the {what} failed: {reason}")]
-    ReadBinding { what: &'static str, reason: String },
+    ReadBinding {
+        /// Whose binding: `process` or `calling thread`.
+        what: &'static str,
+        /// hwloc's error.
+        reason: String,
+    },
     /// A thread could not be bound.
     #[error("binding a thread to PUs {cpuset} failed: {reason}")]
-    BindThread { cpuset: String, reason: String },
+    BindThread {
+        /// The PUs asked for as a CPU list (OS indices, `0-2,5`).
+        cpuset: String,
+        /// The OS error.
+        reason: String,
+    },
     /// A PU index beyond what `sched_setaffinity`'s fixed-size set can hold.
     #[error("PU {0} is beyond the {max} CPUs a thread binding can name", max = libc::CPU_SETSIZE)]
     PuOutOfRange(u32),
@@ -88,6 +108,7 @@ pub enum PlaceError {
 /// PUs are OS indices (what `taskset` and `/proc/cpuinfo` call CPUs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CpuTopology {
+    /// One entry per core: its PUs (OS indices).
     pub cores: Vec<Vec<u32>>,
 }
 

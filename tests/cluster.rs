@@ -386,7 +386,7 @@ impl Cluster {
 // complete part from ranks [N]"; 9 of 9 runs pass since. To debug:
 // CELLNET_TEST_LOG=cellnet=debug CELLNET_TEST_LOG_DIR=/tmp/x keeps logs.
 #[test]
-fn life_on_four_nodes_survives_ten_percent_udp_and_tcp_loss() {
+fn life_on_four_nodes_survives_ten_percent_loss_delay_and_duplicates() {
     let cluster = Cluster::up("c");
     cluster.loss(10);
     let outs = cluster.launch_explicit(&["probe", "--exchange", "5"], &[]);
@@ -403,13 +403,20 @@ fn life_on_four_nodes_survives_ten_percent_udp_and_tcp_loss() {
             out.stdout
         );
     }
-    let outs = cluster.launch_explicit(&LIFE, &[]);
-    assert_all_ok("life under 10% loss", &outs);
+    // On top of the loss: cellnet's own fault injection adds 5 ms +- 2 ms
+    // to every message and sends 2% of them twice.
+    let faults = [
+        ("CELLNET_FAULT_DELAY", "5ms".to_string()),
+        ("CELLNET_FAULT_JITTER", "2ms".to_string()),
+        ("CELLNET_FAULT_DUP", "0.02".to_string()),
+    ];
+    let outs = cluster.launch_explicit(&LIFE, &faults);
+    assert_all_ok("life under 10% loss, 5+-2 ms delay, 2% duplicates", &outs);
     assert!(outs[0].stdout.contains("verified"), "{}", outs[0].stdout);
     let dropped = cluster.dropped();
     assert!(
         dropped > 0,
         "the loss rules dropped nothing: not a fault test"
     );
-    println!("10% loss: {dropped} packets dropped, life verified");
+    println!("10% loss + delay + duplicates: {dropped} packets dropped, life verified");
 }

@@ -8,11 +8,22 @@ use std::time::Duration;
 
 /// Start one process per `(rank, node_index, local_rank, local_size)`.
 fn launch(layout: &[(u32, u32, u32, u32)], nodes: u32, args: &[&str]) -> Vec<Output> {
-    let port = free_udp_port().to_string();
+    launch_with(layout, nodes, args, &free_udp_port().to_string(), &[])
+}
+
+/// The same with a given discovery port and extra variables; returns the
+/// children still running.
+fn spawn_job(
+    layout: &[(u32, u32, u32, u32)],
+    nodes: u32,
+    args: &[&str],
+    port: &str,
+    extra: &[(&str, String)],
+) -> Vec<std::process::Child> {
     let coord = format!("127.0.0.1:{}", free_udp_port());
     let key = job_key();
     let size = layout.len().to_string();
-    let children: Vec<_> = layout
+    layout
         .iter()
         .map(|&(rank, node, local_rank, local_size)| {
             let env = [
@@ -23,16 +34,27 @@ fn launch(layout: &[(u32, u32, u32, u32)], nodes: u32, args: &[&str]) -> Vec<Out
                 ("CELLNET_NODE_INDEX", node.to_string()),
                 ("CELLNET_LOCAL_RANK", local_rank.to_string()),
                 ("CELLNET_LOCAL_SIZE", local_size.to_string()),
-                ("CELLNET_DISCOVERY_PORT", port.clone()),
+                ("CELLNET_DISCOVERY_PORT", port.to_string()),
                 ("CELLNET_COORDINATOR", coord.clone()),
                 ("CELLNET_BIND_IP", "127.0.0.1".to_string()),
                 ("CELLNET_JOB_KEY", key.clone()),
                 ("CELLNET_JOIN_TIMEOUT", "30s".to_string()),
             ];
+            let mut env = env.to_vec();
+            env.extend(extra.iter().cloned());
             spawn(args, &env)
         })
-        .collect();
-    children
+        .collect()
+}
+
+fn launch_with(
+    layout: &[(u32, u32, u32, u32)],
+    nodes: u32,
+    args: &[&str],
+    port: &str,
+    extra: &[(&str, String)],
+) -> Vec<Output> {
+    spawn_job(layout, nodes, args, port, extra)
         .into_iter()
         .enumerate()
         .map(|(i, c)| wait(c, Duration::from_secs(90), &format!("instance {i}")))
@@ -164,4 +186,53 @@ fn collectives_across_three_nodes_through_leaders_and_coordinator() {
             out.stdout
         );
     }
+}
+
+#[test]
+fn two_jobs_on_one_discovery_port_never_see_each_other() {
+    // Same host, same discovery port, different job keys: each job must
+    // complete with exactly its own peers (and count the other's beacons
+    // as foreign, never as members).
+    let port = free_udp_port().to_string();
+    let layout: Vec<_> = (0..3).map(|r| (r, 0, r, 3)).collect();
+    let a = spawn_job(&layout, 1, &["probe", "--exchange", "10"], &port, &[]);
+    let b = spawn_job(&layout, 1, &["probe", "--exchange", "10"], &port, &[]);
+    for (job, children) in [("a", a), ("b", b)] {
+        for (rank, c) in children.into_iter().enumerate() {
+            let out = wait(
+                c,
+                Duration::from_secs(90),
+                &format!("job {job} rank {rank}"),
+            );
+            assert_eq!(out.code, Some(0), "job {job} rank {rank}: {}", out.stderr);
+            let probe = out
+                .stdout
+                .lines()
+                .find(|l| l.contains("leader"))
+                .expect("probe line");
+            assert_eq!(field(probe, "peers-on-node "), "3", "job {job}: {probe}");
+            assert!(
+                out.stdout
+                    .contains("sent 20 cells to 2 peers, 20 acked, received 20 cells"),
+                "job {job}: {}",
+                out.stdout
+            );
+        }
+    }
+}
+
+#[test]
+fn life_survives_injected_delay_jitter_and_duplicates() {
+    let layout: Vec<_> = (0..4).map(|r| (r, 0, r, 4)).collect();
+    let faults = [
+        ("CELLNET_FAULT_DELAY", "5ms".to_string()),
+        ("CELLNET_FAULT_JITTER", "2ms".to_string()),
+        ("CELLNET_FAULT_DUP", "0.05".to_string()),
+    ];
+    let args = ["life", "--rows", "64", "--cols", "64", "--frames", "20"];
+    let outs = launch_with(&layout, 1, &args, &free_udp_port().to_string(), &faults);
+    for (rank, out) in outs.iter().enumerate() {
+        assert_eq!(out.code, Some(0), "rank {rank} failed: {}", out.stderr);
+    }
+    assert!(outs[0].stdout.contains("verified"), "{}", outs[0].stdout);
 }

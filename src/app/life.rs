@@ -12,35 +12,60 @@ use crate::runtime::{Communicator, HandlerError, Ticket};
 /// Parameters of a run (the same on every instance).
 #[derive(Clone, Debug)]
 pub struct LifeParams {
+    /// Rows of the global grid.
     pub rows: usize,
+    /// Columns of the global grid.
     pub cols: usize,
+    /// Generations to run (one frame each).
     pub frames: u64,
+    /// Seed of the initial soup (see [`initial`]).
     pub seed: u64,
     /// How long to wait for a frame before declaring it missing.
     pub frame_timeout: Duration,
+    /// No per-frame lines on rank 0.
     pub quiet: bool,
 }
 
 /// What a run ended with.
 #[derive(Debug, thiserror::Error)]
 pub enum LifeError {
+    /// The grid cannot be split over the instances.
     #[error(transparent)]
     Partition(#[from] crate::partition::PartitionError),
+    /// A cell or frame end could not be sent.
     #[error("send failed: {0}")]
     Send(#[from] crate::runtime::SendError),
+    /// A frame did not arrive (missing neighbours are named).
     #[error("receive failed: {0}")]
     Recv(#[from] crate::runtime::RecvError),
+    /// A neighbour answered a halo cell with ERR or it timed out.
     #[error("cell to rank {to} was not acknowledged: {outcome:?}")]
-    NotAcked { to: Rank, outcome: Outcome },
+    NotAcked {
+        /// The neighbour.
+        to: Rank,
+        /// Its answer.
+        outcome: Outcome,
+    },
+    /// A cell of the wrong size for the halo or block it should fill.
     #[error("rank {from} sent {got} bytes for frame {frame}, expected {want}")]
     BadCell {
+        /// The sender.
         from: Rank,
+        /// The frame it came in.
         frame: u64,
+        /// Bytes received.
         got: usize,
+        /// Bytes expected.
         want: usize,
     },
+    /// The gathered grid differs from the serial run (the first differing cell).
     #[error("MISMATCH: distributed grid differs from the serial run at row {row}, column {col}")]
-    Mismatch { row: usize, col: usize },
+    Mismatch {
+        /// Row in the global grid.
+        row: usize,
+        /// Column in the global grid.
+        col: usize,
+    },
 }
 
 /// The initial state: a deterministic pseudo-random soup, ~30% alive.
@@ -59,13 +84,16 @@ fn rule(alive: u8, n: u8) -> u8 {
 /// A block of the grid with a one-cell halo all around (dead outside the
 /// global grid).
 pub struct Tile {
+    /// Interior rows (the block's, halo excluded).
     pub rows: usize,
+    /// Interior columns (the block's, halo excluded).
     pub cols: usize,
     cells: Vec<u8>,
     next: Vec<u8>,
 }
 
 impl Tile {
+    /// A `rows × cols` interior with `init(i, j)` (0 or 1) per cell and dead halos.
     pub fn new(rows: usize, cols: usize, init: impl Fn(usize, usize) -> u8) -> Self {
         let mut cells = vec![0u8; (rows + 2) * (cols + 2)];
         for i in 0..rows {
@@ -86,6 +114,7 @@ impl Tile {
         ((i + 1) as usize) * (self.cols + 2) + (j + 1) as usize
     }
 
+    /// Interior cell `(i, j)`: 1 alive, 0 dead.
     pub fn get(&self, i: usize, j: usize) -> u8 {
         self.cells[self.idx(i as isize, j as isize)]
     }
@@ -110,6 +139,7 @@ impl Tile {
         (r(di, self.rows), r(dj, self.cols))
     }
 
+    /// Cells in the halo on side `(di, dj)`: what that neighbour's cell must hold.
     pub fn halo_len(&self, di: i32, dj: i32) -> usize {
         let (a, b) = self.halo(di, dj);
         a.len() * b.len()
@@ -161,6 +191,7 @@ impl Tile {
         std::mem::swap(&mut self.cells, &mut self.next);
     }
 
+    /// The interior, row-major, halo excluded.
     pub fn interior(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         for i in 0..self.rows {
@@ -235,8 +266,11 @@ pub fn handler(
 /// Summary printed by rank 0.
 #[derive(Debug)]
 pub struct LifeReport {
+    /// Wall time of the frames (the final gather excluded).
     pub elapsed: Duration,
+    /// Cell updates per second of the whole grid over `elapsed`.
     pub cells_per_sec: f64,
+    /// Rank 0 only: [`checksum`] of the gathered grid once it matched the serial run.
     pub checksum: Option<u64>,
 }
 

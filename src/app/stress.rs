@@ -15,11 +15,14 @@ use crate::runtime::{Cell, Communicator, HandlerError};
 pub struct StressParams {
     /// Cells each instance sends to each peer.
     pub cells: u64,
+    /// Cells per frame towards each peer (at least 1).
     pub per_frame: u64,
+    /// Bytes per cell (at least 8: the sequence number comes first).
     pub payload: usize,
     /// The handler answers ERR(7) for cells whose sequence number is a
     /// multiple of this (0: never).
     pub err_every: u64,
+    /// How long to wait for each frame.
     pub timeout: Duration,
 }
 
@@ -42,6 +45,7 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Counts for `size` senders of `cells` sequence numbers each, all zero.
     pub fn new(size: u32, cells: u64) -> Arc<Self> {
         Arc::new(Self {
             counts: (0..size)
@@ -81,7 +85,8 @@ pub fn run(comm: &Communicator, p: &StressParams, seen: &Seen) -> Result<String,
     let peers: Vec<Rank> = (0..comm.size()).filter(|&r| r != me).collect();
     comm.expect_from(peers.iter().copied())
         .map_err(|e| e.to_string())?;
-    let frames = p.cells.div_ceil(p.per_frame.max(1));
+    let per_frame = p.per_frame.max(1);
+    let frames = p.cells.div_ceil(per_frame);
     let start = Instant::now();
     let (sent, wrong) = std::thread::scope(|s| {
         let sender = s.spawn(|| -> Result<(u64, Vec<String>), String> {
@@ -99,7 +104,7 @@ pub fn run(comm: &Communicator, p: &StressParams, seen: &Seen) -> Result<String,
                 }
             };
             for frame in 0..frames {
-                for seq in frame * p.per_frame..((frame + 1) * p.per_frame).min(p.cells) {
+                for seq in frame * per_frame..((frame + 1) * per_frame).min(p.cells) {
                     let mut payload = vec![0u8; p.payload.max(8)];
                     payload[..8].copy_from_slice(&seq.to_le_bytes());
                     let payload = bytes::Bytes::from(payload);
@@ -138,8 +143,8 @@ pub fn run(comm: &Communicator, p: &StressParams, seen: &Seen) -> Result<String,
             match comm.recv_frame(p.timeout) {
                 Ok(cells) => {
                     for &from in &peers {
-                        let want: Vec<u64> = (frame * p.per_frame
-                            ..((frame + 1) * p.per_frame).min(p.cells))
+                        let want: Vec<u64> = (frame * per_frame
+                            ..((frame + 1) * per_frame).min(p.cells))
                             .filter(|&s| !refused(p, s))
                             .collect();
                         let got: Vec<u64> = cells

@@ -114,9 +114,13 @@ pub enum LaunchMode {
     /// single.
     #[default]
     Auto,
+    /// Initialize MPI and take the identity from `MPI_COMM_WORLD`.
     Mpi,
+    /// Take the identity from `SLURM_*` variables (`srun`).
     Slurm,
+    /// Take the identity from `CELLNET_RANK`, `CELLNET_SIZE`, … (any launcher).
     Explicit,
+    /// A job of one instance: rank 0 of 1, on one node.
     Single,
 }
 
@@ -153,53 +157,85 @@ pub enum LaunchError {
     /// A variable the chosen launcher needs is not set.
     #[error("{var} is not set (needed by {context})")]
     Missing {
+        /// The variable.
         var: &'static str,
+        /// Who needs it (the launch mode or setting).
         context: &'static str,
     },
     /// A variable that must hold a non-negative integer does not.
     #[error("{var}={value} is not a number")]
-    NotANumber { var: &'static str, value: String },
+    NotANumber {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+    },
     /// A count that must be at least one is zero.
     #[error("{var}={value} must be at least 1")]
-    Zero { var: &'static str, value: String },
+    Zero {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+    },
     /// An index is out of range of the count it indexes.
     #[error("{var}={value} is not below {limit_var}={limit}")]
     NotBelow {
+        /// The index variable.
         var: &'static str,
+        /// Its value.
         value: String,
+        /// The count it must stay below.
         limit_var: &'static str,
+        /// That count's value (with context where it is derived).
         limit: String,
     },
     /// A count larger than the count that contains it.
     #[error("{var}={value} is larger than {limit_var}={limit}")]
     TooLarge {
+        /// The count variable.
         var: &'static str,
+        /// Its value.
         value: u32,
+        /// The count that contains it.
         limit_var: &'static str,
+        /// That count's value.
         limit: u32,
     },
     /// A Slurm host list that does not parse.
     #[error("{var}={value} is not a valid Slurm node list: {reason}")]
     BadNodeList {
+        /// The variable.
         var: &'static str,
+        /// Its value.
         value: String,
+        /// What does not parse.
         reason: String,
     },
     /// A Slurm tasks-per-node list that does not parse.
     #[error("{var}={value} is not a valid Slurm tasks-per-node list such as 4(x16),2: {reason}")]
     BadTasksPerNode {
+        /// The variable.
         var: &'static str,
+        /// Its value.
         value: String,
+        /// What does not parse.
         reason: String,
     },
     /// Two variables disagree about how many nodes or tasks there are.
     #[error("{var}={value} gives {found} {what} but {expected_var}={expected}")]
     CountMismatch {
+        /// The variable holding the list.
         var: &'static str,
+        /// Its value.
         value: String,
+        /// How many entries the list gives.
         found: usize,
+        /// What is counted: `nodes` or `tasks`.
         what: &'static str,
+        /// The variable holding the expected count.
         expected_var: &'static str,
+        /// The expected count.
         expected: u32,
     },
     /// `CELLNET_JOB_KEY` is neither decimal nor `0x` hex.

@@ -13,22 +13,47 @@ use std::io;
 /// Why a socket operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// A UDP socket could not be created or bound.
     #[error("cannot bind UDP {addr}: {source}")]
-    UdpBind { addr: String, source: io::Error },
+    UdpBind {
+        /// The address asked for, `ip:port`.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A datagram could not be sent (a full buffer is not an error: it is loss).
     #[error("UDP send to {addr} failed: {source}")]
-    UdpSend { addr: String, source: io::Error },
+    UdpSend {
+        /// The destination, `ip:port`.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Receiving a datagram failed for another reason than "nothing there".
     #[error("UDP receive failed: {0}")]
     UdpRecv(io::Error),
+    /// A `host:port` did not resolve to an IPv4 address.
     #[error("cannot resolve address {addr}: {reason}")]
-    Resolve { addr: String, reason: String },
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A ZeroMQ call failed.
     #[error("ZeroMQ {op} on {endpoint}: {source}")]
     Zmq {
+        /// The operation: `socket`, `setsockopt`, `bind`, `connect`, `send`, ….
         op: &'static str,
+        /// The endpoint (or socket type) it was for.
         endpoint: String,
+        /// The ZeroMQ error.
         source: zmq::Error,
     },
+    /// Sending to a rank no sending socket was opened for.
     #[error("no sending socket to rank {0}")]
     NoRoute(u32),
+    /// The peer's queue is at the high-water mark; the caller retries later.
     #[error("peer {0} cannot take more messages now (high-water mark)")]
     WouldBlock(u32),
 }

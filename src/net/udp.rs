@@ -54,6 +54,7 @@ impl UdpEndpoint {
         Self::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
     }
 
+    /// The bound address (the actual port when bound to port 0).
     pub fn local_addr(&self) -> Option<SocketAddrV4> {
         match self.socket.local_addr() {
             Ok(SocketAddr::V4(a)) => Some(a),
@@ -61,6 +62,8 @@ impl UdpEndpoint {
         }
     }
 
+    /// Send one datagram without blocking; a full send buffer counts as loss
+    /// and returns `Ok`.
     pub fn send_to(&self, bytes: &[u8], to: SocketAddrV4) -> Result<(), NetError> {
         match self.socket.send_to(bytes, to) {
             Ok(_) => Ok(()),
@@ -83,6 +86,7 @@ impl UdpEndpoint {
         }
     }
 
+    /// The file descriptor, for polling together with the ZeroMQ sockets.
     pub fn raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
     }

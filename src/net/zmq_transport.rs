@@ -26,11 +26,18 @@ const LINGER_MS: i32 = 200;
 pub enum Inbound {
     /// On the receiving socket; `routing_id` addresses a reply to the sender.
     Router {
+        /// ZeroMQ identity of the sender's connection, for [`ZmqTransport::reply`].
         routing_id: Vec<u8>,
+        /// The message parts after the routing id.
         frames: Vec<Vec<u8>>,
     },
     /// On the sending socket to `rank` (a reply from that peer).
-    Dealer { rank: Rank, frames: Vec<Vec<u8>> },
+    Dealer {
+        /// The peer the sending socket goes to.
+        rank: Rank,
+        /// The message parts.
+        frames: Vec<Vec<u8>>,
+    },
 }
 
 struct Dealer {
@@ -106,6 +113,7 @@ impl ZmqTransport {
         })
     }
 
+    /// Where this instance receives (the actual TCP port, and the IPC path if bound).
     pub fn endpoints(&self) -> &Endpoints {
         &self.endpoints
     }
@@ -115,6 +123,7 @@ impl ZmqTransport {
         &self.ctx
     }
 
+    /// Whether a sending socket to `rank` is open.
     pub fn has_route(&self, rank: Rank) -> bool {
         self.dealers.contains_key(&rank)
     }

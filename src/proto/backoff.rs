@@ -12,14 +12,18 @@ use super::Now;
 /// each delay scaled by a random factor in `[1 - jitter, 1 + jitter]`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackoffPolicy {
+    /// Delay before the first retry (attempt 0).
     pub initial: Duration,
+    /// Growth per attempt; values below 1 are treated as 1 (no shrinking).
     pub factor: f64,
+    /// Upper bound on the delay before jitter is applied.
     pub ceiling: Duration,
     /// Fraction in `[0, 1)`; 0 disables jitter.
     pub jitter: f64,
 }
 
 impl BackoffPolicy {
+    /// A policy from its four parameters (usable in `const` defaults).
     pub const fn new(initial: Duration, factor: f64, ceiling: Duration, jitter: f64) -> Self {
         Self {
             initial,
@@ -71,6 +75,7 @@ impl Backoff {
         self.attempt
     }
 
+    /// Whether the next try is due at `now` (inclusive).
     pub fn is_due(&self, now: Now) -> bool {
         now >= self.next
     }

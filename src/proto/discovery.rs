@@ -59,7 +59,12 @@ pub enum DiscoveryTransmit {
     /// Broadcast on the node-local address.
     Broadcast(Ping),
     /// Send over ZeroMQ to `to` (opening a sending socket if there is none).
-    ToPeer { to: PeerInfo, msg: Control },
+    ToPeer {
+        /// The peer, with the endpoints to connect to.
+        to: PeerInfo,
+        /// The discovery message ([`Control::Pong`] or [`Control::Ready`]).
+        msg: Control,
+    },
 }
 
 /// What the application (or the runtime) learns.
@@ -73,7 +78,9 @@ pub enum DiscoveryEvent {
     /// Every expected local peer is ready. Emitted again after a restart
     /// made the node incomplete and it completed once more.
     Complete {
+        /// The elected leader: the lowest rank among `members`.
         leader: Rank,
+        /// Every instance of the node, this one included, sorted by rank.
         members: Vec<PeerInfo>,
     },
 }
@@ -81,8 +88,11 @@ pub enum DiscoveryEvent {
 /// Counters of what discovery saw and dropped.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DiscoveryStats {
+    /// Broadcast beacons sent.
     pub pings_sent: u64,
+    /// Pongs sent, first ones and repeats.
     pub pongs_sent: u64,
+    /// Ready answers sent (one per Pong received).
     pub readies_sent: u64,
     /// Pings from another node that share our broadcast domain.
     pub other_node: u64,
@@ -147,10 +157,12 @@ impl LocalDiscovery {
         d
     }
 
+    /// This instance as it announces itself.
     pub fn me(&self) -> &PeerInfo {
         &self.me
     }
 
+    /// Whether every expected local peer is ready (the node is complete).
     pub fn is_complete(&self) -> bool {
         self.complete
     }
@@ -175,10 +187,12 @@ impl LocalDiscovery {
             .flatten()
     }
 
+    /// What we know of `rank` on this node, ready or not.
     pub fn peer(&self, rank: Rank) -> Option<&PeerInfo> {
         self.peers.get(&rank).map(|p| &p.info)
     }
 
+    /// Counters since the start.
     pub fn stats(&self) -> &DiscoveryStats {
         &self.stats
     }
@@ -314,6 +328,8 @@ impl LocalDiscovery {
         ping.into_iter().chain(pongs).min()
     }
 
+    /// Broadcast a Ping while the node is incomplete and repeat Pongs to
+    /// peers that have not answered Ready, when their timers are due.
     pub fn handle_timeout(&mut self, now: Now) {
         if !self.complete && self.ping.is_due(now) {
             self.ping.fire(now, &mut self.rng);
@@ -334,10 +350,12 @@ impl LocalDiscovery {
         }
     }
 
+    /// The next message the driver must send.
     pub fn poll_transmit(&mut self) -> Option<DiscoveryTransmit> {
         self.transmits.pop_front()
     }
 
+    /// The next thing learned about the node.
     pub fn poll_event(&mut self) -> Option<DiscoveryEvent> {
         self.events.pop_front()
     }

@@ -37,7 +37,9 @@ impl Default for FrameTimers {
 /// completed their part of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrameMissing {
+    /// The frame waited for.
     pub frame: u64,
+    /// Expected senders whose part of `frame` was still incomplete, by rank.
     pub peers: Vec<Rank>,
 }
 
@@ -53,23 +55,48 @@ struct Watch {
 /// A cell or marker that does not fit the frame bookkeeping.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
+    /// A cell or marker for a frame already handed over.
     #[error("frame {frame} was already handed over (next is {next})")]
-    Stale { frame: u64, next: u64 },
+    Stale {
+        /// The frame of the cell or marker.
+        frame: u64,
+        /// The next frame to be handed over.
+        next: u64,
+    },
+    /// A frame beyond the buffering bound; the sender retries later.
     #[error("frame {frame} is too far ahead (next is {next}, at most {max_ahead} buffered)")]
     TooFarAhead {
+        /// The frame of the cell or marker.
         frame: u64,
+        /// The next frame to be handed over.
         next: u64,
+        /// How many frames from `next` on may be buffered.
         max_ahead: u64,
     },
+    /// A sender not in the expected set of that frame.
     #[error("rank {from} is not expected to send in frame {frame}")]
-    UnexpectedPeer { from: Rank, frame: u64 },
+    UnexpectedPeer {
+        /// The sender.
+        from: Rank,
+        /// The frame it sent in.
+        frame: u64,
+    },
+    /// More cells than the sender's frame end announced.
     #[error("rank {from} sent more cells in frame {frame} than its frame end announced ({count})")]
-    CountExceeded { from: Rank, frame: u64, count: u32 },
+    CountExceeded {
+        /// The sender.
+        from: Rank,
+        /// The frame concerned.
+        frame: u64,
+        /// The cell count in the sender's frame end.
+        count: u32,
+    },
 }
 
 /// A frame with every expected sender's part complete.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompleteFrame {
+    /// The frame number.
     pub frame: u64,
     /// Accepted cells of each sender, in the order they were sent.
     pub cells: BTreeMap<Rank, Vec<Bytes>>,
@@ -127,6 +154,7 @@ impl FrameAssembler {
         }
     }
 
+    /// Replace the default [`FrameTimers`].
     pub fn with_timers(mut self, timers: FrameTimers) -> Self {
         self.timers = timers;
         self
@@ -145,6 +173,8 @@ impl FrameAssembler {
         });
     }
 
+    /// Advance the watch on the awaited frame: queue queries to laggards when
+    /// their timers are due, and a [`FrameMissing`] at the deadline (once).
     pub fn handle_timeout(&mut self, now: Now) {
         let Some(frame) = self.watch.as_ref().map(|w| w.frame) else {
             return;
@@ -180,6 +210,8 @@ impl FrameAssembler {
         }
     }
 
+    /// When [`Self::handle_timeout`] should next run; `None` when no frame is
+    /// awaited, it was already reported, or nobody is missing.
     pub fn poll_timeout(&self) -> Option<Now> {
         let w = self
             .watch
@@ -203,6 +235,7 @@ impl FrameAssembler {
         self.queries.pop_front()
     }
 
+    /// An awaited frame that passed its deadline incomplete.
     pub fn poll_missing(&mut self) -> Option<FrameMissing> {
         self.missing_frames.pop_front()
     }
@@ -222,6 +255,7 @@ impl FrameAssembler {
         self.expected.range(..=frame).next_back().map(|(_, s)| s)
     }
 
+    /// The next frame to be handed over by [`Self::poll_frame`].
     pub fn next_frame(&self) -> u64 {
         self.next
     }

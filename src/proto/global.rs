@@ -60,13 +60,24 @@ pub enum GlobalTransmit {
     /// A UDP registration to the coordinator's known address.
     Register(Register),
     /// A ZeroMQ message to `to`.
-    ToPeer { to: PeerInfo, msg: Control },
+    ToPeer {
+        /// The recipient, with the endpoints to connect to.
+        to: PeerInfo,
+        /// The message.
+        msg: Control,
+    },
 }
 
+/// What the global join tells its driver.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GlobalEvent {
     /// Every node of the job is in.
-    Ready { nodes: u32, size: u32 },
+    Ready {
+        /// Number of nodes in the job.
+        nodes: u32,
+        /// Number of instances in the job (ranks are `0..size`).
+        size: u32,
+    },
     /// Where a remote instance receives (answer to [`GlobalJoin::resolve`]).
     Resolved(PeerInfo),
     /// Leader: the coordinator announced a changed directory (a node's
@@ -77,6 +88,7 @@ pub enum GlobalEvent {
 /// Registrations the coordinator refused, and why.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CoordinatorStats {
+    /// Registrations received, valid or not (repeats included).
     pub registrations: u64,
     /// Node index outside the job, or inconsistent member list.
     pub invalid: u64,
@@ -98,6 +110,7 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
+    /// A registry waiting for `expected_nodes` nodes holding `size` instances in all.
     pub fn new(expected_nodes: u32, size: u32) -> Self {
         Self {
             expected_nodes,
@@ -110,10 +123,12 @@ impl Coordinator {
         }
     }
 
+    /// Counters since the start.
     pub fn stats(&self) -> &CoordinatorStats {
         &self.stats
     }
 
+    /// How many distinct nodes have registered.
     pub fn registered(&self) -> u32 {
         self.nodes.len() as u32
     }
@@ -133,6 +148,8 @@ impl Coordinator {
         }
     }
 
+    /// Whether every node has registered and, before the first global ready,
+    /// every one of the `size` instances is in some node's member list.
     pub fn is_ready(&self) -> bool {
         let members: u64 = self.nodes.values().map(|n| n.members.len() as u64).sum();
         self.registered() == self.expected_nodes && (self.was_ready || members == self.size as u64)
@@ -218,6 +235,7 @@ impl Coordinator {
         }
     }
 
+    /// The next message the driver must send.
     pub fn poll_transmit(&mut self) -> Option<GlobalTransmit> {
         self.transmits.pop_front()
     }
@@ -355,6 +373,7 @@ impl GlobalJoin {
         &self.node_leaders
     }
 
+    /// Whether this instance leads its node.
     pub fn is_leader(&self) -> bool {
         matches!(self.role, Role::Leader { .. })
     }
@@ -464,6 +483,8 @@ impl GlobalJoin {
         }
     }
 
+    /// When [`Self::handle_timeout`] should next run: the registration or
+    /// AwaitGlobal timer while waiting, and unanswered resolve requests.
     pub fn poll_timeout(&self) -> Option<Now> {
         let role = match &self.role {
             Role::Leader { timer, .. } | Role::Member { timer, .. } if self.waiting => {
@@ -476,6 +497,8 @@ impl GlobalJoin {
             .min()
     }
 
+    /// Repeat the registration (leader) or AwaitGlobal (member) while waiting,
+    /// and unanswered Resolve requests, when their timers are due.
     pub fn handle_timeout(&mut self, now: Now) {
         if self.waiting {
             match &mut self.role {
@@ -514,10 +537,12 @@ impl GlobalJoin {
         }
     }
 
+    /// The next message the driver must send.
     pub fn poll_transmit(&mut self) -> Option<GlobalTransmit> {
         self.transmits.pop_front()
     }
 
+    /// The next thing learned about the job.
     pub fn poll_event(&mut self) -> Option<GlobalEvent> {
         self.events.pop_front()
     }

@@ -32,18 +32,25 @@ impl Default for LivenessConfig {
     }
 }
 
+/// What the detector believes about a watched peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Health {
+    /// Heard from within [`LivenessConfig::suspect_after`].
     Alive,
+    /// Quiet for [`LivenessConfig::suspect_after`]; any message makes it alive again.
     Suspect,
+    /// Quiet for [`LivenessConfig::dead_after`]; final for this incarnation.
     Dead,
 }
 
+/// A change of a watched peer's [`Health`], for the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LivenessEvent {
+    /// The peer became suspect.
     Suspect(Rank),
     /// A suspect peer was heard from again.
     Recovered(Rank),
+    /// The peer is declared dead (reported once).
     Dead(Rank),
 }
 
@@ -64,6 +71,7 @@ pub struct Liveness {
 }
 
 impl Liveness {
+    /// A detector watching nobody yet.
     pub fn new(config: LivenessConfig) -> Self {
         Self {
             config,
@@ -80,10 +88,12 @@ impl Liveness {
         });
     }
 
+    /// Stop watching `rank` and forget its timers.
     pub fn unwatch(&mut self, rank: Rank) {
         self.peers.remove(&rank);
     }
 
+    /// What we believe about `rank`; `None` if it is not watched.
     pub fn health(&self, rank: Rank) -> Option<Health> {
         self.peers.get(&rank).map(|w| w.health)
     }
@@ -106,6 +116,8 @@ impl Liveness {
         }
     }
 
+    /// Move quiet peers to suspect or dead and queue heartbeats to peers we
+    /// have sent nothing to for [`LivenessConfig::heartbeat`].
     pub fn handle_timeout(&mut self, now: Now) {
         let c = self.config;
         for (&rank, w) in self.peers.iter_mut() {
@@ -129,6 +141,7 @@ impl Liveness {
         }
     }
 
+    /// When [`Self::handle_timeout`] should next run; `None` when no live peer is watched.
     pub fn poll_timeout(&self) -> Option<Now> {
         let c = self.config;
         self.peers
@@ -150,6 +163,7 @@ impl Liveness {
         self.heartbeats.pop_front()
     }
 
+    /// The next health change.
     pub fn poll_event(&mut self) -> Option<LivenessEvent> {
         self.events.pop_front()
     }

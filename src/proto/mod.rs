@@ -60,8 +60,12 @@ impl Endpoints {
 /// What an instance says about itself in discovery messages.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PeerInfo {
+    /// Global rank of the instance.
     pub rank: Rank,
+    /// Index of its node in the job (same for all instances of a node).
     pub node_index: u32,
+    /// Which life of `rank` this is; larger after a restart.
     pub incarnation: Incarnation,
+    /// Where its receiving socket can be reached.
     pub endpoints: Endpoints,
 }

@@ -85,8 +85,11 @@ pub struct Feedback {
 /// One message answered with ERR.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrReport {
+    /// Wire id of the refused message (per (sender, receiver), from 1).
     pub id: u64,
+    /// The handler's error code (application-defined).
     pub code: u32,
+    /// The handler's error message, for humans.
     pub text: String,
 }
 
@@ -96,7 +99,12 @@ pub enum Outcome {
     /// The receiver got the message and its handler accepted it.
     Ack,
     /// The receiver got the message but its handler could not process it.
-    Err { code: u32, text: String },
+    Err {
+        /// The handler's error code (application-defined).
+        code: u32,
+        /// The handler's error message.
+        text: String,
+    },
     /// No answer within the deadline; the message may or may not have arrived.
     TimedOut,
 }
@@ -112,15 +120,29 @@ impl Outcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReliableEvent {
     /// A new message from `from` for the handler; never emitted twice for one id.
-    Deliver { from: Rank, msg: DataMsg },
+    Deliver {
+        /// The sender's rank.
+        from: Rank,
+        /// The message; answer it with [`ReliableEndpoint::complete`].
+        msg: DataMsg,
+    },
     /// The ticket `(to, id)` is resolved.
-    Resolved { to: Rank, id: u64, outcome: Outcome },
+    Resolved {
+        /// The receiver's rank.
+        to: Rank,
+        /// The ticket id returned by [`ReliableEndpoint::send`].
+        id: u64,
+        /// How it ended.
+        outcome: Outcome,
+    },
 }
 
 /// What the driver must put on the wire towards a peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReliableTransmit {
+    /// A data message (first send, retransmission or resend after a reset).
     Data(DataMsg),
+    /// Coalesced answers to the peer's data messages.
     Feedback(Feedback),
 }
 
@@ -130,7 +152,12 @@ pub enum SendError {
     /// Too many messages to this peer are unanswered; wait for a
     /// [`ReliableEvent::Resolved`] (backpressure).
     #[error("window to rank {to} is full ({window} messages unanswered)")]
-    WindowFull { to: Rank, window: u32 },
+    WindowFull {
+        /// The receiver's rank.
+        to: Rank,
+        /// The window size ([`ReliableConfig::window`]).
+        window: u32,
+    },
 }
 
 /// Counters, for status output and tests. Everything odd that came off the
@@ -330,6 +357,7 @@ impl ReliableEndpoint {
         }
     }
 
+    /// The configuration in force (zero bounds already raised to 1).
     pub fn config(&self) -> &ReliableConfig {
         &self.config
     }
@@ -600,6 +628,7 @@ impl ReliableEndpoint {
         self.transmits.pop_front()
     }
 
+    /// The next delivery or resolved ticket for the driver.
     pub fn poll_event(&mut self) -> Option<ReliableEvent> {
         self.events.pop_front()
     }
@@ -676,6 +705,7 @@ impl ReliableEndpoint {
             .sum()
     }
 
+    /// Counters since the endpoint was created.
     pub fn stats(&self) -> &ReliableStats {
         &self.stats
     }

@@ -3,7 +3,10 @@
 //! Everything that comes off the network is decoded here into typed values or
 //! a [`WireError`]; nothing in this module panics on input. Datagrams carry a
 //! job key and an HMAC-SHA256 tag over the whole datagram, so beacons from
-//! another job or from a forger are dropped (and counted by the caller).
+//! another job, or from anyone without the job's secret, are dropped (and
+//! counted by the caller). Without `CELLNET_SECRET` the secret is derived
+//! from the job key, which travels in the clear: that separates jobs but
+//! does not stop a deliberate forger on the node — set a secret for that.
 //!
 //! ZeroMQ messages are multipart: a fixed little-endian [`Header`] frame,
 //! then, for control messages, a bincode body, or, for cells, the user's
@@ -31,22 +34,39 @@ pub const MAX_CONTROL: usize = 64 << 20;
 /// Why bytes from the network were rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// Fewer bytes than the fixed part of the format (or a header of the wrong length).
     #[error("message too short: {len} bytes")]
-    TooShort { len: usize },
+    TooShort {
+        /// Bytes received.
+        len: usize,
+    },
+    /// Larger than the format allows.
     #[error("message too large: {len} bytes (limit {limit})")]
-    TooLarge { len: usize, limit: usize },
+    TooLarge {
+        /// Bytes received.
+        len: usize,
+        /// The largest size accepted ([`MAX_DATAGRAM`] or [`MAX_CONTROL`]).
+        limit: usize,
+    },
+    /// The magic bytes are not cellnet's.
     #[error("not a cellnet message (bad magic)")]
     BadMagic,
+    /// A cellnet message of another protocol [`VERSION`] (the one received).
     #[error("protocol version {0} is not supported (this build speaks {VERSION})")]
     BadVersion(u8),
+    /// A datagram carrying another job's key (the key received).
     #[error("message from another job (key {0:#x})")]
     ForeignJob(u64),
+    /// The HMAC tag does not verify: another job's secret, or tampering.
     #[error("authentication tag does not match (wrong job secret or forged)")]
     BadTag,
+    /// A header whose message kind byte is not a [`MsgKind`] (the byte received).
     #[error("unknown message kind {0}")]
     UnknownKind(u8),
+    /// A ZeroMQ message without exactly two frames (the count received).
     #[error("wrong number of frames: {0}")]
     FrameCount(usize),
+    /// A body that bincode cannot decode, or with trailing bytes (the reason).
     #[error("malformed body: {0}")]
     Malformed(String),
 }
@@ -56,6 +76,7 @@ pub enum WireError {
 pub struct JobSecret(Vec<u8>);
 
 impl JobSecret {
+    /// A secret from raw key bytes (any length).
     pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
         Self(bytes.into())
     }
@@ -74,6 +95,7 @@ impl std::fmt::Debug for JobSecret {
 /// A discovery beacon, broadcast on the node-local address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
+    /// Who sends the beacon and where it receives.
     pub info: PeerInfo,
     /// How many instances the sender expects on its node (itself included).
     pub local_size: u32,
@@ -82,8 +104,11 @@ pub struct Ping {
 /// A node leader's registration with the coordinator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Register {
+    /// Index of the leader's node in the job.
     pub node_index: u32,
+    /// Name of the node (Slurm node name, MPI processor name or hostname).
     pub node_name: String,
+    /// The node leader that registers (it is also in `members`).
     pub leader: PeerInfo,
     /// Every instance of the node, the leader included, sorted by rank.
     pub members: Vec<PeerInfo>,
@@ -92,16 +117,22 @@ pub struct Register {
 /// What travels over UDP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Datagram {
+    /// A discovery beacon on the node.
     Ping(Ping),
+    /// A node leader's registration, sent to the coordinator.
     Register(Register),
 }
 
 /// One node as the coordinator knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeEntry {
+    /// Index of the node in the job.
     pub node_index: u32,
+    /// Name of the node (Slurm node name, MPI processor name or hostname).
     pub node_name: String,
+    /// The node's leader, which answers [`Control::Resolve`] for its members.
     pub leader: PeerInfo,
+    /// Every instance of the node, the leader included, sorted by rank.
     pub members: Vec<PeerInfo>,
 }
 
@@ -114,33 +145,52 @@ pub enum Control {
     Ready,
     /// Coordinator → leader: registration seen, waiting for `expected_nodes`.
     Welcome {
+        /// How many nodes have registered so far.
         registered: u32,
+        /// How many nodes the coordinator waits for.
         expected_nodes: u32,
     },
     /// Coordinator → leaders, leader → members: every node is in. Leaders
     /// get the whole directory; members get it empty and resolve lazily.
     GlobalReady {
+        /// Number of nodes in the job.
         nodes: u32,
+        /// Number of instances in the job (ranks are `0..size`).
         size: u32,
+        /// Every node with its members; empty in leader → member messages.
         directory: Vec<NodeEntry>,
     },
     /// Member → leader: "is the job globally ready?" (repeated until answered).
     AwaitGlobal,
     /// Member → leader: resolve where these instances receive.
-    Resolve { ranks: Vec<Rank> },
+    Resolve {
+        /// The ranks whose [`PeerInfo`] the member needs.
+        ranks: Vec<Rank>,
+    },
     /// Leader → member: the answer to [`Control::Resolve`] (unknown ranks omitted).
-    Resolved { peers: Vec<PeerInfo> },
+    Resolved {
+        /// The known ones among the asked ranks.
+        peers: Vec<PeerInfo>,
+    },
     /// Reliable channel acknowledgements and errors.
     Feedback(Feedback),
     /// Receiver → laggard: "I have not heard all of `frame` from you".
-    FrameQuery { frame: u64 },
+    FrameQuery {
+        /// The frame the receiver is still waiting on.
+        frame: u64,
+    },
     /// "I am shutting down cleanly; everything I sent is answered."
     Goodbye,
     /// "Still here" to a watched peer we have sent nothing to lately.
     Heartbeat,
     /// Laggard → receiver: whether it has ended `frame` towards the asker
     /// (it resends everything unanswered at the same time).
-    FrameReport { frame: u64, ended: bool },
+    FrameReport {
+        /// The frame asked about in [`Control::FrameQuery`].
+        frame: u64,
+        /// Whether the laggard has sent its frame end for `frame` to the asker.
+        ended: bool,
+    },
 }
 
 /// What a data message carries besides its payload.
@@ -149,7 +199,10 @@ pub enum DataKind {
     /// A cell of `frame`; the payload is the user's bytes.
     Cell,
     /// The sender's part of `frame` is over; it sent `count` cells of it.
-    FrameEnd { count: u32 },
+    FrameEnd {
+        /// Cells of this frame the sender sent to this receiver.
+        count: u32,
+    },
     /// A step of a collective operation (`frame` holds its sequence number);
     /// never handed to the cell handler or to frame assembly.
     Collective,
@@ -160,31 +213,45 @@ pub enum DataKind {
 pub struct DataMsg {
     /// Per (sender, receiver) sequence number, from 1.
     pub id: u64,
+    /// The frame this message belongs to (collectives: the operation's sequence number).
     pub frame: u64,
+    /// What the message is; decides who consumes it.
     pub kind: DataKind,
+    /// The user's bytes for a cell; empty for a frame end.
     pub payload: Bytes,
 }
 
 /// The fixed first frame of every ZeroMQ message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// What the rest of the message is.
     pub kind: MsgKind,
+    /// Rank of the sender.
     pub from: Rank,
+    /// The sender's incarnation.
     pub incarnation: Incarnation,
+    /// Per (sender, receiver) sequence number of a data message, from 1; 0 for control.
     pub id: u64,
+    /// Frame (or collective sequence number) of a data message; 0 for control.
     pub frame: u64,
+    /// Kind-specific: the cell count of a frame end, otherwise 0.
     pub aux: u32,
     /// The receiver's incarnation as the sender knows it (0: unknown). A
     /// receiver drops data meant for an earlier life of itself.
     pub to_incarnation: Incarnation,
 }
 
+/// The message kind byte of a [`Header`] (values are on the wire).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum MsgKind {
+    /// A bincode [`Control`] body follows.
     Control = 1,
+    /// A cell's payload follows.
     Cell = 2,
+    /// A frame-end marker; `aux` holds the cell count.
     FrameEnd = 3,
+    /// A step of a collective operation; the payload follows.
     Collective = 4,
 }
 
@@ -192,6 +259,7 @@ pub enum MsgKind {
 pub const HEADER_LEN: usize = 2 + 1 + 1 + 4 + 8 + 8 + 8 + 4 + 8;
 
 impl Header {
+    /// The fixed little-endian encoding, [`HEADER_LEN`] bytes.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..2].copy_from_slice(&HEADER_MAGIC.to_le_bytes());
@@ -206,6 +274,7 @@ impl Header {
         b
     }
 
+    /// Decode exactly [`HEADER_LEN`] bytes, checking magic, version and kind.
     pub fn decode(b: &[u8]) -> Result<Self, WireError> {
         if b.len() != HEADER_LEN {
             return Err(WireError::TooShort { len: b.len() });
@@ -241,7 +310,9 @@ impl Header {
 /// A decoded ZeroMQ message.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PeerMsg {
+    /// A control message.
     Control(Control),
+    /// A cell, frame end or collective step.
     Data(DataMsg),
 }
 
@@ -285,11 +356,15 @@ pub fn data_header(
 }
 
 /// Decode a multipart ZeroMQ message (routing frames already removed).
-pub fn decode_peer_msg(frames: &[&[u8]]) -> Result<(Header, PeerMsg), WireError> {
-    let [head, body] = frames else {
-        return Err(WireError::FrameCount(frames.len()));
+///
+/// Takes the frames by value: a cell's payload becomes the `Bytes` of its
+/// frame without another copy.
+pub fn decode_peer_msg(frames: Vec<Bytes>) -> Result<(Header, PeerMsg), WireError> {
+    let count = frames.len();
+    let Ok([head, body]) = <[Bytes; 2]>::try_from(frames) else {
+        return Err(WireError::FrameCount(count));
     };
-    let header = Header::decode(head)?;
+    let header = Header::decode(&head)?;
     let msg = match header.kind {
         MsgKind::Control => {
             if body.len() > MAX_CONTROL {
@@ -298,7 +373,7 @@ pub fn decode_peer_msg(frames: &[&[u8]]) -> Result<(Header, PeerMsg), WireError>
                     limit: MAX_CONTROL,
                 });
             }
-            PeerMsg::Control(decode_body(body)?)
+            PeerMsg::Control(decode_body(&body)?)
         }
         MsgKind::Cell | MsgKind::FrameEnd | MsgKind::Collective => PeerMsg::Data(DataMsg {
             id: header.id,
@@ -308,7 +383,7 @@ pub fn decode_peer_msg(frames: &[&[u8]]) -> Result<(Header, PeerMsg), WireError>
                 MsgKind::FrameEnd => DataKind::FrameEnd { count: header.aux },
                 _ => DataKind::Collective,
             },
-            payload: Bytes::copy_from_slice(body),
+            payload: body,
         }),
     };
     Ok((header, msg))
@@ -318,11 +393,13 @@ fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ MAX_CONTROL }>()
 }
 
+/// Encode a control body or datagram body with bincode (size limit [`MAX_CONTROL`]).
 pub fn encode_body<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing our own plain data types into a Vec cannot fail.
     bincode::serde::encode_to_vec(value, bincode_config()).unwrap_or_default()
 }
 
+/// Decode a bincode body; trailing bytes are an error.
 pub fn decode_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config())
         .map_err(|e| WireError::Malformed(e.to_string()))?;
@@ -348,6 +425,8 @@ pub fn encode_datagram(job: JobKey, secret: &JobSecret, msg: &Datagram) -> Vec<u
     out
 }
 
+/// Check and decode a datagram made by [`encode_datagram`]: size, magic,
+/// version, job key and HMAC tag, in that order, before the body is parsed.
 pub fn decode_datagram(
     job: JobKey,
     secret: &JobSecret,
@@ -478,7 +557,13 @@ mod tests {
     #[test]
     fn peer_messages_round_trip() {
         let [h, b] = encode_control(1, Incarnation(2), &Control::Pong(info(1)));
-        let (header, msg) = decode_peer_msg(&[&h, &b]).unwrap();
+        let frames = |parts: &[&[u8]]| {
+            parts
+                .iter()
+                .map(|p| Bytes::copy_from_slice(p))
+                .collect::<Vec<_>>()
+        };
+        let (header, msg) = decode_peer_msg(frames(&[&h, &b])).unwrap();
         assert_eq!(header.from, 1);
         assert_eq!(msg, PeerMsg::Control(Control::Pong(info(1))));
 
@@ -489,11 +574,11 @@ mod tests {
             payload: Bytes::new(),
         };
         let h = data_header(4, Incarnation(1), Incarnation(0), &data);
-        let (_, msg) = decode_peer_msg(&[&h, &[]]).unwrap();
+        let (_, msg) = decode_peer_msg(frames(&[&h, &[]])).unwrap();
         assert_eq!(msg, PeerMsg::Data(data));
-        assert!(decode_peer_msg(&[b"x"]).is_err());
-        assert!(decode_peer_msg(&[&h, &[], &[]]).is_err());
+        assert!(decode_peer_msg(frames(&[b"x"])).is_err());
+        assert!(decode_peer_msg(frames(&[&h, &[], &[]])).is_err());
         let [h, _] = encode_control(1, Incarnation(2), &Control::Ready);
-        assert!(decode_peer_msg(&[&h, b"\xff\xff\xff\xff"]).is_err());
+        assert!(decode_peer_msg(frames(&[&h, b"\xff\xff\xff\xff"])).is_err());
     }
 }

@@ -23,24 +23,49 @@ use crate::proto::{wire, Rank};
 /// Why a collective did not complete.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CollectiveError {
+    /// A participant's contribution or the result did not arrive before the deadline.
     #[error("{op} #{seq} timed out after {waited:?} waiting for ranks {missing:?}")]
     Timeout {
+        /// The collective: `barrier`, `broadcast`, `gather`, `all_reduce`, ….
         op: &'static str,
+        /// The call's sequence number (every instance numbers its calls alike, from 1).
         seq: u64,
+        /// How long the call waited.
         waited: Duration,
+        /// Ranks this instance was waiting for (its children or parent in the tree).
         missing: Vec<Rank>,
     },
+    /// The root is not a rank of the job.
     #[error("{op}: root {root} is not a rank of this job")]
-    BadRoot { op: &'static str, root: Rank },
+    BadRoot {
+        /// The collective.
+        op: &'static str,
+        /// The root asked for.
+        root: Rank,
+    },
+    /// A peer's message for this call could not be decoded.
     #[error("{op} #{seq}: rank {from} sent a value that does not decode: {reason}")]
     Malformed {
+        /// The collective.
         op: &'static str,
+        /// The call's sequence number.
         seq: u64,
+        /// The rank that sent it.
         from: Rank,
+        /// The decoding error.
         reason: String,
     },
+    /// A step could not be sent (typically: the communicator is shut down).
     #[error("{0}")]
     Send(#[from] SendError),
+    /// The communicator's I/O thread stopped while the collective waited.
+    #[error("{op} #{seq}: the communicator is shut down")]
+    Closed {
+        /// The operation (`"barrier"`, `"all_reduce"`, ...).
+        op: &'static str,
+        /// Its sequence number.
+        seq: u64,
+    },
 }
 
 const UP: u8 = 0;
@@ -127,6 +152,7 @@ impl Call<'_> {
                 }
             }
             if !mailbox.receive(self.deadline) {
+                self.closed()?;
                 let st = super::shared::lock(&mailbox.state);
                 let have = st.stash.get(&(self.seq, phase));
                 let missing = from
@@ -137,6 +163,17 @@ impl Call<'_> {
                 return Err(self.timeout(missing));
             }
         }
+    }
+
+    /// A wait that ended because the I/O thread is gone is not a timeout.
+    fn closed(&self) -> Result<(), CollectiveError> {
+        if self.comm.status().stopped {
+            return Err(CollectiveError::Closed {
+                op: self.op,
+                seq: self.seq,
+            });
+        }
+        Ok(())
     }
 
     fn timeout(&self, missing: Vec<Rank>) -> CollectiveError {
@@ -162,6 +199,7 @@ impl Call<'_> {
                 }
             }
             if !mailbox.receive(self.deadline) {
+                self.closed()?;
                 return Err(self.timeout(self.tree.parent.into_iter().collect()));
             }
         }

@@ -4,7 +4,8 @@
 //! the state machines want to send, then sleep in `zmq::poll` until a
 //! socket, the wake-up eventfd or the next timer.
 
-use std::collections::HashMap;
+// Keys are ranks (validated against the job size): a fast hash is safe.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use super::faults::{Dest, FaultInjector};
 use super::shared::{CreditGate, Metrics, StatusCell, Waker};
 use super::{codes, Cell, Command, Handler, HandlerError, PeerEvent, ShutdownReport};
 use crate::config::Config;
@@ -88,12 +90,14 @@ pub(crate) struct Driver {
     /// Cells given to the handler so far.
     handled: u64,
     liveness: Liveness,
+    /// Injected delay/duplication of everything sent (tests only).
+    faults: Option<FaultInjector>,
     /// Peers declared dead (until they come back with a new incarnation).
     dead: std::collections::BTreeSet<Rank>,
     /// When a shutdown found everything answered (and said goodbye).
     drained_at: Option<Now>,
     /// Peers that left cleanly.
-    goodbyes: std::collections::HashSet<Rank>,
+    goodbyes: HashSet<Rank>,
     handlers_running: usize,
     shutdown_since: Option<Now>,
     /// Reused buffer of received messages.
@@ -120,6 +124,10 @@ impl Driver {
         let reliable = ReliableEndpoint::new(p.config.reliable.clone(), seed.rotate_left(17));
         let assembler = FrameAssembler::new(0, p.config.frames_ahead);
         let p_liveness = p.config.liveness;
+        let p_faults = p
+            .config
+            .faults
+            .map(|f| FaultInjector::new(f, seed.rotate_left(29)));
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         Self {
             p,
@@ -130,14 +138,14 @@ impl Driver {
             coordinator: None,
             reliable,
             assembler,
-            peers: HashMap::new(),
-            routes: HashMap::new(),
-            parked: HashMap::new(),
-            tickets: HashMap::new(),
-            frame_counts: HashMap::new(),
+            peers: HashMap::default(),
+            routes: HashMap::default(),
+            parked: HashMap::default(),
+            tickets: HashMap::default(),
+            frame_counts: HashMap::default(),
             ready_frame: None,
-            incarnations: HashMap::new(),
-            ended: HashMap::new(),
+            incarnations: HashMap::default(),
+            ended: HashMap::default(),
             done_tx,
             done_rx,
             handlers_running: 0,
@@ -145,8 +153,9 @@ impl Driver {
             handled: 0,
             drained_at: None,
             liveness: Liveness::new(p_liveness),
+            faults: p_faults,
             dead: std::collections::BTreeSet::new(),
-            goodbyes: std::collections::HashSet::new(),
+            goodbyes: HashSet::default(),
             shutdown_since: None,
             inbox: Vec::new(),
         }
@@ -264,6 +273,34 @@ impl Driver {
         }
     }
 
+    /// Put a message on the wire (through the fault injector when one is
+    /// configured: then it goes out later, and failures are counted there).
+    fn put(&mut self, dest: Dest, frames: [&[u8]; 2]) -> Result<(), NetError> {
+        if let Some(f) = &mut self.faults {
+            let now = self.epoch.elapsed();
+            f.hold(now, dest, frames);
+            return Ok(());
+        }
+        match dest {
+            Dest::Peer(rank) => self.p.transport.send(rank, &frames),
+            Dest::Back(route) => self.p.transport.reply(&route, &frames),
+        }
+    }
+
+    /// Send what the fault injector held and is now due.
+    fn release_held(&mut self, now: Now) {
+        let Some(f) = &mut self.faults else { return };
+        while let Some((dest, [head, body])) = f.pop_due(now) {
+            let sent = match dest {
+                Dest::Peer(rank) => self.p.transport.send(rank, &[&head, &body]),
+                Dest::Back(route) => self.p.transport.reply(&route, &[&head, &body]),
+            };
+            if sent.is_err() {
+                Metrics::add(&self.p.metrics.replies_failed, 1);
+            }
+        }
+    }
+
     /// Tell every peer we talked with that we leave cleanly: over our
     /// sending socket to it, or back on the connection it used to reach us.
     fn say_goodbye(&mut self) {
@@ -273,12 +310,14 @@ impl Driver {
             self.p.transport.routes().into_iter().collect();
         peers.extend(self.incarnations.keys());
         for rank in peers {
-            let sent = self.p.transport.send(rank, &[&head, &body]).is_ok()
-                || self
-                    .routes
-                    .get(&rank)
-                    .is_some_and(|r| self.p.transport.reply(r, &[&head, &body]).is_ok());
-            if !sent {
+            let dest = if self.p.transport.has_route(rank) {
+                Dest::Peer(rank)
+            } else if let Some(r) = self.routes.get(&rank) {
+                Dest::Back(r.clone())
+            } else {
+                continue;
+            };
+            if self.put(dest, [&head, &body]).is_err() {
                 Metrics::add(&self.p.metrics.replies_failed, 1);
             }
         }
@@ -311,6 +350,9 @@ impl Driver {
             self.discovery.poll_timeout(),
             global,
             self.reliable.poll_timeout(),
+            self.assembler.poll_timeout(),
+            self.liveness.poll_timeout(),
+            self.faults.as_ref().and_then(|f| f.next_due()),
         ]
         .into_iter()
         .flatten()
@@ -391,7 +433,7 @@ impl Driver {
                                     now,
                                     cell.from,
                                     cell.id,
-                                    Err((codes::FRAME_REFUSED, e.to_string())),
+                                    Err((codes::for_frame_error(&e), e.to_string())),
                                 );
                             }
                         }
@@ -431,6 +473,7 @@ impl Driver {
     }
 
     fn fire_timers(&mut self, now: Now) {
+        self.release_held(now);
         self.discovery.handle_timeout(now);
         if let Some(g) = &mut self.global {
             g.handle_timeout(now);
@@ -758,7 +801,7 @@ impl Driver {
                     let answer = self
                         .assembler
                         .handle_frame_end(from, msg.frame, count)
-                        .map_err(|e| (codes::UNEXPECTED_SENDER, e.to_string()));
+                        .map_err(|e| (codes::for_frame_error(&e), e.to_string()));
                     if answer.is_err() {
                         Metrics::add(&self.p.metrics.cells_refused, 1);
                     }
@@ -840,7 +883,7 @@ impl Driver {
             return;
         }
         let [head, body] = wire::encode_control(self.p.me.rank, self.p.me.incarnation, msg);
-        if let Err(e) = self.p.transport.send(to.rank, &[&head, &body]) {
+        if let Err(e) = self.put(Dest::Peer(to.rank), [&head, &body]) {
             tracing::debug!("control message to rank {} not sent: {e}", to.rank);
         }
     }
@@ -858,7 +901,7 @@ impl Driver {
             .get(&to)
             .map_or(Incarnation(0), |p| p.incarnation);
         let head = wire::data_header(self.p.me.rank, self.p.me.incarnation, to_incarnation, &msg);
-        match self.p.transport.send(to, &[&head, &msg.payload]) {
+        match self.put(Dest::Peer(to), [&head, &msg.payload]) {
             Ok(()) => {}
             // Lost like on a lossy wire: the reliable channel retransmits.
             Err(NetError::WouldBlock(_)) => {}
@@ -870,13 +913,13 @@ impl Driver {
     /// through our own sending socket if we have never heard from it.
     fn reply(&mut self, to: Rank, msg: &Control) {
         let [head, body] = wire::encode_control(self.p.me.rank, self.p.me.incarnation, msg);
-        if let Some(route) = self.routes.get(&to) {
-            if self.p.transport.reply(route, &[&head, &body]).is_ok() {
+        if let Some(route) = self.routes.get(&to).cloned() {
+            if self.put(Dest::Back(route), [&head, &body]).is_ok() {
                 return;
             }
         }
         let now = self.now();
-        if !(self.route(now, to) && self.p.transport.send(to, &[&head, &body]).is_ok()) {
+        if !(self.route(now, to) && self.put(Dest::Peer(to), [&head, &body]).is_ok()) {
             Metrics::add(&self.p.metrics.replies_failed, 1);
         }
     }
@@ -969,8 +1012,8 @@ impl Driver {
                 Inbound::Router { routing_id, frames } => (Some(routing_id), frames),
                 Inbound::Dealer { frames, .. } => (None, frames),
             };
-            let parts: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
-            let (header, msg) = match wire::decode_peer_msg(&parts) {
+            let frames = frames.into_iter().map(bytes::Bytes::from).collect();
+            let (header, msg) = match wire::decode_peer_msg(frames) {
                 Ok(m) => m,
                 Err(e) => {
                     Metrics::add(&self.p.metrics.zmq_malformed, 1);

@@ -23,6 +23,7 @@
 
 mod collective;
 mod driver;
+pub mod faults;
 mod shared;
 
 pub use self::collective::CollectiveError;
@@ -52,9 +53,13 @@ use crate::proto::{
 /// A cell handed to the handler: `payload` from rank `from`, for `frame`.
 #[derive(Clone, Debug)]
 pub struct Cell {
+    /// Rank of the sender.
     pub from: Rank,
+    /// The frame the sender put the cell in.
     pub frame: u64,
+    /// Per (sender, receiver) sequence number, from 1.
     pub id: u64,
+    /// The sender's bytes, as sent.
     pub payload: Bytes,
 }
 
@@ -62,11 +67,14 @@ pub struct Cell {
 /// `Outcome::Err { code, text }`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandlerError {
+    /// Application-defined code, reported to the sender in [`Outcome::Err`].
     pub code: u32,
+    /// Human-readable reason, reported with `code`.
     pub text: String,
 }
 
 impl HandlerError {
+    /// A refusal with `code` and `text`.
     pub fn new(code: u32, text: impl Into<String>) -> Self {
         Self {
             code,
@@ -80,29 +88,48 @@ pub type Handler = Arc<dyn Fn(&Cell) -> Result<(), HandlerError> + Send + Sync>;
 
 /// Error codes cellnet itself answers with (handlers use their own).
 pub mod codes {
-    /// The cell's frame is too far ahead of the one the application reads.
+    use crate::proto::frames::FrameError;
+
+    /// The cell or frame end does not fit frame ordering: its frame was
+    /// already handed over, or more cells came than the frame end said.
     pub const FRAME_REFUSED: u32 = 0xCE00_0001;
-    /// The sender is not expected for that frame.
+    /// The sender is not expected in that frame.
     pub const UNEXPECTED_SENDER: u32 = 0xCE00_0002;
+
+    /// The code a receiver answers a frame-ordering error with.
+    pub fn for_frame_error(e: &FrameError) -> u32 {
+        match e {
+            FrameError::UnexpectedPeer { .. } => UNEXPECTED_SENDER,
+            _ => FRAME_REFUSED,
+        }
+    }
 }
 
 /// Why a communicator could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// This instance's identity (rank, size, node) could not be determined.
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    /// Pinning or building the handler pool failed.
     #[error("placement: {0}")]
     Place(#[from] PlaceError),
+    /// A socket could not be created, bound or used.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// The eventfd that wakes the I/O thread could not be created.
     #[error("cannot create the wake-up eventfd: {0}")]
     Waker(std::io::Error),
+    /// The I/O thread could not be spawned.
     #[error("cannot start the I/O thread: {0}")]
     Thread(std::io::Error),
+    /// The job did not become globally ready (the reason, with a diagnosis).
     #[error("{0}")]
     Join(String),
+    /// The I/O thread failed or panicked (the reason).
     #[error("the I/O thread stopped: {0}")]
     Stopped(String),
 }
@@ -110,12 +137,27 @@ pub enum RuntimeError {
 /// Why a send did not go out.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SendError {
+    /// The destination is not a rank of the job.
     #[error("rank {to} does not exist (job size {size})")]
-    NoSuchRank { to: Rank, size: u32 },
+    NoSuchRank {
+        /// The rank asked for.
+        to: Rank,
+        /// The job size; ranks are `0..size`.
+        size: u32,
+    },
+    /// The destination is this instance's own rank.
     #[error("cannot send to myself (rank {0})")]
     ToSelf(Rank),
+    /// The window to the destination is full and the caller would not wait
+    /// (or its timeout passed).
     #[error("window to rank {to} is full ({window} cells unanswered)")]
-    WouldBlock { to: Rank, window: u32 },
+    WouldBlock {
+        /// The destination.
+        to: Rank,
+        /// Cells that may be unanswered per destination.
+        window: u32,
+    },
+    /// The I/O thread has stopped; nothing can be sent any more.
     #[error("the communicator is shut down")]
     Closed,
 }
@@ -127,10 +169,14 @@ pub enum RecvError {
     /// (they were queried and asked to resend before that).
     #[error("frame {frame} missing after {waited:?}: no complete part from ranks {missing:?}")]
     FrameMissing {
+        /// The frame waited for.
         frame: u64,
+        /// How long [`Communicator::recv_frame`] waited.
         waited: Duration,
+        /// Expected senders whose part never completed, by rank.
         missing: Vec<Rank>,
     },
+    /// The I/O thread has stopped; no more frames will come.
     #[error("the communicator is shut down")]
     Closed,
 }
@@ -140,17 +186,39 @@ pub enum RecvError {
 pub enum PeerEvent {
     /// The peer came back with a new incarnation: cells it had received but
     /// not answered were resent to its new life.
-    Restarted { rank: Rank, incarnation: u64 },
+    Restarted {
+        /// The peer's rank.
+        rank: Rank,
+        /// Its new incarnation (larger than the previous one).
+        incarnation: u64,
+    },
     /// The peer shut down cleanly (it said goodbye).
-    Left { rank: Rank },
+    Left {
+        /// The peer's rank.
+        rank: Rank,
+    },
     /// Nothing heard from the peer for a while (it may be dead or slow).
-    Suspect { rank: Rank },
+    Suspect {
+        /// The peer's rank.
+        rank: Rank,
+    },
     /// A suspect peer was heard from again.
-    Recovered { rank: Rank },
+    Recovered {
+        /// The peer's rank.
+        rank: Rank,
+    },
     /// The peer is declared dead (until it returns with a new incarnation).
-    Lost { rank: Rank },
+    Lost {
+        /// The peer's rank.
+        rank: Rank,
+    },
     /// This node has a new leader (the old one was lost).
-    LeaderChanged { node: u32, leader: Rank },
+    LeaderChanged {
+        /// This node's index in the job.
+        node: u32,
+        /// The new leader's rank.
+        leader: Rank,
+    },
 }
 
 /// The promise of an answer to one sent cell.
@@ -170,6 +238,7 @@ impl Ticket {
         }
     }
 
+    /// The rank the cell was sent to.
     pub fn to(&self) -> Rank {
         self.to
     }
@@ -319,6 +388,8 @@ pub struct Communicator {
 }
 
 impl Communicator {
+    /// Start building a communicator (configuration from the environment
+    /// unless [`Builder::config`] is given).
     pub fn builder() -> Builder {
         Builder::default()
     }
@@ -446,30 +517,37 @@ impl Communicator {
         }
     }
 
+    /// This instance's global rank, in `0..size()`.
     pub fn rank(&self) -> Rank {
         self.info.rank
     }
 
+    /// Number of instances in the job.
     pub fn size(&self) -> u32 {
         self.info.size
     }
 
+    /// Who this instance is: rank, size, node, local rank, job key.
     pub fn launch_info(&self) -> &LaunchInfo {
         &self.info
     }
 
+    /// The cpuset this instance is bound to (PUs, OS indices).
     pub fn binding(&self) -> &Binding {
         &self.binding
     }
 
+    /// Where this instance receives.
     pub fn endpoints(&self) -> &Endpoints {
         &self.me.endpoints
     }
 
+    /// The coordinator's UDP address leaders register with.
     pub fn coordinator(&self) -> SocketAddrV4 {
         self.coordinator
     }
 
+    /// The MPI session, if the identity came from MPI (for MPI calls beside cellnet).
     pub fn mpi(&self) -> Option<&MpiSession> {
         self.mpi.as_ref()
     }
@@ -479,10 +557,12 @@ impl Communicator {
         self.status.get()
     }
 
+    /// This node's leader, once discovery is complete.
     pub fn leader(&self) -> Option<Rank> {
         self.status.get().leader
     }
 
+    /// Whether this instance leads its node.
     pub fn is_leader(&self) -> bool {
         self.leader() == Some(self.rank())
     }
@@ -492,6 +572,7 @@ impl Communicator {
         self.status.get().members.iter().map(|p| p.rank).collect()
     }
 
+    /// Traffic counters as of now.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.metrics.snapshot()
     }
@@ -691,7 +772,8 @@ impl Communicator {
         }
     }
 
-    /// Peer events (restarts) since the last call, oldest first.
+    /// Peer events (restarted, left, suspect, recovered, lost, leader
+    /// changed) since the last call, oldest first.
     pub fn events(&self) -> Vec<PeerEvent> {
         self.events.try_iter().collect()
     }

@@ -136,9 +136,11 @@ impl CreditGate {
 /// Where the instance is in its life, for the application's queries.
 #[derive(Clone, Debug, Default)]
 pub struct Status {
+    /// Where this instance receives.
     pub endpoints: crate::proto::Endpoints,
     /// Local discovery complete: every node-mate is ready.
     pub local_complete: bool,
+    /// This node's leader, once local discovery is complete.
     pub leader: Option<Rank>,
     /// This node's instances, this one included, by rank.
     pub members: Vec<PeerInfo>,
@@ -149,6 +151,7 @@ pub struct Status {
     pub node_leaders: Vec<Rank>,
     /// Why the I/O thread stopped, if it failed.
     pub failed: Option<String>,
+    /// The I/O thread has stopped (cleanly or not); nothing more will happen.
     pub stopped: bool,
 }
 
@@ -230,10 +233,15 @@ metrics! {
     zmq_malformed,
     /// Registrations the coordinator refused as inconsistent.
     registrations_refused,
+    /// Cells queued for sending by the application (not frame ends or collective steps).
     cells_sent,
+    /// Cells received from peers, each once (duplicates not counted).
     cells_delivered,
+    /// Sent messages answered ACK.
     acks_received,
+    /// Sent messages answered ERR.
     errs_received,
+    /// Sent messages unanswered within the send deadline.
     timeouts,
     /// Replies that could not be sent (peer gone).
     replies_failed,

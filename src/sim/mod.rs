@@ -52,9 +52,11 @@ mod engine;
 /// state) `down_for` later.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CrashSpec {
+    /// The instance that crashes.
     pub rank: Rank,
     /// The crash happens as soon as `rank` has handed over this frame.
     pub after_frame: u64,
+    /// Virtual time between the crash and the restart.
     pub down_for: Duration,
 }
 
@@ -75,7 +77,9 @@ pub enum KillAt {
 /// the structure heal around it (DESIGN §7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KillSpec {
+    /// The instance that dies.
     pub rank: Rank,
+    /// When.
     pub at: KillAt,
 }
 
@@ -83,14 +87,18 @@ pub struct KillSpec {
 /// of virtual time; messages within the node still flow.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PartitionSpec {
+    /// The node cut off (node index).
     pub node: u32,
+    /// Virtual time the cut begins.
     pub start: Duration,
+    /// How long the cut lasts before it heals.
     pub duration: Duration,
 }
 
 /// One simulated job and its network. Every probability is per message.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimConfig {
+    /// Number of nodes.
     pub nodes: u32,
     /// Instances per node (ranks are contiguous per node).
     pub per_node: u32,
@@ -100,6 +108,7 @@ pub struct SimConfig {
     pub dup: f64,
     /// Fraction of messages delayed by up to `reorder_delay` more, in `[0, 1]`.
     pub reorder: f64,
+    /// Extra delay, uniform up to this, of a reordered message.
     pub reorder_delay: Duration,
     /// Base one-way delay of every message…
     pub delay: Duration,
@@ -109,10 +118,13 @@ pub struct SimConfig {
     pub start_skew: Duration,
     /// Frames of neighbour exchange after global ready.
     pub frames: u64,
+    /// Seed of every random choice of the run (faults, jitter, skew).
     pub seed: u64,
+    /// At most one instance to crash and restart.
     pub crash: Option<CrashSpec>,
     /// Kill an instance for good (not together with `crash`).
     pub kill: Option<KillSpec>,
+    /// At most one node to cut off for a while.
     pub partition: Option<PartitionSpec>,
     /// After global ready (and the frames, or once the structure healed
     /// after a kill), every instance runs barrier, broadcast, all_gather
@@ -129,10 +141,15 @@ pub struct SimConfig {
     pub frame_timeout: Duration,
     /// The run fails if work is still pending at this virtual time.
     pub time_limit: Duration,
+    /// Frames each assembler buffers ahead of the next one handed over.
     pub frames_ahead: u64,
+    /// Timing of the discovery handshake.
     pub discovery: DiscoveryConfig,
+    /// Timing of the global join.
     pub global: GlobalConfig,
+    /// Tuning of the reliable channel.
     pub reliable: ReliableConfig,
+    /// Failure detection timing (heartbeat, suspect, dead).
     pub liveness: LivenessConfig,
 }
 
@@ -171,31 +188,74 @@ impl Default for SimConfig {
 /// A [`SimConfig`] that cannot be simulated.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SimConfigError {
+    /// No nodes, or no instances per node.
     #[error("a job needs at least one node and one instance per node (got {nodes} x {per_node})")]
-    Empty { nodes: u32, per_node: u32 },
+    Empty {
+        /// Nodes asked for.
+        nodes: u32,
+        /// Instances per node asked for.
+        per_node: u32,
+    },
+    /// More instances than the simulator takes.
     #[error("{nodes} x {per_node} instances do not fit in a 32-bit rank")]
-    TooLarge { nodes: u32, per_node: u32 },
+    TooLarge {
+        /// Nodes asked for.
+        nodes: u32,
+        /// Instances per node asked for.
+        per_node: u32,
+    },
+    /// A probability outside its range.
     #[error("{name} must be in [0, 1){} (got {value})", if *.upper_inclusive { " or 1" } else { "" })]
     Probability {
+        /// The field: `loss`, `dup` or `reorder`.
         name: &'static str,
+        /// Its value.
         value: String,
+        /// Whether 1 is allowed.
         upper_inclusive: bool,
     },
+    /// The crash names a rank outside the job.
     #[error("crash of rank {rank}, but the job has {size} instances")]
-    CrashRank { rank: Rank, size: u32 },
+    CrashRank {
+        /// The rank asked for.
+        rank: Rank,
+        /// Instances in the job.
+        size: u32,
+    },
+    /// The partition names a node outside the job.
     #[error("partition of node {node}, but the job has {nodes} nodes")]
-    PartitionNode { node: u32, nodes: u32 },
+    PartitionNode {
+        /// The node asked for.
+        node: u32,
+        /// Nodes in the job.
+        nodes: u32,
+    },
+    /// A zero time limit.
     #[error("time limit must be positive")]
     NoTime,
+    /// The rank to kill is not in the job.
     #[error("kill of rank {rank}, but the job has {size} instances")]
-    KillRank { rank: Rank, size: u32 },
+    KillRank {
+        /// The rank asked for.
+        rank: Rank,
+        /// Instances in the job.
+        size: u32,
+    },
+    /// The frame to kill after is never handed over.
     #[error("kill after frame {frame}, but the job runs {frames} frames")]
-    KillFrame { frame: u64, frames: u64 },
+    KillFrame {
+        /// The frame asked for.
+        frame: u64,
+        /// Frames in the run.
+        frames: u64,
+    },
+    /// A kill or collectives together with a crash and restart.
     #[error("{0} cannot be combined with a crash and restart (the restarted life does not rejoin the workload)")]
     WithRestart(&'static str),
 }
 
 impl SimConfig {
+    /// Instances in the job (`nodes · per_node`).
     pub fn size(&self) -> u32 {
         self.nodes.saturating_mul(self.per_node)
     }
@@ -370,13 +430,19 @@ impl fmt::Display for Invariant {
 /// Why a run failed: a config that cannot run, or the first broken invariant.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum SimViolation {
+    /// The config was rejected before the run.
     #[error("invalid simulation config: {0}")]
     InvalidConfig(#[from] SimConfigError),
+    /// An invariant broke during (or at the end of) the run.
     #[error("{invariant}: {detail} (seed {seed}, virtual time {at:?})")]
     Broken {
+        /// Which one.
         invariant: Invariant,
+        /// What was seen, naming ranks and frames.
         detail: String,
+        /// The seed that replays it.
         seed: u64,
+        /// Virtual time of the violation.
         at: Duration,
     },
 }
@@ -407,9 +473,11 @@ pub struct PhaseCounts {
 }
 
 impl PhaseCounts {
+    /// Messages of the global join (registration, announcements, resolves).
     pub fn global(&self) -> u64 {
         self.global_udp + self.global_zmq + self.global_resolve
     }
+    /// Messages of local discovery (pings, pongs, readies).
     pub fn discovery(&self) -> u64 {
         self.discovery_udp + self.discovery_zmq
     }
@@ -419,7 +487,9 @@ impl PhaseCounts {
 /// is a function of the config: equal configs give equal stats.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SimStats {
+    /// Nodes in the job.
     pub nodes: u32,
+    /// Instances in the job.
     pub instances: u32,
     /// When the last instance first saw its node complete.
     pub local_complete: Option<Duration>,
@@ -429,8 +499,11 @@ pub struct SimStats {
     pub last_frame: Option<Duration>,
     /// When an instance last had work (retransmissions and timeouts included).
     pub end: Duration,
+    /// Messages put on the wire, by phase.
     pub messages: PhaseCounts,
+    /// Messages dropped by the loss model.
     pub lost: u64,
+    /// Messages delivered twice by the duplication model.
     pub duplicated: u64,
     /// Dropped because a partition cut the path.
     pub cut: u64,
@@ -441,17 +514,27 @@ pub struct SimStats {
     pub from_old_life: u64,
     /// Cells of frames too far ahead, left unanswered (backpressure).
     pub deferred: u64,
+    /// Frames handed over, summed over instances.
     pub frames_handed: u64,
     /// FrameMissing reports (a frame incomplete at its deadline).
     pub frames_missing: u64,
+    /// Cells the handlers ran on, summed over instances.
     pub cells_handled: u64,
+    /// Tickets resolved ACK.
     pub acks: u64,
+    /// Tickets resolved ERR.
     pub errs: u64,
+    /// Tickets resolved TimedOut.
     pub timeouts: u64,
+    /// Retransmissions of data messages, summed over instances.
     pub retransmissions: u64,
+    /// Times an instance reset its state for a restarted peer.
     pub peer_resets: u64,
+    /// Most messages on the simulated wire at one moment.
     pub max_in_flight: u64,
+    /// Most cells one frame assembler held at one moment.
     pub max_buffered_cells: u64,
+    /// Events taken off the virtual-time queue.
     pub events: u64,
     /// Hash over every processed event: equal traces, equal hashes.
     pub trace: u64,
@@ -470,7 +553,9 @@ pub struct SimStats {
 /// The virtual time one collective took.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CollectiveTime {
+    /// Which collective.
     pub op: &'static str,
+    /// How many instances returned from it.
     pub participants: u32,
     /// The last participant called it…
     pub last_call: Duration,
@@ -479,15 +564,20 @@ pub struct CollectiveTime {
 }
 
 impl CollectiveTime {
+    /// From the last call to the last return.
     pub fn took(&self) -> Duration {
         self.last_return.saturating_sub(self.last_call)
     }
 }
 
+/// A run in which every invariant held.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimReport {
+    /// The seed of the run.
     pub seed: u64,
+    /// What the run did, in virtual time.
     pub stats: SimStats,
+    /// Wall-clock time the run took.
     pub wall: Duration,
 }
 

@@ -16,12 +16,14 @@ use crate::runtime::Communicator;
 
 type Result<T, E = BenchError> = std::result::Result<T, E>;
 
+/// Instance counts measured (the quick run stops at 16).
 pub const INSTANCES: [u32; 6] = [2, 4, 8, 16, 32, 64];
 const QUICK_INSTANCES: [u32; 4] = [2, 4, 8, 16];
 
 /// What one instance reports (µs since the Unix epoch).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkerTimes {
+    /// The reporting instance's rank.
     pub rank: u32,
     /// Just before `Communicator::start` (which binds the sockets first).
     pub start_call_us: u64,
@@ -29,8 +31,10 @@ pub struct WorkerTimes {
     pub ready_us: u64,
 }
 
+/// Timings at one instance count, over the repetitions.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DiscoveryPoint {
+    /// Instances started on this host.
     pub instances: u32,
     /// First process spawned → last instance globally ready (ms).
     pub spawn_to_all_ready_ms: Spread,
@@ -41,12 +45,18 @@ pub struct DiscoveryPoint {
     pub instance_start_to_ready_ms: Spread,
 }
 
+/// What `bench discovery` writes to `discovery.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DiscoveryReport {
+    /// Always `discovery`.
     pub bench: String,
+    /// Whether this was a `--quick` run (tiny counts, not a measurement).
     pub quick: bool,
+    /// Repetitions per point.
     pub reps: u32,
+    /// Conditions worth knowing when reading the numbers.
     pub notes: Vec<String>,
+    /// One point per instance count, ascending.
     pub points: Vec<DiscoveryPoint>,
     /// Simulated nodes (`cellnet::sim`), when that module exists.
     #[serde(default)]
@@ -211,6 +221,7 @@ pub fn drive(config: Config, opts: &BenchOpts) -> Result<DiscoveryReport> {
         });
     }
     bar.finish_and_clear();
+    let sim = simulated(opts.reps)?;
     let report = DiscoveryReport {
         bench: "discovery".into(),
         quick: opts.quick,
@@ -218,10 +229,10 @@ pub fn drive(config: Config, opts: &BenchOpts) -> Result<DiscoveryReport> {
         notes: vec![
             "one host, one node: processes of this binary with explicit CELLNET_* identity, placement none, 1 handler thread".into(),
             "bound = the moment the last instance entered Communicator::start, which binds its ZeroMQ and UDP sockets first".into(),
-            "simulated nodes (cellnet::sim) not measured: that module is not on this branch".into(),
+            "simulated nodes: cellnet::sim runs the real protocol machines of every instance in one process, virtual time, no faults; times are virtual".into(),
         ],
         points,
-        sim: Vec::new(),
+        sim,
     };
     super::write_json(&opts.out, "discovery.json", &report)?;
     print(&report);
@@ -257,6 +268,43 @@ pub fn drive(config: Config, opts: &BenchOpts) -> Result<DiscoveryReport> {
     Ok(report)
 }
 
+/// Discovery and global join of 4 x 4 and 8 x 8 simulated nodes (virtual
+/// time, message counts), one run per repetition with its own seed.
+fn simulated(reps: u32) -> Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    for (nodes, per_node) in [(4u32, 4u32), (8, 8)] {
+        let (mut local, mut global) = (Vec::new(), Vec::new());
+        let mut last = None;
+        for seed in 1..=u64::from(reps.max(1)) {
+            let cfg = crate::sim::SimConfig {
+                nodes,
+                per_node,
+                frames: 1,
+                seed,
+                ..crate::sim::SimConfig::default()
+            };
+            let r = crate::sim::run(&cfg).map_err(|e| BenchError::failed(e.to_string()))?;
+            let ms = |d: Option<std::time::Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+            local.push(ms(r.stats.local_complete));
+            global.push(ms(r.stats.global_ready));
+            last = Some(r.stats.messages);
+        }
+        let m = last.unwrap_or_default();
+        out.push(serde_json::json!({
+            "nodes": nodes,
+            "per_node": per_node,
+            "local_complete_ms": Spread::of(&local),
+            "global_ready_ms": Spread::of(&global),
+            "messages": {
+                "discovery_udp": m.discovery_udp,
+                "discovery_zmq": m.discovery_zmq,
+                "global": m.global(),
+            },
+        }));
+    }
+    Ok(out)
+}
+
 fn print(r: &DiscoveryReport) {
     println!(
         "\ndiscovery: one host, {} reps{} (ms; median [min–max])",
@@ -275,6 +323,12 @@ fn print(r: &DiscoveryReport) {
             f(&p.spawn_to_all_ready_ms),
             f(&p.bound_to_all_ready_ms),
             p.instance_start_to_ready_ms.median
+        );
+    }
+    for v in &r.sim {
+        println!(
+            "simulated {} x {}: global ready at {} ms virtual (median), messages {}",
+            v["nodes"], v["per_node"], v["global_ready_ms"]["median"], v["messages"]
         );
     }
 }

@@ -22,35 +22,55 @@ use crate::runtime::Communicator;
 
 type Result<T, E = BenchError> = std::result::Result<T, E>;
 
+/// Instance counts measured, each one `mpirun -n N` job.
 pub const INSTANCES: [u32; 3] = [2, 4, 8];
 
 /// What rank 0 of one halo-worker job reports.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HaloRun {
+    /// Ranks in the job.
     pub instances: u32,
+    /// Cells per side of the square grid.
     pub grid: usize,
+    /// Frames per run.
     pub frames: u64,
+    /// Mean frame time through cellnet per repetition (ms).
     pub cellnet_frame_ms: Vec<f64>,
+    /// Mean frame time through MPI per repetition (ms).
     pub mpi_frame_ms: Vec<f64>,
+    /// Rank 0's binding, as printed.
     pub placement: String,
 }
 
+/// Frame times at one instance count, over the repetitions.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HaloPoint {
+    /// Ranks in the job.
     pub instances: u32,
+    /// Cells per side of the square grid.
     pub grid: usize,
+    /// Frames per run.
     pub frames: u64,
+    /// Mean frame time through cellnet (ms).
     pub cellnet_frame_ms: Spread,
+    /// Mean frame time through MPI (ms).
     pub mpi_frame_ms: Spread,
+    /// Rank 0's binding, as printed.
     pub placement: String,
 }
 
+/// What `bench halo` writes to `halo.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HaloReport {
+    /// Always `halo`.
     pub bench: String,
+    /// Whether this was a `--quick` run (tiny counts, not a measurement).
     pub quick: bool,
+    /// Repetitions per point.
     pub reps: u32,
+    /// Conditions worth knowing when reading the numbers.
     pub notes: Vec<String>,
+    /// One point per instance count, ascending.
     pub points: Vec<HaloPoint>,
 }
 

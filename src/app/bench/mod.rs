@@ -30,10 +30,16 @@ use crate::config::Config;
 /// What `cellnet bench` was asked to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BenchName {
+    /// Round-trip latency of one cell between two ranks, beside raw ZeroMQ, TCP and MPI.
     Latency,
+    /// Cells per second one way between two ranks, beside the same baselines.
     Throughput,
+    /// Time from start to all-ready for 2…64 instances on this host.
     Discovery,
+    /// The main job's frame time at 2, 4 and 8 instances, beside the same
+    /// halo exchange written directly with MPI.
     Halo,
+    /// Every benchmark above, in turn.
     All,
     /// Hidden: one instance of a discovery run (spawned by the driver).
     DiscoveryWorker,
@@ -64,11 +70,15 @@ impl std::str::FromStr for BenchName {
 /// Options shared by every benchmark.
 #[derive(Clone, Debug)]
 pub struct BenchOpts {
+    /// Tiny counts (CI's smoke test), not for measuring.
     pub quick: bool,
+    /// Directory for the JSON results and PNG plots.
     pub out: PathBuf,
+    /// Repetitions per measurement (at least 1); numbers are their median.
     pub reps: u32,
     /// halo-worker: frames, grid side.
     pub frames: u64,
+    /// halo-worker: cells per side of the square grid.
     pub grid: usize,
 }
 
@@ -84,9 +94,11 @@ pub enum BenchError {
 }
 
 impl BenchError {
+    /// A [`BenchError::Failed`] from any error message.
     pub fn failed(e: impl std::fmt::Display) -> Self {
         BenchError::Failed(e.to_string())
     }
+    /// Whether this is bad input (exit code 2) rather than a failed run.
     pub fn is_usage(&self) -> bool {
         matches!(self, BenchError::Usage(_))
     }
@@ -152,6 +164,7 @@ pub fn run(name: BenchName, config: Config, opts: &BenchOpts) -> Result<()> {
     }
 }
 
+/// The name as typed on the command line (`discovery-worker` for the hidden ones).
 pub fn name_str(name: BenchName) -> &'static str {
     match name {
         BenchName::Latency => "latency",
@@ -175,12 +188,16 @@ pub fn under_mpi() -> bool {
 /// Median, min and max over repetitions.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Spread {
+    /// Median over the repetitions (mean of the middle two for an even count).
     pub median: f64,
+    /// Smallest value.
     pub min: f64,
+    /// Largest value.
     pub max: f64,
 }
 
 impl Spread {
+    /// The spread of `values`, ignoring non-finite ones; all zero when none is left.
     pub fn of(values: &[f64]) -> Self {
         let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
         if v.is_empty() {
@@ -213,12 +230,21 @@ pub fn median_u64(values: &mut [u64]) -> u64 {
 /// Progress, shown as a bar on stderr, or as `@progress` lines on stdout
 /// when a driver reads them (`CELLNET_BENCH_PROGRESS=lines`), or not at all.
 pub enum Progress {
+    /// An indicatif bar on stderr.
     Bar(indicatif::ProgressBar),
-    Lines { done: u64, total: u64 },
+    /// `@progress <done> <total> <msg>` lines on stdout, for a driving process.
+    Lines {
+        /// Steps done so far.
+        done: u64,
+        /// Steps in all.
+        total: u64,
+    },
+    /// No progress output.
     Hidden,
 }
 
 impl Progress {
+    /// Lines when `CELLNET_BENCH_PROGRESS=lines`, else a bar titled `what`, for `total` steps.
     pub fn new(total: u64, what: &str) -> Self {
         if std::env::var("CELLNET_BENCH_PROGRESS").as_deref() == Ok("lines") {
             return Progress::Lines { done: 0, total };
@@ -226,10 +252,12 @@ impl Progress {
         Progress::Bar(bar(total, what))
     }
 
+    /// No progress output (workers, tests).
     pub fn hidden() -> Self {
         Progress::Hidden
     }
 
+    /// One step done; `msg` describes it.
     pub fn step(&mut self, msg: &str) {
         match self {
             Progress::Bar(b) => {
@@ -245,6 +273,7 @@ impl Progress {
         }
     }
 
+    /// Remove the bar, if any.
     pub fn finish(&self) {
         if let Progress::Bar(b) = self {
             b.finish_and_clear();

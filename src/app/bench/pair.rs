@@ -27,8 +27,11 @@ use crate::runtime::Communicator;
 
 type Result<T, E = BenchError> = std::result::Result<T, E>;
 
+/// Payload sizes of the latency series (bytes).
 pub const LATENCY_SIZES: [usize; 7] = [8, 64, 512, 4096, 32768, 262_144, 1 << 20];
+/// Payload sizes of the throughput series (bytes).
 pub const THROUGHPUT_SIZES: [usize; 4] = [64, 1024, 65536, 1 << 20];
+/// Credit windows of the cellnet throughput series (cells per peer).
 pub const WINDOWS: [u32; 3] = [16, 64, 256];
 /// Bytes of cells one frame may hold on the receiver (bounds its memory).
 const FRAME_BYTES: usize = 16 << 20;
@@ -36,28 +39,37 @@ const FRAME_BYTES: usize = 16 << 20;
 /// One size of one latency series.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LatencyPoint {
+    /// Payload bytes one way.
     pub size: usize,
     /// Median round trip of each repetition: their median, min, max (µs).
     pub rtt_us: Spread,
     /// Over every round trip of every repetition (hdrhistogram).
     pub p50_us: f64,
+    /// 99th percentile round trip (µs).
     pub p99_us: f64,
+    /// 99.9th percentile round trip (µs).
     pub p999_us: f64,
+    /// Round trips measured, over every repetition.
     pub samples: u64,
 }
 
 /// One size of one throughput series.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ThroughputPoint {
+    /// Payload bytes per message.
     pub size: usize,
     /// Messages per repetition.
     pub count: u64,
+    /// Messages per second, over the repetitions.
     pub msgs_per_s: Spread,
+    /// Payload MiB per second, over the repetitions.
     pub mib_per_s: Spread,
 }
 
+/// One transport's points over every size.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Series<P> {
+    /// Label in tables and plot legends.
     pub name: String,
     /// cellnet, zeromq, mpi or tcp.
     pub kind: String,
@@ -66,21 +78,30 @@ pub struct Series<P> {
     /// Credit window (cellnet throughput only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<u32>,
+    /// One point per size, ascending.
     pub points: Vec<P>,
 }
 
+/// What `bench latency` / `bench throughput` write to `<bench>.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PairReport<P> {
+    /// `latency` or `throughput`.
     pub bench: String,
+    /// Whether this was a `--quick` run (tiny counts, not a measurement).
     pub quick: bool,
+    /// Repetitions per point.
     pub reps: u32,
     /// Core binding of rank 0 and rank 1.
     pub placement: Vec<String>,
+    /// Conditions worth knowing when reading the numbers.
     pub notes: Vec<String>,
+    /// Every transport measured.
     pub series: Vec<Series<P>>,
 }
 
+/// What `bench latency` writes.
 pub type LatencyReport = PairReport<LatencyPoint>;
+/// What `bench throughput` writes.
 pub type ThroughputReport = PairReport<ThroughputPoint>;
 
 /// Driver side: run the benchmark under `mpirun -n 2` and forward its output.

@@ -24,16 +24,23 @@ fn register_font() {
 
 /// One line of a plot: a name and `(x, spread of y)` points.
 pub struct Line {
+    /// Legend label.
     pub name: String,
+    /// `(x, y)` with y's spread drawn as an error bar.
     pub points: Vec<(f64, Spread)>,
 }
 
 /// Axes of a plot.
 pub struct Axes<'a> {
+    /// Plot title.
     pub title: &'a str,
+    /// X axis label.
     pub x: &'a str,
+    /// Y axis label.
     pub y: &'a str,
+    /// Logarithmic x axis.
     pub log_x: bool,
+    /// Logarithmic y axis.
     pub log_y: bool,
     /// x is a size in bytes: ticks as B, KiB, MiB.
     pub x_bytes: bool,

@@ -12,11 +12,17 @@ use super::{BenchError, BenchOpts, Spread};
 /// One row: what was compared, the two medians with spread, the ratio.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
+    /// What is compared, e.g. "64 B SEND->ACK round trip, ipc (same node)".
     pub target: String,
+    /// The cellnet series compared.
     pub cellnet: String,
+    /// The baseline series it is compared with.
     pub baseline: String,
+    /// Unit of the two values (`us`, `ms`, …).
     pub unit: String,
+    /// cellnet's value over the repetitions.
     pub cellnet_value: Spread,
+    /// The baseline's value; `None` for targets without a baseline.
     pub baseline_value: Option<Spread>,
     /// cellnet / baseline: median of each, and the extreme ratios of the
     /// spreads (min/max over min/max).
@@ -27,11 +33,16 @@ pub struct Row {
     pub pass: Option<bool>,
 }
 
+/// What `bench all` prints and writes to `summary.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
+    /// Whether the results came from a `--quick` run (not to be judged).
     pub quick: bool,
+    /// Repetitions behind every value.
     pub reps: u32,
+    /// One row per target.
     pub rows: Vec<Row>,
+    /// Results files or data that were not found, as messages.
     pub missing: Vec<String>,
     /// `/proc/loadavg` when the summary was made: other work on the machine
     /// shows up in every number, most in the blocking transports' latency.
@@ -274,6 +285,7 @@ pub fn write(opts: &BenchOpts) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Print the summary as a table on stdout.
 pub fn print(s: &Summary) {
     println!(
         "\nsummary: cellnet / baseline, medians over {} reps [spread]{}",

@@ -343,3 +343,165 @@ fn cellnet_sim_violation_exits_1_and_says_how_to_replay() {
         out.stderr
     );
 }
+
+/// A small job for failover: 2-3 nodes × 2-4 instances, collectives on.
+fn failover(seed: u64, loss: f64, victim: impl Fn(&SimConfig) -> u32) -> SimConfig {
+    let cfg = SimConfig {
+        loss,
+        collectives: true,
+        ..small(seed)
+    };
+    let rank = victim(&cfg);
+    SimConfig {
+        kill: Some(KillSpec {
+            rank,
+            at: KillAt::Frame(seed % cfg.frames),
+        }),
+        ..cfg
+    }
+}
+
+const FAILOVER_SEEDS: u64 = 150;
+
+fn failover_seeds(mix: &str, make: impl Fn(u64) -> SimConfig) {
+    let t = Instant::now();
+    for seed in 0..FAILOVER_SEEDS {
+        let cfg = make(seed);
+        match sim::run(&cfg) {
+            Ok(r) => assert!(
+                r.stats.healed_at.is_some()
+                    && r.stats
+                        .collectives
+                        .iter()
+                        .all(|c| c.participants == cfg.size() - 1),
+                "{mix} seed {seed}: {r}"
+            ),
+            Err(e) => panic!("{mix}: {e}\nconfig: {cfg:?}"),
+        }
+    }
+    eprintln!(
+        "{mix}: {FAILOVER_SEEDS} seeds in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+fn leader_victim(seed: u64, cfg: &SimConfig) -> u32 {
+    let node = 1 + (seed / 3) as u32 % (cfg.nodes - 1);
+    node * cfg.per_node
+}
+
+#[test]
+fn a_node_leader_killed_mid_frames_is_replaced_and_survivors_collectives_complete() {
+    failover_seeds("leader killed", |seed| {
+        failover(seed, 0.0, |cfg| leader_victim(seed, cfg))
+    });
+}
+
+/// Fails today (seed 11: the coordinator's one-shot announcement of the
+/// changed directory is lost, a leader keeps the dead leader in its
+/// node-leader list for good). Enable when the announcement is repeated
+/// until acknowledged.
+#[test]
+#[ignore]
+fn a_node_leader_killed_mid_frames_under_loss_is_replaced() {
+    {
+        let loss = 0.05;
+        failover_seeds(&format!("leader killed, {loss} loss"), |seed| {
+            failover(seed, loss, |cfg| leader_victim(seed, cfg))
+        });
+    }
+}
+
+#[test]
+fn the_coordinator_killed_mid_frames_moves_to_node_0s_next_rank() {
+    failover_seeds("coordinator killed", |seed| failover(seed, 0.0, |_| 0));
+}
+
+/// Fails today (seed 3: a node-mate still in the discovery handshake with
+/// the coordinator when it dies never completes discovery, so it never
+/// takes a role). Enable when discovery gives up on dead node-mates.
+#[test]
+#[ignore]
+fn the_coordinator_killed_mid_frames_under_loss_moves() {
+    {
+        let loss = 0.05;
+        failover_seeds(&format!("coordinator killed, {loss} loss"), |seed| {
+            failover(seed, loss, |_| 0)
+        });
+    }
+}
+
+#[test]
+fn collectives_under_five_percent_loss_return_the_right_values() {
+    let t = Instant::now();
+    for seed in 0..200 {
+        let cfg = SimConfig {
+            loss: 0.05,
+            collectives: true,
+            ..small(seed)
+        };
+        let r = sim::run(&cfg).unwrap_or_else(|e| panic!("{e}\nconfig: {cfg:?}"));
+        let names: Vec<_> = r.stats.collectives.iter().map(|c| c.op).collect();
+        assert_eq!(
+            names,
+            ["barrier", "broadcast", "all_gather", "all_reduce (sum)"]
+        );
+        assert!(r
+            .stats
+            .collectives
+            .iter()
+            .all(|c| c.participants == cfg.size() && c.last_return >= c.last_call));
+    }
+    eprintln!(
+        "collectives 5% loss: 200 seeds in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn kill_and_collectives_replay_exactly() {
+    let cfg = SimConfig {
+        nodes: 3,
+        per_node: 3,
+        loss: 0.05,
+        dup: 0.05,
+        reorder: 0.2,
+        frames: 3,
+        seed: 17,
+        collectives: true,
+        kill: Some(KillSpec {
+            rank: 3,
+            at: KillAt::Frame(1),
+        }),
+        ..SimConfig::default()
+    };
+    let a = sim::run(&cfg).unwrap();
+    assert_eq!(a.stats, sim::run(&cfg).unwrap().stats);
+    let c = sim::run(&SimConfig { seed: 18, ..cfg }).unwrap();
+    assert_ne!(a.stats.trace, c.stats.trace);
+}
+
+/// Known gap (see the sim docs): an instance that dies before global
+/// ready is never declared lost to the coordinator, which waits for every
+/// instance of the job; the node fails over locally but the job never
+/// becomes globally ready. Flip this test when `Register` carries the
+/// ranks a leader declared dead.
+#[test]
+fn a_leader_killed_before_global_ready_leaves_the_coordinator_waiting() {
+    for at in [KillAt::Discovery, KillAt::Join] {
+        let cfg = SimConfig {
+            nodes: 3,
+            per_node: 4,
+            seed: 3,
+            kill: Some(KillSpec { rank: 0, at }),
+            ..SimConfig::default()
+        };
+        let e = sim::run(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("the structure heals")
+                && e.contains("ready false")
+                && e.contains("node 0 should be led by 1"),
+            "{at:?}: {e}"
+        );
+    }
+}

@@ -23,9 +23,25 @@
 //! state) and rejoins discovery and the global join, but not the frame
 //! workload: the application state it would resume from is not modelled,
 //! so its neighbours' frames stop at the crash (reported as
-//! `FrameMissing`, not as a violation). A crash of node 0's leader loses
-//! the coordinator for good (failover, DESIGN §7, is not simulated yet)
-//! and is reported as a violation.
+//! `FrameMissing`, not as a violation).
+//!
+//! Failure detection runs as in `runtime::driver`: members watch their
+//! leader, leaders their members and each other, heartbeats travel the
+//! simulated network, and a death repairs the structure (the next lowest
+//! live rank leads and registers; node 0's new leader runs the
+//! coordinator, resumed if the job was globally ready; leaders register
+//! again when the coordinator's leader died). A *kill* (no restart) checks
+//! that within `heal_within` the survivors agree on the new leader, the
+//! coordinator lists it and every leader has the same node-leader list.
+//! Known gaps, reported as violations: an instance lost before global
+//! ready leaves the coordinator waiting for it; a node-mate still in the
+//! discovery handshake with the dead never completes; a lost
+//! announcement of a changed directory is never repeated.
+//!
+//! With `collectives`, every instance then runs barrier, broadcast,
+//! all_gather and all_reduce (sum) exactly like `runtime::collective`
+//! (tree from [`crate::proto::collective::collective_tree`], UP/DOWN steps
+//! as reliable `Collective` messages), survivors only after a kill.
 //!
 //! Owns the simulated network, the per-instance driver (a copy of what
 //! `runtime::driver` does with sockets, done with an event queue) and the

@@ -105,6 +105,9 @@ pub struct Coordinator {
     /// The job was globally ready once: from then on instances may be
     /// missing (lost), and every change of a node is announced.
     was_ready: bool,
+    /// Epoch of the directory: grows with every change of a node (and
+    /// continues from what registering leaders have seen).
+    epoch: u64,
     transmits: VecDeque<GlobalTransmit>,
     stats: CoordinatorStats,
 }
@@ -118,6 +121,7 @@ impl Coordinator {
             nodes: BTreeMap::new(),
             announced: false,
             was_ready: false,
+            epoch: 0,
             transmits: VecDeque::new(),
             stats: CoordinatorStats::default(),
         }
@@ -172,6 +176,7 @@ impl Coordinator {
             self.stats.invalid += 1;
             return;
         }
+        self.epoch = self.epoch.max(reg.epoch);
         let entry = NodeEntry {
             node_index: reg.node_index,
             node_name: reg.node_name,
@@ -189,6 +194,7 @@ impl Coordinator {
             Some(old) if *old == entry => {}
             _ => {
                 self.nodes.insert(reg.node_index, entry);
+                self.epoch += 1;
                 // A changed node (new leader or incarnation) after global
                 // ready: everybody needs the new directory.
                 if self.announced {
@@ -232,6 +238,7 @@ impl Coordinator {
             nodes: self.expected_nodes,
             size: self.size,
             directory: self.nodes.values().cloned().collect(),
+            epoch: self.epoch,
         }
     }
 
@@ -266,6 +273,10 @@ pub struct GlobalJoin {
     node_leaders: Vec<Rank>,
     /// Still repeating the registration (leader) or AwaitGlobal (member).
     waiting: bool,
+    /// Leader: dead node leaders the directory must stop naming.
+    superseded: std::collections::BTreeSet<Rank>,
+    /// Leader: epoch of the newest directory taken (older ones are ignored).
+    epoch: u64,
     rng: SmallRng,
     transmits: VecDeque<GlobalTransmit>,
     events: VecDeque<GlobalEvent>,
@@ -286,6 +297,7 @@ impl GlobalJoin {
             node_name,
             leader: me.clone(),
             members,
+            epoch: 0,
         };
         Self::with_role(
             me.rank,
@@ -321,6 +333,8 @@ impl GlobalJoin {
             pending: BTreeMap::new(),
             node_leaders: Vec::new(),
             waiting: true,
+            superseded: std::collections::BTreeSet::new(),
+            epoch: 0,
             rng: SmallRng::seed_from_u64(seed),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -358,6 +372,18 @@ impl GlobalJoin {
         if let Role::Leader { timer, .. } = &mut self.role {
             *timer = Backoff::start(self.config.register, now);
             self.waiting = true;
+        }
+    }
+
+    /// Leader: `dead` led a node (node 0's: the coordinator) and died.
+    /// Register again, and keep registering until the coordinator's
+    /// directory no longer names it: the one announcement of the change
+    /// may be lost, and a repeated registration is answered with the
+    /// current directory.
+    pub fn await_leader_change(&mut self, now: Now, dead: Rank) {
+        if self.is_leader() && dead != self.me {
+            self.superseded.insert(dead);
+            self.reregister(now);
         }
     }
 
@@ -413,18 +439,28 @@ impl GlobalJoin {
                 nodes,
                 size,
                 directory,
+                epoch,
             } => {
-                if let Role::Leader { registration, .. } = &self.role {
+                if let Role::Leader { registration, .. } = &mut self.role {
                     if directory.is_empty() {
                         return None;
                     }
+                    if *epoch < self.epoch {
+                        // A delayed or duplicated older announcement.
+                        return None;
+                    }
+                    self.epoch = *epoch;
+                    registration.epoch = *epoch;
+                    let registration = &*registration;
                     self.directory = directory
                         .iter()
                         .flat_map(|n| n.members.iter())
                         .map(|p| (p.rank, p.clone()))
                         .collect();
                     self.node_leaders = directory.iter().map(|n| n.leader.rank).collect();
-                    self.waiting = false;
+                    let leaders = &self.node_leaders;
+                    self.superseded.retain(|r| leaders.contains(r));
+                    self.waiting = !self.superseded.is_empty();
                     if self.ready.is_some() {
                         self.events.push_back(GlobalEvent::DirectoryChanged);
                     }
@@ -432,6 +468,7 @@ impl GlobalJoin {
                         nodes: *nodes,
                         size: *size,
                         directory: Vec::new(),
+                        epoch: *epoch,
                     };
                     if self.ready.is_none() {
                         for m in registration.members.iter().filter(|m| m.rank != self.me) {
@@ -459,6 +496,7 @@ impl GlobalJoin {
                     nodes,
                     size,
                     directory: Vec::new(),
+                    epoch: self.epoch,
                 }),
                 _ => None,
             },
@@ -739,6 +777,7 @@ mod tests {
             node_name: format!("n{node}"),
             leader: info(ranks[0], node),
             members: ranks.iter().map(|&r| info(r, node)).collect(),
+            epoch: 0,
         };
         c.handle_register(reg(0, &[0, 1]));
         c.handle_register(reg(1, &[2, 3]));
@@ -767,6 +806,54 @@ mod tests {
     }
 
     #[test]
+    fn a_leader_keeps_registering_until_the_directory_drops_a_dead_leader() {
+        let mut job = Job::new(3, 2);
+        for t in 0..50 {
+            job.step(ms(t), |_| true);
+        }
+        // Rank 2 (node 1's leader) dies; rank 0 (node 0's leader) notices.
+        job.joins[0].await_leader_change(ms(100), 2);
+        let mut registered = 0;
+        for t in 101..3000 {
+            // Every message to or from the coordinator is lost: rank 0
+            // must keep registering, not give up after one try.
+            job.joins[0].handle_timeout(ms(t));
+            while let Some(m) = job.joins[0].poll_transmit() {
+                registered += u32::from(matches!(m, GlobalTransmit::Register(_)));
+            }
+        }
+        assert!(registered >= 3, "registrations repeated: {registered}");
+        assert!(job.joins[0].poll_timeout().is_some(), "still waiting");
+        // A directory that no longer names rank 2 ends the wait.
+        let dir = |epoch: u64, leaders: &[(u32, u32)]| Control::GlobalReady {
+            nodes: 3,
+            size: 6,
+            epoch,
+            directory: leaders
+                .iter()
+                .map(|&(node, leader)| NodeEntry {
+                    node_index: node,
+                    node_name: format!("n{node}"),
+                    leader: info(leader, node),
+                    members: vec![info(leader, node)],
+                })
+                .collect(),
+        };
+        job.joins[0].handle_control(ms(3001), &dir(5, &[(0, 0), (1, 2), (2, 4)]));
+        assert!(
+            job.joins[0].poll_timeout().is_some(),
+            "old directory: keep waiting"
+        );
+        job.joins[0].handle_control(ms(3002), &dir(6, &[(0, 0), (1, 3), (2, 4)]));
+        assert_eq!(job.joins[0].node_leaders(), &[0, 3, 4]);
+        assert_eq!(job.joins[0].poll_timeout(), None);
+        // A delayed older announcement does not undo the newer directory
+        // (found by the simulator, 3x2, 5% loss, kill 2@0, seed 6).
+        job.joins[0].handle_control(ms(3003), &dir(5, &[(0, 0), (1, 2), (2, 4)]));
+        assert_eq!(job.joins[0].node_leaders(), &[0, 3, 4]);
+    }
+
+    #[test]
     fn inconsistent_or_foreign_registrations_are_refused() {
         let mut c = Coordinator::new(2, 4);
         c.handle_register(Register {
@@ -774,12 +861,14 @@ mod tests {
             node_name: "x".into(),
             leader: info(0, 7),
             members: vec![info(0, 7)],
+            epoch: 0,
         });
         c.handle_register(Register {
             node_index: 0,
             node_name: "x".into(),
             leader: info(0, 0),
             members: vec![info(1, 0)],
+            epoch: 0,
         });
         assert_eq!(c.stats().invalid, 2);
         assert_eq!(c.registered(), 0);
@@ -799,6 +888,7 @@ mod tests {
                 nodes: 2,
                 size: 4,
                 directory: Vec::new(),
+                epoch: 0,
             },
         );
         assert_eq!(m.resolve(ms(2), 3), None);

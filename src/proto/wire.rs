@@ -112,6 +112,9 @@ pub struct Register {
     pub leader: PeerInfo,
     /// Every instance of the node, the leader included, sorted by rank.
     pub members: Vec<PeerInfo>,
+    /// The newest directory epoch this leader has seen (0: none), so a
+    /// coordinator that takes over numbers its directories after it.
+    pub epoch: u64,
 }
 
 /// What travels over UDP.
@@ -159,6 +162,9 @@ pub enum Control {
         size: u32,
         /// Every node with its members; empty in leader → member messages.
         directory: Vec<NodeEntry>,
+        /// Grows with every change of the directory: a delayed or
+        /// duplicated older announcement is recognised and ignored.
+        epoch: u64,
     },
     /// Member → leader: "is the job globally ready?" (repeated until answered).
     AwaitGlobal,

@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::{Communicator, SendError};
+use crate::proto::collective::{collective_tree, CollectiveTree};
 use crate::proto::{wire, Rank};
 
 /// Why a collective did not complete.
@@ -111,12 +112,6 @@ impl Mailbox {
     }
 }
 
-/// Where this instance sits in the tree.
-struct Tree {
-    parent: Option<Rank>,
-    children: Vec<Rank>,
-}
-
 /// One collective call in progress.
 struct Call<'a> {
     comm: &'a Communicator,
@@ -124,7 +119,7 @@ struct Call<'a> {
     seq: u64,
     deadline: Instant,
     timeout: Duration,
-    tree: Tree,
+    tree: CollectiveTree,
 }
 
 impl Call<'_> {
@@ -260,35 +255,14 @@ fn decode<T: DeserializeOwned>(
 type Gathered = Vec<(Rank, Vec<u8>)>;
 
 impl Communicator {
-    fn tree(&self) -> Tree {
+    fn tree(&self) -> CollectiveTree {
         let s = self.status();
-        let me = self.rank();
-        let leader = s.leader.unwrap_or(me);
-        if leader != me {
-            return Tree {
-                parent: Some(leader),
-                children: Vec::new(),
-            };
-        }
-        let mut children: Vec<Rank> = s
-            .members
-            .iter()
-            .map(|m| m.rank)
-            .filter(|&r| r != me)
-            .collect();
-        let coordinator = s.node_leaders.first().copied().unwrap_or(me);
-        if coordinator == me {
-            children.extend(s.node_leaders.iter().copied().filter(|&r| r != me));
-            Tree {
-                parent: None,
-                children,
-            }
-        } else {
-            Tree {
-                parent: Some(coordinator),
-                children,
-            }
-        }
+        collective_tree(
+            self.rank(),
+            s.leader,
+            s.members.iter().map(|m| m.rank),
+            &s.node_leaders,
+        )
     }
 
     fn call(&self, op: &'static str, timeout: Duration) -> Call<'_> {

@@ -700,14 +700,12 @@ impl Driver {
                 g.update_members(now, alive);
             }
         }
-        if status.leader == Some(me)
-            && status.node_leaders.first() == Some(&rank)
-            && self.coordinator.is_none()
-        {
-            // The coordinator died with its node's leader; node 0's next
-            // leader takes over the same address with an empty registry.
+        if status.leader == Some(me) && status.node_leaders.contains(&rank) {
+            // Another node's leader died (node 0's: the coordinator moves
+            // to the same address with an empty registry): register until
+            // the directory names its successor.
             if let Some(g) = &mut self.global {
-                g.reregister(now);
+                g.await_leader_change(now, rank);
             }
         }
         Ok(())

@@ -1159,7 +1159,7 @@ impl<'a> Sim<'a> {
             return;
         };
         inst.dead.insert(dead);
-        let (old_leader, old_first) = (inst.leader, inst.node_leaders.first().copied());
+        let old_leader = inst.leader;
         let alive: Vec<PeerInfo> = inst
             .members
             .iter()
@@ -1184,9 +1184,9 @@ impl<'a> Sim<'a> {
         let Some(inst) = self.insts[rank as usize].as_mut() else {
             return;
         };
-        if old_leader == Some(rank) && old_first == Some(dead) && inst.coordinator.is_none() {
+        if old_leader == Some(rank) && inst.node_leaders.contains(&dead) {
             if let Some(g) = &mut inst.global {
-                g.reregister(now);
+                g.await_leader_change(now, dead);
             }
         }
     }

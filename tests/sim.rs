@@ -401,9 +401,7 @@ fn a_node_leader_killed_mid_frames_is_replaced_and_survivors_collectives_complet
 /// directory (or got a delayed older one after it) used to keep the dead
 /// leader in its list for good (seeds 1, 6, 11, 36). Leaders now register
 /// until the directory drops the dead leader, and directories carry an
-/// epoch. Three nodes of two: the victim's node-mate has long finished
-/// discovery (a death while a node-mate is still in the handshake with the
-/// victim is the open gap named in the next test's comment).
+/// epoch.
 #[test]
 fn a_node_leader_killed_mid_frames_under_loss_is_replaced() {
     failover_seeds("leader killed, 5% loss, 3x2", |seed| {
@@ -430,6 +428,24 @@ fn a_node_leader_killed_mid_frames_under_loss_is_replaced() {
 #[test]
 fn the_coordinator_killed_mid_frames_moves_to_node_0s_next_rank() {
     failover_seeds("coordinator killed", |seed| failover(seed, 0.0, |_| 0));
+}
+
+/// Under loss a node-mate could still be in the handshake with the
+/// coordinator's leader when it died, and never complete (seed 3). Node-
+/// mates that completed now answer its pings with the live membership.
+#[test]
+fn the_coordinator_killed_mid_frames_under_loss_moves() {
+    failover_seeds("coordinator killed, 5% loss", |seed| {
+        failover(seed, 0.05, |_| 0)
+    });
+}
+
+/// The same for any node's leader, on every small shape (seed 57).
+#[test]
+fn a_node_leader_killed_mid_frames_under_loss_on_every_shape_is_replaced() {
+    failover_seeds("leader killed, 5% loss", |seed| {
+        failover(seed, 0.05, |cfg| leader_victim(seed, cfg))
+    });
 }
 
 #[test]

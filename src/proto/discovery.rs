@@ -124,6 +124,9 @@ pub struct LocalDiscovery {
     local_size: u32,
     config: DiscoveryConfig,
     peers: BTreeMap<Rank, PeerState>,
+    /// Node-mates declared dead, with the life that died: excluded from
+    /// the membership until a newer life of theirs shows up.
+    removed: BTreeMap<Rank, Incarnation>,
     ping: Backoff,
     complete: bool,
     rng: SmallRng,
@@ -146,6 +149,7 @@ impl LocalDiscovery {
             local_size: local_size.max(1),
             config,
             peers: BTreeMap::new(),
+            removed: BTreeMap::new(),
             ping: Backoff::start(config.ping, now),
             complete: false,
             rng: SmallRng::seed_from_u64(seed),
@@ -205,7 +209,41 @@ impl LocalDiscovery {
         let peer = &self.peers[&rank];
         if !peer.ready {
             self.send_pong(now, rank);
+        } else if self.complete && !self.removed.is_empty() {
+            // A ready node-mate still pings: it may be waiting for one
+            // that died. Tell it who is left (its pings pace this).
+            let members = self.members();
+            let removed = self.removed.iter().map(|(&r, &i)| (r, i)).collect();
+            self.send(rank, Control::Members { members, removed });
         }
+    }
+
+    /// `rank`, an instance of this node, was declared dead: it no longer
+    /// counts towards completion (the node is complete with one less).
+    pub fn remove_member(&mut self, rank: Rank) {
+        let life = self
+            .peers
+            .get(&rank)
+            .map_or(Incarnation(0), |p| p.info.incarnation);
+        self.remove_life(rank, life);
+    }
+
+    /// Remove life `life` of `rank` (no effect on a newer life we know).
+    fn remove_life(&mut self, rank: Rank, life: Incarnation) {
+        if rank == self.me.rank || self.removed.contains_key(&rank) {
+            return;
+        }
+        if self
+            .peers
+            .get(&rank)
+            .is_some_and(|p| p.info.incarnation > life)
+        {
+            return;
+        }
+        self.peers.remove(&rank);
+        self.removed.insert(rank, life);
+        self.local_size = self.local_size.saturating_sub(1).max(1);
+        self.check_complete();
     }
 
     /// A discovery control message that arrived over ZeroMQ from
@@ -231,6 +269,33 @@ impl LocalDiscovery {
                 if !self.peers[&rank].ready && self.peers[&rank].pong.attempts() == 0 {
                     self.send_pong(now, rank);
                 }
+            }
+            Control::Members { members, removed } => {
+                // Only a node-mate we know as ready may tell us this.
+                if !self
+                    .peers
+                    .get(&from)
+                    .is_some_and(|p| p.ready && p.info.incarnation == incarnation)
+                {
+                    self.stats.unexpected += 1;
+                    return true;
+                }
+                for &(r, life) in removed {
+                    self.remove_life(r, life);
+                }
+                let me = self.me.rank;
+                for m in members.iter().filter(|m| m.rank != me) {
+                    if let Some(rank) = self.learn(now, m.clone()) {
+                        if let Some(p) = self.peers.get_mut(&rank) {
+                            if !p.ready {
+                                p.ready = true;
+                                self.events
+                                    .push_back(DiscoveryEvent::PeerReady(p.info.clone()));
+                            }
+                        }
+                    }
+                }
+                self.check_complete();
             }
             Control::Ready => match self.peers.get_mut(&from) {
                 Some(peer) if peer.info.incarnation == incarnation => {
@@ -268,6 +333,19 @@ impl LocalDiscovery {
         };
         match self.peers.get(&rank) {
             None => {
+                if let Some(&dead) = self.removed.get(&rank) {
+                    // Declared dead: only a newer life counts again.
+                    if info.incarnation <= dead {
+                        self.stats.stale += 1;
+                        return None;
+                    }
+                    self.removed.remove(&rank);
+                    self.local_size += 1;
+                    self.complete = false;
+                    self.ping.reset(now);
+                    self.events
+                        .push_back(DiscoveryEvent::PeerRestarted(info.clone()));
+                }
                 self.peers.insert(rank, fresh);
             }
             Some(old) if info.incarnation > old.info.incarnation => {
@@ -616,6 +694,59 @@ mod tests {
         a.handle_control(ms(1), 7, Incarnation(1), &Control::Ready);
         assert_eq!(a.stats().unexpected, 1);
         assert!(!a.is_complete());
+    }
+
+    #[test]
+    fn a_node_mate_stuck_on_a_dead_peer_completes_from_a_completed_ones_answer() {
+        // Ranks 1 and 2 know each other; rank 0 died before rank 2 got
+        // its Ready. Rank 1 declared it dead; rank 2 keeps pinging.
+        let mut one = LocalDiscovery::new(info(1, 1), 3, DiscoveryConfig::default(), ms(0), 1);
+        let mut two = LocalDiscovery::new(info(2, 1), 3, DiscoveryConfig::default(), ms(0), 2);
+        for (a, b) in [(&mut one, 2u32), (&mut two, 1)] {
+            a.handle_control(ms(1), b, Incarnation(1), &Control::Pong(info(b, 1)));
+            a.handle_control(ms(2), b, Incarnation(1), &Control::Ready);
+        }
+        one.handle_control(ms(3), 0, Incarnation(1), &Control::Pong(info(0, 1)));
+        one.handle_control(ms(3), 0, Incarnation(1), &Control::Ready);
+        assert!(one.is_complete() && !two.is_complete());
+        one.remove_member(0);
+        assert_eq!(
+            one.members().iter().map(|m| m.rank).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        while one.poll_transmit().is_some() {}
+        one.handle_ping(
+            ms(10),
+            Ping {
+                info: info(2, 1),
+                local_size: 3,
+            },
+        );
+        let Some(DiscoveryTransmit::ToPeer { msg, .. }) = one.poll_transmit() else {
+            panic!("no membership answer")
+        };
+        assert!(matches!(msg, Control::Members { .. }));
+        two.handle_control(ms(11), 1, Incarnation(1), &msg);
+        assert!(two.is_complete());
+        assert_eq!(two.leader(), Some(1));
+        // Rank 0 coming back in the same life is not taken back; a new life is.
+        two.handle_ping(
+            ms(12),
+            Ping {
+                info: info(0, 1),
+                local_size: 3,
+            },
+        );
+        assert!(two.peer(0).is_none());
+        two.handle_ping(
+            ms(13),
+            Ping {
+                info: info(0, 2),
+                local_size: 3,
+            },
+        );
+        assert_eq!(two.peer(0).map(|p| p.incarnation), Some(Incarnation(2)));
+        assert!(!two.is_complete(), "it must handshake again");
     }
 
     #[test]

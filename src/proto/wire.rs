@@ -146,6 +146,16 @@ pub enum Control {
     Pong(PeerInfo),
     /// Discovery: "I received from you, your sending path to me works".
     Ready,
+    /// Discovery, from a node-mate that completed to one still pinging:
+    /// the node's live members, and those declared dead since start (a
+    /// node-mate that died while we handshook with it must not keep us
+    /// incomplete for ever).
+    Members {
+        /// Live instances of the node, the sender included.
+        members: Vec<PeerInfo>,
+        /// Instances of the node declared dead, with the life that died.
+        removed: Vec<(Rank, Incarnation)>,
+    },
     /// Coordinator → leader: registration seen, waiting for `expected_nodes`.
     Welcome {
         /// How many nodes have registered so far.

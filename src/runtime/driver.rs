@@ -676,6 +676,9 @@ impl Driver {
     fn on_peer_dead(&mut self, now: Now, rank: Rank) -> Result<(), String> {
         self.dead.insert(rank);
         self.emit(PeerEvent::Lost { rank });
+        // A dead node-mate no longer counts towards the node; node-mates
+        // still in the handshake with it learn that from our answers.
+        self.discovery.remove_member(rank);
         let status = self.p.status.get();
         let me = self.p.me.rank;
         let alive: Vec<PeerInfo> = status
@@ -949,10 +952,14 @@ impl Driver {
                         rank,
                         incarnation: inc.0,
                     });
-                    // A new life is watched afresh.
+                    // A new life is watched afresh, if it was watched:
+                    // watching is mutual, a one-sided watch would see
+                    // silence and declare it dead.
                     self.dead.remove(&rank);
-                    self.liveness.unwatch(rank);
-                    self.liveness.watch(now, rank);
+                    if self.liveness.health(rank).is_some() {
+                        self.liveness.unwatch(rank);
+                        self.liveness.watch(now, rank);
+                    }
                 }
                 true
             }

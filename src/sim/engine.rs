@@ -1159,6 +1159,8 @@ impl<'a> Sim<'a> {
             return;
         };
         inst.dead.insert(dead);
+        inst.discovery.remove_member(dead);
+        inst.discovery_timeout = None;
         let old_leader = inst.leader;
         let alive: Vec<PeerInfo> = inst
             .members
@@ -1982,15 +1984,20 @@ impl<'a> Sim<'a> {
                     .iter()
                     .map(|p| (p.rank, p.incarnation))
                     .collect();
-                let want: Vec<(Rank, Incarnation)> =
-                    ranks.iter().map(|&m| (m, self.lives[m as usize])).collect();
+                // A killed node-mate is dropped from discovery's view once
+                // declared dead (LocalDiscovery::remove_member).
+                let want: Vec<(Rank, Incarnation)> = ranks
+                    .iter()
+                    .filter(|&&m| Some(m) != killed)
+                    .map(|&m| (m, self.lives[m as usize]))
+                    .collect();
                 if !inst.discovery.is_complete() || members != want {
                     return Err(self.violation(
                         Invariant::DiscoveryPeers,
                         format!("rank {r} knows {members:?}, node {node} is {want:?}"),
                     ));
                 }
-                if inst.discovery.leader() != Some(ranks[0]) {
+                if inst.discovery.leader() != lowest_live {
                     return Err(self.violation(
                         Invariant::OneLeaderPerNode,
                         format!(
@@ -2127,10 +2134,13 @@ fn note_life(inst: &mut Inst, now: Now, from: Rank, inc: Incarnation) -> bool {
             inst.lives.insert(from, inc);
             inst.reliable.reset_peer(now, from);
             inst.parked.remove(&from);
-            // Like the runtime: a new life is watched afresh.
+            // Like the runtime: a new life is watched afresh, if it was
+            // watched (watching is mutual).
             inst.dead.remove(&from);
-            inst.liveness.unwatch(from);
-            inst.liveness.watch(now, from);
+            if inst.liveness.health(from).is_some() {
+                inst.liveness.unwatch(from);
+                inst.liveness.watch(now, from);
+            }
             if let Some(p) = inst.peers.get_mut(&from) {
                 *p = peer_info(from, p.node_index, inc);
             }

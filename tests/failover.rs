@@ -18,31 +18,16 @@ struct Instance {
 }
 
 fn start(layout: &[(u32, u32, u32, u32)], nodes: u32) -> Vec<Instance> {
+    let fast = [
+        ("CELLNET_HEARTBEAT", "100ms".to_string()),
+        ("CELLNET_SUSPECT_AFTER", "400ms".to_string()),
+        ("CELLNET_DEAD_AFTER", "1s".to_string()),
+        ("CELLNET_LINGER", "300ms".to_string()),
+    ];
     let port = free_udp_port().to_string();
-    let coord = format!("127.0.0.1:{}", free_udp_port());
-    let key = job_key();
-    let size = layout.len().to_string();
-    layout
-        .iter()
-        .map(|&(rank, node, local_rank, local_size)| {
-            let env = [
-                ("CELLNET_RANK", rank.to_string()),
-                ("CELLNET_SIZE", size.clone()),
-                ("CELLNET_NODES", nodes.to_string()),
-                ("CELLNET_NODE", format!("node{node}")),
-                ("CELLNET_NODE_INDEX", node.to_string()),
-                ("CELLNET_LOCAL_RANK", local_rank.to_string()),
-                ("CELLNET_LOCAL_SIZE", local_size.to_string()),
-                ("CELLNET_DISCOVERY_PORT", port.clone()),
-                ("CELLNET_COORDINATOR", coord.clone()),
-                ("CELLNET_BIND_IP", "127.0.0.1".to_string()),
-                ("CELLNET_JOB_KEY", key.clone()),
-                ("CELLNET_HEARTBEAT", "100ms".to_string()),
-                ("CELLNET_SUSPECT_AFTER", "400ms".to_string()),
-                ("CELLNET_DEAD_AFTER", "1s".to_string()),
-                ("CELLNET_LINGER", "300ms".to_string()),
-            ];
-            let mut child = spawn(&["probe", "--hold", "5s"], &env);
+    spawn_job(layout, nodes, &["probe", "--hold", "5s"], &port, &fast)
+        .into_iter()
+        .map(|mut child| {
             let lines = Arc::new(Mutex::new(Vec::new()));
             let out = child.stdout.take().expect("stdout");
             let l = lines.clone();

@@ -11,42 +11,6 @@ fn launch(layout: &[(u32, u32, u32, u32)], nodes: u32, args: &[&str]) -> Vec<Out
     launch_with(layout, nodes, args, &free_udp_port().to_string(), &[])
 }
 
-/// The same with a given discovery port and extra variables; returns the
-/// children still running.
-fn spawn_job(
-    layout: &[(u32, u32, u32, u32)],
-    nodes: u32,
-    args: &[&str],
-    port: &str,
-    extra: &[(&str, String)],
-) -> Vec<std::process::Child> {
-    let coord = format!("127.0.0.1:{}", free_udp_port());
-    let key = job_key();
-    let size = layout.len().to_string();
-    layout
-        .iter()
-        .map(|&(rank, node, local_rank, local_size)| {
-            let env = [
-                ("CELLNET_RANK", rank.to_string()),
-                ("CELLNET_SIZE", size.clone()),
-                ("CELLNET_NODES", nodes.to_string()),
-                ("CELLNET_NODE", format!("node{node}")),
-                ("CELLNET_NODE_INDEX", node.to_string()),
-                ("CELLNET_LOCAL_RANK", local_rank.to_string()),
-                ("CELLNET_LOCAL_SIZE", local_size.to_string()),
-                ("CELLNET_DISCOVERY_PORT", port.to_string()),
-                ("CELLNET_COORDINATOR", coord.clone()),
-                ("CELLNET_BIND_IP", "127.0.0.1".to_string()),
-                ("CELLNET_JOB_KEY", key.clone()),
-                ("CELLNET_JOIN_TIMEOUT", "30s".to_string()),
-            ];
-            let mut env = env.to_vec();
-            env.extend(extra.iter().cloned());
-            spawn(args, &env)
-        })
-        .collect()
-}
-
 fn launch_with(
     layout: &[(u32, u32, u32, u32)],
     nodes: u32,

@@ -186,3 +186,41 @@ pub fn shutdown_all(
             .collect()
     })
 }
+
+/// One `cellnet args…` process per `(rank, node_index, local_rank,
+/// local_size)` of one job, identity from explicit `CELLNET_*` variables,
+/// all on loopback with the given discovery port; `extra` variables are
+/// added. Returns the running children.
+pub fn spawn_job(
+    layout: &[(u32, u32, u32, u32)],
+    nodes: u32,
+    args: &[&str],
+    port: &str,
+    extra: &[(&str, String)],
+) -> Vec<std::process::Child> {
+    let coord = format!("127.0.0.1:{}", free_udp_port());
+    let key = job_key();
+    let size = layout.len().to_string();
+    layout
+        .iter()
+        .map(|&(rank, node, local_rank, local_size)| {
+            let env = [
+                ("CELLNET_RANK", rank.to_string()),
+                ("CELLNET_SIZE", size.clone()),
+                ("CELLNET_NODES", nodes.to_string()),
+                ("CELLNET_NODE", format!("node{node}")),
+                ("CELLNET_NODE_INDEX", node.to_string()),
+                ("CELLNET_LOCAL_RANK", local_rank.to_string()),
+                ("CELLNET_LOCAL_SIZE", local_size.to_string()),
+                ("CELLNET_DISCOVERY_PORT", port.to_string()),
+                ("CELLNET_COORDINATOR", coord.clone()),
+                ("CELLNET_BIND_IP", "127.0.0.1".to_string()),
+                ("CELLNET_JOB_KEY", key.clone()),
+                ("CELLNET_JOIN_TIMEOUT", "30s".to_string()),
+            ];
+            let mut env = env.to_vec();
+            env.extend(extra.iter().cloned());
+            spawn(args, &env)
+        })
+        .collect()
+}

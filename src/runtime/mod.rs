@@ -620,9 +620,7 @@ impl Communicator {
         seq: u64,
         payload: Bytes,
     ) -> Result<Ticket, SendError> {
-        self.check_target(to)?;
-        self.acquire(to, None)?;
-        self.submit(to, seq, DataKind::Collective, payload)
+        self.send_kind(to, seq, DataKind::Collective, payload, None)
     }
 
     /// Send a cell of `frame` to `to`; blocks while the window to `to` is
@@ -633,9 +631,7 @@ impl Communicator {
         frame: u64,
         payload: impl Into<Bytes>,
     ) -> Result<Ticket, SendError> {
-        self.check_target(to)?;
-        self.acquire(to, None)?;
-        self.submit(to, frame, DataKind::Cell, payload.into())
+        self.send_kind(to, frame, DataKind::Cell, payload.into(), None)
     }
 
     /// Like [`Self::send`], but fails with [`SendError::WouldBlock`] instead
@@ -646,14 +642,13 @@ impl Communicator {
         frame: u64,
         payload: impl Into<Bytes>,
     ) -> Result<Ticket, SendError> {
-        self.check_target(to)?;
-        if !self.credits.acquire(to, None) {
-            return Err(SendError::WouldBlock {
-                to,
-                window: self.credits.window(),
-            });
-        }
-        self.submit(to, frame, DataKind::Cell, payload.into())
+        self.send_kind(
+            to,
+            frame,
+            DataKind::Cell,
+            payload.into(),
+            Some(Instant::now()),
+        )
     }
 
     /// Like [`Self::send`], waiting at most `timeout` for a credit.
@@ -664,9 +659,23 @@ impl Communicator {
         payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Ticket, SendError> {
+        let deadline = Some(Instant::now() + timeout);
+        self.send_kind(to, frame, DataKind::Cell, payload.into(), deadline)
+    }
+
+    /// Check the target, take a credit (waiting until `deadline`, `None`:
+    /// as long as it takes), queue the message.
+    fn send_kind(
+        &self,
+        to: Rank,
+        frame: u64,
+        kind: DataKind,
+        payload: Bytes,
+        deadline: Option<Instant>,
+    ) -> Result<Ticket, SendError> {
         self.check_target(to)?;
-        self.acquire(to, Some(Instant::now() + timeout))?;
-        self.submit(to, frame, DataKind::Cell, payload.into())
+        self.acquire(to, deadline)?;
+        self.submit(to, frame, kind, payload)
     }
 
     fn acquire(&self, to: Rank, deadline: Option<Instant>) -> Result<(), SendError> {
@@ -694,10 +703,14 @@ impl Communicator {
     pub fn end_frame(&self, frame: u64, to: &[Rank]) -> Result<Vec<Ticket>, SendError> {
         to.iter()
             .map(|&t| {
-                self.check_target(t)?;
-                self.acquire(t, None)?;
                 // The I/O thread fills in the count of cells sent.
-                self.submit(t, frame, DataKind::FrameEnd { count: 0 }, Bytes::new())
+                self.send_kind(
+                    t,
+                    frame,
+                    DataKind::FrameEnd { count: 0 },
+                    Bytes::new(),
+                    None,
+                )
             })
             .collect()
     }

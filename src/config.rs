@@ -365,11 +365,7 @@ impl Config {
 mod tests {
     use super::*;
 
-    fn vars(kv: &[(&str, &str)]) -> HashMap<String, String> {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::launch::tests::vars;
 
     #[test]
     fn variables_override_defaults() {

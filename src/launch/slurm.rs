@@ -351,13 +351,7 @@ fn check_count(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::launch::tests::vars;
 
     /// What `srun -N4 -n7` exports to task 4 (third node, second task there).
     fn four_node_job() -> HashMap<String, String> {

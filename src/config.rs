@@ -116,6 +116,23 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "64",
         "frames buffered ahead of the one the application waits for",
     ),
+    (
+        "CELLNET_HEARTBEAT / _SUSPECT_AFTER / _DEAD_AFTER",
+        "500ms / 2s / 5s",
+        "failure detection: heartbeat to a quiet watched peer; silent this long: suspect, then dead \
+         (also a node-mate silent in the discovery handshake)",
+    ),
+    (
+        "CELLNET_FAULT_DELAY / _JITTER / _DUP",
+        "off",
+        "test faults: hold each ZeroMQ message sent for DELAY ± JITTER, send a DUP fraction twice",
+    ),
+    (
+        "CELLNET_LINGER",
+        "2s",
+        "after a drained shutdown, how long to answer peers that have not said goodbye",
+    ),
+    ("CELLNET_LOG", "warn", "log filter (debug, cellnet=trace, ...)"),
 ];
 
 /// Every setting of cellnet; [`Config::default`] gives the documented
@@ -357,6 +374,9 @@ impl Config {
                 reason: "must grow: heartbeat < suspect after < dead after".into(),
             });
         }
+        // A node-mate silent in the handshake is given up on like a
+        // watched peer: after the dead-after time.
+        c.discovery.give_up_after = l.dead_after;
         Ok(c)
     }
 }

@@ -1,8 +1,9 @@
 //! Failure detection and leader failover with real processes: kill a
 //! node's leader (and, separately, the coordinator's node leader) with
-//! SIGKILL mid-run; the survivors detect it, the next lowest rank leads the
-//! node and registers, and a barrier plus an all_reduce over the survivors
-//! still work.
+//! SIGKILL mid-run, or a node's leader before the job is globally ready;
+//! the survivors detect it, the next lowest rank leads the node and
+//! registers, and a barrier plus an all_reduce over the survivors still
+//! work.
 
 mod common;
 use common::*;
@@ -17,15 +18,23 @@ struct Instance {
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
-fn start(layout: &[(u32, u32, u32, u32)], nodes: u32) -> Vec<Instance> {
-    let fast = [
+/// `layout`'s instances of a job on one discovery port, with fast failure
+/// detection; `job` adds (or overrides) variables, e.g. to start one job
+/// in several parts.
+fn start(
+    layout: &[(u32, u32, u32, u32)],
+    nodes: u32,
+    port: &str,
+    job: &[(&str, String)],
+) -> Vec<Instance> {
+    let mut env = vec![
         ("CELLNET_HEARTBEAT", "100ms".to_string()),
         ("CELLNET_SUSPECT_AFTER", "400ms".to_string()),
         ("CELLNET_DEAD_AFTER", "1s".to_string()),
         ("CELLNET_LINGER", "300ms".to_string()),
     ];
-    let port = free_udp_port().to_string();
-    spawn_job(layout, nodes, &["probe", "--hold", "5s"], &port, &fast)
+    env.extend(job.iter().cloned());
+    spawn_job(layout, nodes, &["probe", "--hold", "5s"], port, &env)
         .into_iter()
         .map(|mut child| {
             let lines = Arc::new(Mutex::new(Vec::new()));
@@ -70,16 +79,18 @@ fn finish(mut i: Instance) -> (Option<i32>, Vec<String>) {
     (code, lines)
 }
 
+/// Two nodes of three instances: ranks 0-2 on node 0, 3-5 on node 1.
+const LAYOUT: [(u32, u32, u32, u32); 6] = [
+    (0, 0, 0, 3),
+    (1, 0, 1, 3),
+    (2, 0, 2, 3),
+    (3, 1, 0, 3),
+    (4, 1, 1, 3),
+    (5, 1, 2, 3),
+];
+
 fn run_killing(victim: usize) -> Vec<(Option<i32>, Vec<String>)> {
-    let layout = [
-        (0, 0, 0, 3),
-        (1, 0, 1, 3),
-        (2, 0, 2, 3),
-        (3, 1, 0, 3),
-        (4, 1, 1, 3),
-        (5, 1, 2, 3),
-    ];
-    let mut all = start(&layout, 2);
+    let mut all = start(&LAYOUT, 2, &free_udp_port().to_string(), &[]);
     for i in &all {
         wait_for_line(i, "cellnet probe: rank", Duration::from_secs(30));
     }
@@ -134,6 +145,55 @@ fn a_killed_coordinator_moves_to_node_zeros_next_leader() {
         }
         if rank <= 2 {
             assert!(last.contains("leader 1 "), "rank {rank}: {last}");
+        }
+    }
+}
+
+/// Node 1 starts alone and its leader (rank 3) is killed before node 0
+/// exists, so before the job can be globally ready; then node 0 starts.
+/// Rank 4 leads node 1 and registers rank 3 as lost, so the coordinator
+/// does not wait for it: the five survivors become ready and work.
+#[test]
+fn a_node_leader_killed_before_global_ready_is_replaced_and_the_job_becomes_ready() {
+    let port = free_udp_port().to_string();
+    let job = [
+        ("CELLNET_SIZE", "6".to_string()),
+        ("CELLNET_JOB_KEY", job_key()),
+        (
+            "CELLNET_COORDINATOR",
+            format!("127.0.0.1:{}", free_udp_port()),
+        ),
+    ];
+    let mut node1 = start(&LAYOUT[3..], 2, &port, &job);
+    // Node 1's handshake takes milliseconds; node 0 is not there, so
+    // nobody can be globally ready yet.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut victim = node1.remove(0);
+    victim.child.kill().expect("kill");
+    let _ = victim.child.wait();
+    assert!(
+        !victim
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("probe: rank")),
+        "rank 3 was globally ready before it was killed"
+    );
+    let node0 = start(&LAYOUT[..3], 2, &port, &job);
+    let outs: Vec<_> = node0.into_iter().chain(node1).map(finish).collect();
+    for ((code, lines), rank) in outs.iter().zip([0, 1, 2, 4, 5]) {
+        assert_eq!(*code, Some(0), "rank {rank}: {lines:?}");
+        let last = lines
+            .iter()
+            .find(|l| l.contains("after hold"))
+            .expect("final line");
+        assert!(last.contains("survivors 5"), "rank {rank}: {last}");
+        if rank >= 4 {
+            assert!(last.contains("leader 4 "), "rank {rank}: {last}");
+        }
+        if rank == 0 || rank == 4 {
+            assert!(last.contains("node-leaders [0, 4]"), "rank {rank}: {last}");
         }
     }
 }

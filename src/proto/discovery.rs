@@ -37,6 +37,12 @@ pub struct DiscoveryConfig {
     pub ping: BackoffPolicy,
     /// Spacing of repeated Pongs to a peer that has not answered Ready.
     pub pong: BackoffPolicy,
+    /// A node-mate still in the handshake that we have heard nothing from
+    /// for this long, while repeating our Pongs to it (a live one answers
+    /// each with Ready), is declared lost: the node completes without it.
+    /// The runtime and the simulator set it to the failure detector's
+    /// dead-after time.
+    pub give_up_after: Duration,
 }
 
 impl Default for DiscoveryConfig {
@@ -49,6 +55,7 @@ impl Default for DiscoveryConfig {
                 0.2,
             ),
             pong: BackoffPolicy::new(Duration::from_millis(50), 2.0, Duration::from_secs(1), 0.2),
+            give_up_after: Duration::from_secs(5),
         }
     }
 }
@@ -75,6 +82,10 @@ pub enum DiscoveryEvent {
     /// The peer came back with a new incarnation; everything about its old
     /// life is void.
     PeerRestarted(PeerInfo),
+    /// A node-mate went silent in the middle of the handshake (for
+    /// [`DiscoveryConfig::give_up_after`]) and is declared dead: the node
+    /// completes without it, and only a newer life of it counts again.
+    PeerLost(PeerInfo),
     /// Every expected local peer is ready. Emitted again after a restart
     /// made the node incomplete and it completed once more.
     Complete {
@@ -111,6 +122,8 @@ struct PeerState {
     ready: bool,
     /// Repeats our Pong until the peer answers Ready.
     pong: Backoff,
+    /// When this life of the peer last showed signs of life.
+    last_heard: Now,
 }
 
 /// The lowest rank among `members` leads the node.
@@ -127,6 +140,10 @@ pub struct LocalDiscovery {
     /// Node-mates declared dead, with the life that died: excluded from
     /// the membership until a newer life of theirs shows up.
     removed: BTreeMap<Rank, Incarnation>,
+    /// Version of our last membership announcement, and the node-mates
+    /// that have not acknowledged it yet (repeated with backoff).
+    members_version: u64,
+    unacked: BTreeMap<Rank, Backoff>,
     ping: Backoff,
     complete: bool,
     rng: SmallRng,
@@ -150,6 +167,8 @@ impl LocalDiscovery {
             config,
             peers: BTreeMap::new(),
             removed: BTreeMap::new(),
+            members_version: 0,
+            unacked: BTreeMap::new(),
             ping: Backoff::start(config.ping, now),
             complete: false,
             rng: SmallRng::seed_from_u64(seed),
@@ -191,6 +210,39 @@ impl LocalDiscovery {
             .flatten()
     }
 
+    /// Node-mates declared dead (and not back in a newer life), by rank.
+    pub fn lost(&self) -> Vec<Rank> {
+        self.removed.keys().copied().collect()
+    }
+
+    /// Tell every ready node-mate who is left, repeating until each has
+    /// acknowledged (a leader does this when it declares a member dead:
+    /// members do not watch each other).
+    pub fn announce_members(&mut self, now: Now) {
+        self.members_version += 1;
+        let msg = self.members_msg();
+        let ready: Vec<Rank> = self
+            .peers
+            .values()
+            .filter(|p| p.ready)
+            .map(|p| p.info.rank)
+            .collect();
+        for rank in ready {
+            let mut timer = Backoff::start(self.config.pong, now);
+            timer.fire(now, &mut self.rng);
+            self.unacked.insert(rank, timer);
+            self.send(rank, msg.clone());
+        }
+    }
+
+    fn members_msg(&self) -> Control {
+        Control::Members {
+            members: self.members(),
+            removed: self.removed.iter().map(|(&r, &i)| (r, i)).collect(),
+            version: self.members_version,
+        }
+    }
+
     /// What we know of `rank` on this node, ready or not.
     pub fn peer(&self, rank: Rank) -> Option<&PeerInfo> {
         self.peers.get(&rank).map(|p| &p.info)
@@ -212,9 +264,8 @@ impl LocalDiscovery {
         } else if self.complete && !self.removed.is_empty() {
             // A ready node-mate still pings: it may be waiting for one
             // that died. Tell it who is left (its pings pace this).
-            let members = self.members();
-            let removed = self.removed.iter().map(|(&r, &i)| (r, i)).collect();
-            self.send(rank, Control::Members { members, removed });
+            let msg = self.members_msg();
+            self.send(rank, msg);
         }
     }
 
@@ -241,6 +292,7 @@ impl LocalDiscovery {
             return;
         }
         self.peers.remove(&rank);
+        self.unacked.remove(&rank);
         self.removed.insert(rank, life);
         self.local_size = self.local_size.saturating_sub(1).max(1);
         self.check_complete();
@@ -270,7 +322,11 @@ impl LocalDiscovery {
                     self.send_pong(now, rank);
                 }
             }
-            Control::Members { members, removed } => {
+            Control::Members {
+                members,
+                removed,
+                version,
+            } => {
                 // Only a node-mate we know as ready may tell us this.
                 if !self
                     .peers
@@ -296,9 +352,16 @@ impl LocalDiscovery {
                     }
                 }
                 self.check_complete();
+                self.send(from, Control::MembersAck { version: *version });
+            }
+            Control::MembersAck { version } => {
+                if *version == self.members_version {
+                    self.unacked.remove(&from);
+                }
             }
             Control::Ready => match self.peers.get_mut(&from) {
                 Some(peer) if peer.info.incarnation == incarnation => {
+                    peer.last_heard = now;
                     if !peer.ready {
                         peer.ready = true;
                         self.events
@@ -330,6 +393,7 @@ impl LocalDiscovery {
             info: info.clone(),
             ready: false,
             pong: Backoff::start(self.config.pong, now),
+            last_heard: now,
         };
         match self.peers.get(&rank) {
             None => {
@@ -351,6 +415,8 @@ impl LocalDiscovery {
             Some(old) if info.incarnation > old.info.incarnation => {
                 let was_ready = old.ready;
                 self.peers.insert(rank, fresh);
+                // Its new life learns the membership in the handshake.
+                self.unacked.remove(&rank);
                 self.events.push_back(DiscoveryEvent::PeerRestarted(info));
                 if was_ready {
                     self.complete = false;
@@ -361,7 +427,11 @@ impl LocalDiscovery {
                 self.stats.stale += 1;
                 return None;
             }
-            Some(_) => {}
+            Some(_) => {
+                if let Some(p) = self.peers.get_mut(&rank) {
+                    p.last_heard = now;
+                }
+            }
         }
         Some(rank)
     }
@@ -402,13 +472,26 @@ impl LocalDiscovery {
             .peers
             .values()
             .filter(|p| !p.ready)
-            .map(|p| p.pong.next());
-        ping.into_iter().chain(pongs).min()
+            .flat_map(|p| [p.pong.next(), p.last_heard + self.config.give_up_after]);
+        let announcements = self.unacked.values().map(|t| t.next());
+        ping.into_iter().chain(pongs).chain(announcements).min()
     }
 
-    /// Broadcast a Ping while the node is incomplete and repeat Pongs to
-    /// peers that have not answered Ready, when their timers are due.
+    /// Broadcast a Ping while the node is incomplete, repeat Pongs to peers
+    /// that have not answered Ready, and give up on those silent for
+    /// [`DiscoveryConfig::give_up_after`], when their timers are due.
     pub fn handle_timeout(&mut self, now: Now) {
+        let silent: Vec<PeerInfo> = self
+            .peers
+            .values()
+            .filter(|p| !p.ready && p.last_heard + self.config.give_up_after <= now)
+            .map(|p| p.info.clone())
+            .collect();
+        for info in silent {
+            let (rank, life) = (info.rank, info.incarnation);
+            self.events.push_back(DiscoveryEvent::PeerLost(info));
+            self.remove_life(rank, life);
+        }
         if !self.complete && self.ping.is_due(now) {
             self.ping.fire(now, &mut self.rng);
             self.stats.pings_sent += 1;
@@ -425,6 +508,19 @@ impl LocalDiscovery {
             .collect();
         for rank in due {
             self.send_pong(now, rank);
+        }
+        let mut again = Vec::new();
+        for (&rank, timer) in self.unacked.iter_mut() {
+            if timer.is_due(now) {
+                timer.fire(now, &mut self.rng);
+                again.push(rank);
+            }
+        }
+        if !again.is_empty() {
+            let msg = self.members_msg();
+            for rank in again {
+                self.send(rank, msg.clone());
+            }
         }
     }
 
@@ -747,6 +843,86 @@ mod tests {
         );
         assert_eq!(two.peer(0).map(|p| p.incarnation), Some(Incarnation(2)));
         assert!(!two.is_complete(), "it must handshake again");
+    }
+
+    /// Found by `cellnet sim` (3x3, 5% loss, kill 0@join, seed 39): rank 0
+    /// had all its Readies and died before ranks 1 and 2 got theirs, and
+    /// they waited for it for good (nobody watches a node-mate before the
+    /// node is complete). A silent node-mate is now given up on.
+    #[test]
+    fn a_node_mate_silent_in_the_handshake_is_given_up_and_the_node_completes() {
+        let cfg = DiscoveryConfig::default();
+        let mut one = LocalDiscovery::new(info(1, 1), 3, cfg, ms(0), 1);
+        one.handle_control(ms(1), 2, Incarnation(1), &Control::Pong(info(2, 1)));
+        one.handle_control(ms(2), 2, Incarnation(1), &Control::Ready);
+        // Rank 0 pinged once, then died: it never answers our Pongs.
+        one.handle_ping(
+            ms(3),
+            Ping {
+                info: info(0, 1),
+                local_size: 3,
+            },
+        );
+        let mut t = ms(3);
+        while t < ms(3) + cfg.give_up_after - ms(1) {
+            t = one
+                .poll_timeout()
+                .unwrap()
+                .min(ms(3) + cfg.give_up_after - ms(1));
+            one.handle_timeout(t);
+        }
+        assert!(!one.is_complete(), "not before give_up_after");
+        while let Some(DiscoveryEvent::PeerReady(_)) = one.poll_event() {}
+        one.handle_timeout(ms(3) + cfg.give_up_after);
+        assert!(one.is_complete());
+        assert_eq!(one.leader(), Some(1));
+        assert_eq!(one.lost(), vec![0]);
+        let events: Vec<_> = std::iter::from_fn(|| one.poll_event()).collect();
+        assert!(
+            matches!(&events[..], [DiscoveryEvent::PeerLost(p), DiscoveryEvent::Complete { leader: 1, .. }] if p.rank == 0),
+            "{events:?}"
+        );
+        // A peer that keeps talking is not given up on, however long it takes.
+        let mut two = LocalDiscovery::new(info(2, 1), 2, cfg, ms(0), 2);
+        for k in 0..20 {
+            two.handle_control(ms(1000 * k), 3, Incarnation(1), &Control::Pong(info(3, 1)));
+            two.handle_timeout(ms(1000 * k + 999));
+        }
+        assert!(two.peer(3).is_some() && two.lost().is_empty());
+    }
+
+    /// Found by `cellnet sim` (3x4, 5% loss, kill 9@join, seed 83): the
+    /// leader's one announcement that member 9 died was lost, and member
+    /// 10 listed it for good. Announcements repeat until acknowledged.
+    #[test]
+    fn a_leaders_membership_announcement_repeats_until_acknowledged() {
+        let mut net = Net::new(3);
+        while !net.nodes.iter().all(|n| n.is_complete()) {
+            net.step(&mut |_| 1);
+        }
+        net.nodes[0].remove_member(2);
+        let now = net.now;
+        net.nodes[0].announce_members(now);
+        // The first announcement is lost.
+        while net.nodes[0].poll_transmit().is_some() {}
+        assert!(net.nodes[1].peer(2).is_some());
+        let mut delivered = 0;
+        for _ in 0..5000 {
+            // Rank 2 is dead: nothing of its arrives (nor reaches it).
+            net.nodes.truncate(2);
+            net.step(&mut |_| 1);
+            delivered += 1;
+            if net.nodes[1].peer(2).is_none() && net.nodes[0].poll_timeout().is_none() {
+                break;
+            }
+        }
+        assert!(net.nodes[1].peer(2).is_none(), "member 1 learned it");
+        assert_eq!(net.nodes[1].members().len(), 2);
+        assert_eq!(
+            net.nodes[0].poll_timeout(),
+            None,
+            "acknowledged: no more repeats (after {delivered} ms)"
+        );
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //!
 //! Message flow (every step idempotent, every request repeated with backoff
 //! until answered, so any message may be lost or duplicated):
-//! - leader → coordinator (UDP): `Register { node, leader, members }`;
+//! - leader → coordinator (UDP): `Register { node, leader, members, lost }`
+//!   (`lost`: node-mates declared dead, which count towards the job's size
+//!   before the first global ready, so a death during start-up does not
+//!   leave the coordinator waiting);
 //! - coordinator → leader (ZeroMQ): `Welcome` while nodes are missing, then
 //!   `GlobalReady { directory }` to every leader at once when the last node
 //!   is in; a leader stops registering when it has the directory;
@@ -15,7 +18,7 @@
 //!   `AwaitGlobal` until they have it;
 //! - member → leader: `Resolve { ranks }` → `Resolved { peers }`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use rand::{rngs::SmallRng, SeedableRng};
@@ -101,6 +104,8 @@ pub struct Coordinator {
     expected_nodes: u32,
     size: u32,
     nodes: BTreeMap<u32, NodeEntry>,
+    /// Per node, the ranks its leader reported dead.
+    lost: BTreeMap<u32, Vec<Rank>>,
     announced: bool,
     /// The job was globally ready once: from then on instances may be
     /// missing (lost), and every change of a node is announced.
@@ -119,6 +124,7 @@ impl Coordinator {
             expected_nodes,
             size,
             nodes: BTreeMap::new(),
+            lost: BTreeMap::new(),
             announced: false,
             was_ready: false,
             epoch: 0,
@@ -153,10 +159,21 @@ impl Coordinator {
     }
 
     /// Whether every node has registered and, before the first global ready,
-    /// every one of the `size` instances is in some node's member list.
+    /// every one of the `size` instances is accounted for: in some node's
+    /// member list, or reported lost by its node's leader.
     pub fn is_ready(&self) -> bool {
-        let members: u64 = self.nodes.values().map(|n| n.members.len() as u64).sum();
-        self.registered() == self.expected_nodes && (self.was_ready || members == self.size as u64)
+        if self.registered() != self.expected_nodes {
+            return false;
+        }
+        if self.was_ready {
+            return true;
+        }
+        let members = self
+            .nodes
+            .values()
+            .flat_map(|n| n.members.iter().map(|m| m.rank));
+        let lost = self.lost.values().flatten().copied();
+        members.chain(lost).collect::<BTreeSet<Rank>>().len() == self.size as usize
     }
 
     /// A registration that arrived over UDP (already authenticated).
@@ -171,12 +188,17 @@ impl Coordinator {
             && reg
                 .members
                 .iter()
-                .all(|m| m.node_index == reg.node_index && m.rank < self.size);
+                .all(|m| m.node_index == reg.node_index && m.rank < self.size)
+            && reg
+                .lost
+                .iter()
+                .all(|&r| r < self.size && !reg.members.iter().any(|m| m.rank == r));
         if !consistent {
             self.stats.invalid += 1;
             return;
         }
         self.epoch = self.epoch.max(reg.epoch);
+        let lost = reg.lost;
         let entry = NodeEntry {
             node_index: reg.node_index,
             node_name: reg.node_name,
@@ -191,8 +213,11 @@ impl Coordinator {
                 self.stats.stale += 1;
                 return;
             }
-            Some(old) if *old == entry => {}
+            Some(old) if *old == entry => {
+                self.lost.insert(reg.node_index, lost);
+            }
             _ => {
+                self.lost.insert(reg.node_index, lost);
                 self.nodes.insert(reg.node_index, entry);
                 self.epoch += 1;
                 // A changed node (new leader or incarnation) after global
@@ -283,11 +308,13 @@ pub struct GlobalJoin {
 }
 
 impl GlobalJoin {
-    /// This instance leads its node: register `members` with the coordinator.
+    /// This instance leads its node: register `members` (and the node-mates
+    /// declared dead, `lost`) with the coordinator.
     pub fn leader(
         me: PeerInfo,
         node_name: String,
         members: Vec<PeerInfo>,
+        lost: Vec<Rank>,
         config: GlobalConfig,
         now: Now,
         seed: u64,
@@ -297,6 +324,7 @@ impl GlobalJoin {
             node_name,
             leader: me.clone(),
             members,
+            lost,
             epoch: 0,
         };
         Self::with_role(
@@ -349,17 +377,19 @@ impl GlobalJoin {
         }
     }
 
-    /// The node's membership changed (an instance restarted): a leader
-    /// registers the new list, so the coordinator re-announces the
-    /// directory to every leader.
-    pub fn update_members(&mut self, now: Now, members: Vec<PeerInfo>) {
+    /// The node's membership changed (an instance restarted or died; `lost`
+    /// are the node-mates declared dead): a leader registers the new list,
+    /// so the coordinator re-announces the directory to every leader (or,
+    /// before global ready, stops waiting for the lost).
+    pub fn update_members(&mut self, now: Now, members: Vec<PeerInfo>, lost: Vec<Rank>) {
         if let Role::Leader {
             registration,
             timer,
         } = &mut self.role
         {
-            if registration.members != members {
+            if registration.members != members || registration.lost != lost {
                 registration.members = members;
+                registration.lost = lost;
                 *timer = Backoff::start(self.config.register, now);
                 self.waiting = true;
             }
@@ -656,6 +686,7 @@ mod tests {
                             info(rank, n),
                             format!("n{n}"),
                             members.clone(),
+                            Vec::new(),
                             GlobalConfig::default(),
                             ms(0),
                             rank as u64,
@@ -777,6 +808,7 @@ mod tests {
             node_name: format!("n{node}"),
             leader: info(ranks[0], node),
             members: ranks.iter().map(|&r| info(r, node)).collect(),
+            lost: Vec::new(),
             epoch: 0,
         };
         c.handle_register(reg(0, &[0, 1]));
@@ -853,6 +885,42 @@ mod tests {
         assert_eq!(job.joins[0].node_leaders(), &[0, 3, 4]);
     }
 
+    /// Found by `cellnet sim` (3x4, kill 0@join / 4@discovery, seed 3):
+    /// before the first global ready the coordinator waited for every
+    /// instance, also one that died during start-up.
+    #[test]
+    fn ranks_reported_lost_before_global_ready_count_towards_the_size() {
+        let reg = |node: u32, ranks: &[u32], lost: Vec<Rank>| Register {
+            node_index: node,
+            node_name: format!("n{node}"),
+            leader: info(ranks[0], node),
+            members: ranks.iter().map(|&r| info(r, node)).collect(),
+            lost,
+            epoch: 0,
+        };
+        let mut c = Coordinator::new(2, 6);
+        c.handle_register(reg(0, &[0, 1, 2], Vec::new()));
+        c.handle_register(reg(1, &[4, 5], Vec::new()));
+        assert!(!c.is_ready(), "rank 3 unaccounted for");
+        // Node 1's leader declared rank 3 dead.
+        c.handle_register(reg(1, &[4, 5], vec![3]));
+        assert!(c.is_ready());
+        let out: Vec<_> = std::iter::from_fn(|| c.poll_transmit()).collect();
+        assert!(out.iter().any(|t| matches!(
+            t,
+            GlobalTransmit::ToPeer {
+                msg: Control::GlobalReady { size: 6, .. },
+                ..
+            }
+        )));
+        // A rank reported lost twice, or lost and a member elsewhere, is
+        // one instance, not two.
+        let mut c = Coordinator::new(2, 6);
+        c.handle_register(reg(0, &[0, 1], vec![3]));
+        c.handle_register(reg(1, &[3, 4], vec![2]));
+        assert!(!c.is_ready(), "rank 5 is missing");
+    }
+
     #[test]
     fn inconsistent_or_foreign_registrations_are_refused() {
         let mut c = Coordinator::new(2, 4);
@@ -861,6 +929,7 @@ mod tests {
             node_name: "x".into(),
             leader: info(0, 7),
             members: vec![info(0, 7)],
+            lost: Vec::new(),
             epoch: 0,
         });
         c.handle_register(Register {
@@ -868,9 +937,21 @@ mod tests {
             node_name: "x".into(),
             leader: info(0, 0),
             members: vec![info(1, 0)],
+            lost: Vec::new(),
             epoch: 0,
         });
-        assert_eq!(c.stats().invalid, 2);
+        // A lost rank outside the job, or one that is also a member.
+        for lost in [vec![9], vec![0]] {
+            c.handle_register(Register {
+                node_index: 0,
+                node_name: "x".into(),
+                leader: info(0, 0),
+                members: vec![info(0, 0)],
+                lost,
+                epoch: 0,
+            });
+        }
+        assert_eq!(c.stats().invalid, 4);
         assert_eq!(c.registered(), 0);
         assert!(c.poll_transmit().is_none());
     }

@@ -112,6 +112,10 @@ pub struct Register {
     pub leader: PeerInfo,
     /// Every instance of the node, the leader included, sorted by rank.
     pub members: Vec<PeerInfo>,
+    /// Ranks of the node declared dead (not in `members`). Before the
+    /// first global ready the coordinator counts them towards the job's
+    /// size, so a death during start-up does not leave it waiting.
+    pub lost: Vec<Rank>,
     /// The newest directory epoch this leader has seen (0: none), so a
     /// coordinator that takes over numbers its directories after it.
     pub epoch: u64,
@@ -146,15 +150,24 @@ pub enum Control {
     Pong(PeerInfo),
     /// Discovery: "I received from you, your sending path to me works".
     Ready,
-    /// Discovery, from a node-mate that completed to one still pinging:
-    /// the node's live members, and those declared dead since start (a
-    /// node-mate that died while we handshook with it must not keep us
-    /// incomplete for ever).
+    /// Discovery, from a node-mate that completed to one still pinging,
+    /// and from a leader to its members when it declared one dead
+    /// (members do not watch each other): the node's live members, and
+    /// those declared dead since start (a node-mate that died while we
+    /// handshook with it must not keep us incomplete for ever).
     Members {
         /// Live instances of the node, the sender included.
         members: Vec<PeerInfo>,
         /// Instances of the node declared dead, with the life that died.
         removed: Vec<(Rank, Incarnation)>,
+        /// The sender's membership version (grows with every announcement).
+        version: u64,
+    },
+    /// Discovery: `Members` of this version applied (a leader repeats its
+    /// announcement to each member until it has this).
+    MembersAck {
+        /// The version applied.
+        version: u64,
     },
     /// Coordinator → leader: registration seen, waiting for `expected_nodes`.
     Welcome {

@@ -602,12 +602,14 @@ impl Driver {
                 self.observe_incarnation(now, info.rank, info.incarnation);
                 self.peers.insert(info.rank, info);
             }
+            // Went silent in the handshake: dead like a watched peer.
+            DiscoveryEvent::PeerLost(info) => self.on_peer_dead(now, info.rank)?,
             DiscoveryEvent::Complete { leader, members } => {
                 self.p.status.update(|s| s.local_complete = true);
                 match &mut self.global {
                     // Complete again after a node-mate restarted.
                     Some(g) => {
-                        g.update_members(now, members.clone());
+                        g.update_members(now, members.clone(), self.discovery.lost());
                         // A member whose leader restarted asks its new life.
                         if let Some(l) = members.iter().find(|m| m.rank == leader) {
                             g.follow_leader(now, l.clone());
@@ -658,6 +660,7 @@ impl Driver {
                 self.p.me.clone(),
                 self.p.info.node_name.clone(),
                 members,
+                self.discovery.lost(),
                 cfg,
                 now,
                 seed,
@@ -699,8 +702,10 @@ impl Driver {
             });
         } else if status.leader == Some(me) && status.members.iter().any(|m| m.rank == rank) {
             self.p.status.update(|s| s.members = alive.clone());
+            // Members do not watch each other: tell them who is left.
+            self.discovery.announce_members(now);
             if let Some(g) = &mut self.global {
-                g.update_members(now, alive);
+                g.update_members(now, alive, self.discovery.lost());
             }
         }
         if status.leader == Some(me) && status.node_leaders.contains(&rank) {

@@ -17,7 +17,7 @@ use super::{CollectiveTime, Invariant, KillAt, SimConfig, SimStats, SimViolation
 use crate::partition::Partition2d;
 use crate::proto::{
     collective::collective_tree,
-    discovery::{DiscoveryEvent, DiscoveryTransmit, LocalDiscovery},
+    discovery::{DiscoveryConfig, DiscoveryEvent, DiscoveryTransmit, LocalDiscovery},
     frames::{CompleteFrame, FrameAssembler},
     global::{Coordinator, GlobalEvent, GlobalJoin, GlobalTransmit},
     liveness::{Liveness, LivenessEvent},
@@ -557,13 +557,27 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// As `Config::from_env` does: a node-mate silent in the handshake is
+    /// given up on after the failure detector's dead-after time.
+    fn discovery_config(&self) -> DiscoveryConfig {
+        DiscoveryConfig {
+            give_up_after: self.cfg.liveness.dead_after,
+            ..self.cfg.discovery
+        }
+    }
+
     fn new_inst(&self, rank: Rank, inc: Incarnation, works: bool) -> Inst {
         let now = self.net.now;
         let node = self.node_of(rank);
         let me = peer_info(rank, node, inc);
         let seed = mix(self.cfg.seed ^ mix(((rank as u64) << 20) ^ inc.0));
-        let discovery =
-            LocalDiscovery::new(me.clone(), self.cfg.per_node, self.cfg.discovery, now, seed);
+        let discovery = LocalDiscovery::new(
+            me.clone(),
+            self.cfg.per_node,
+            self.discovery_config(),
+            now,
+            seed,
+        );
         let mut assembler = FrameAssembler::new(0, self.cfg.frames_ahead);
         assembler.set_expected(self.neighbours[rank as usize].iter().copied());
         Inst {
@@ -1046,6 +1060,7 @@ impl<'a> Sim<'a> {
                     inst.peers.insert(info.rank, info);
                 }
             }
+            DiscoveryEvent::PeerLost(info) => self.on_peer_dead(rank, info.rank),
             DiscoveryEvent::Complete { leader, members } => {
                 self.book.first_complete.entry(rank).or_insert(now);
                 if let Some(g) = &mut inst.global {
@@ -1055,7 +1070,7 @@ impl<'a> Sim<'a> {
                     if let Some(l) = members.iter().find(|m| m.rank == leader) {
                         g.follow_leader(now, l.clone());
                     }
-                    g.update_members(now, members.clone());
+                    g.update_members(now, members.clone(), inst.discovery.lost());
                     inst.members = members;
                     return;
                 }
@@ -1108,6 +1123,7 @@ impl<'a> Sim<'a> {
                 inst.me.clone(),
                 format!("n{}", inst.me.node_index),
                 members,
+                inst.discovery.lost(),
                 gcfg,
                 now,
                 seed,
@@ -1179,8 +1195,9 @@ impl<'a> Sim<'a> {
                 self.book.stats.healed_at = Some(now);
             }
             inst.members = alive.clone();
+            inst.discovery.announce_members(now);
             if let Some(g) = &mut inst.global {
-                g.update_members(now, alive);
+                g.update_members(now, alive, inst.discovery.lost());
             }
         }
         let Some(inst) = self.insts[rank as usize].as_mut() else {

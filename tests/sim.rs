@@ -425,6 +425,32 @@ fn a_node_leader_killed_mid_frames_under_loss_is_replaced() {
     });
 }
 
+/// A member killed mid-frames: its leader drops it and tells the other
+/// members, the coordinator's directory follows, and the survivors'
+/// collectives complete. A kill after the last frame used to leave the
+/// simulation running to its time limit (`--kill 5@2`, 3 frames, seed 3):
+/// everybody had finished before the healing was checked.
+#[test]
+fn a_member_killed_mid_frames_is_dropped_and_survivors_collectives_complete() {
+    failover_seeds("member killed", |seed| {
+        failover(seed, 0.0, |cfg| leader_victim(seed, cfg) + 1)
+    });
+    // Without collectives nobody has anything left to do after the kill.
+    for seed in 0..50 {
+        let cfg = small(seed);
+        let cfg = SimConfig {
+            kill: Some(KillSpec {
+                rank: leader_victim(seed, &cfg) + 1,
+                at: KillAt::Frame(cfg.frames - 1),
+            }),
+            ..cfg
+        };
+        if let Err(e) = sim::run(&cfg) {
+            panic!("member killed after the last frame: {e}\nconfig: {cfg:?}");
+        }
+    }
+}
+
 #[test]
 fn the_coordinator_killed_mid_frames_moves_to_node_0s_next_rank() {
     failover_seeds("coordinator killed", |seed| failover(seed, 0.0, |_| 0));

@@ -527,6 +527,9 @@ impl<'a> Sim<'a> {
                 for r in 0..self.size {
                     self.pump(r)?;
                 }
+                // Everybody may have finished before (a kill after the
+                // last frame): no instance changes state to notice it.
+                self.check_quiesced();
                 Ok(())
             }
             EvKind::Crash(r) => {
@@ -1009,6 +1012,12 @@ impl<'a> Sim<'a> {
             return;
         }
         self.book.finished += 1;
+        self.check_quiesced();
+    }
+
+    /// The job is over once every living instance finished and, after a
+    /// kill, the healing was checked.
+    fn check_quiesced(&mut self) {
         let living = self.size - u32::from(self.book.killed.is_some());
         if self.book.finished == living
             && !self.book.kill_armed

@@ -116,6 +116,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "64",
         "frames buffered ahead of the one the application waits for",
     ),
+    (
+        "CELLNET_REPLAY_FRAMES",
+        "2",
+        "latest frames of cells kept per peer and sent again when it restarts (0: none)",
+    ),
 ];
 
 /// Every setting of cellnet; [`Config::default`] gives the documented
@@ -295,6 +300,9 @@ impl Config {
             })
         })? {
             c.reliable.window = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_REPLAY_FRAMES", from_str::<u64>)? {
+            c.reliable.replay_frames = v;
         }
         if let Some(v) = get(vars, "CELLNET_HEARTBEAT", parse_duration)? {
             c.liveness.heartbeat = v;

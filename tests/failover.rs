@@ -7,67 +7,20 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-struct Instance {
-    child: std::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
+use std::time::Duration;
 
 fn start(layout: &[(u32, u32, u32, u32)], nodes: u32) -> Vec<Instance> {
-    let fast = [
-        ("CELLNET_HEARTBEAT", "100ms".to_string()),
-        ("CELLNET_SUSPECT_AFTER", "400ms".to_string()),
-        ("CELLNET_DEAD_AFTER", "1s".to_string()),
-        ("CELLNET_LINGER", "300ms".to_string()),
-    ];
     let port = free_udp_port().to_string();
-    spawn_job(layout, nodes, &["probe", "--hold", "5s"], &port, &fast)
-        .into_iter()
-        .map(|mut child| {
-            let lines = Arc::new(Mutex::new(Vec::new()));
-            let out = child.stdout.take().expect("stdout");
-            let l = lines.clone();
-            let reader = std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    l.lock().unwrap().push(line);
-                }
-            });
-            Instance {
-                child,
-                lines,
-                reader: Some(reader),
-            }
-        })
-        .collect()
-}
-
-fn wait_for_line(i: &Instance, needle: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while !i.lines.lock().unwrap().iter().any(|l| l.contains(needle)) {
-        assert!(
-            Instant::now() < deadline,
-            "no line with {needle:?}: {:?}",
-            i.lines.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn finish(mut i: Instance) -> (Option<i32>, Vec<String>) {
-    let out = std::mem::replace(
-        &mut i.child,
-        std::process::Command::new("true").spawn().unwrap(),
-    );
-    let code = wait(out, Duration::from_secs(60), "survivor").code;
-    if let Some(r) = i.reader.take() {
-        r.join().unwrap();
-    }
-    let lines = i.lines.lock().unwrap().clone();
-    (code, lines)
+    spawn_job(
+        layout,
+        nodes,
+        &["probe", "--hold", "5s"],
+        &port,
+        &fast_liveness(),
+    )
+    .into_iter()
+    .map(Instance::new)
+    .collect()
 }
 
 fn run_killing(victim: usize) -> Vec<(Option<i32>, Vec<String>)> {
@@ -81,14 +34,13 @@ fn run_killing(victim: usize) -> Vec<(Option<i32>, Vec<String>)> {
     ];
     let mut all = start(&layout, 2);
     for i in &all {
-        wait_for_line(i, "cellnet probe: rank", Duration::from_secs(30));
+        i.wait_for_line("cellnet probe: rank", Duration::from_secs(30));
     }
-    all[victim].child.kill().expect("kill");
-    let _ = all[victim].child.wait();
+    all[victim].kill();
     all.into_iter()
         .enumerate()
         .filter(|(r, _)| *r != victim)
-        .map(|(_, i)| finish(i))
+        .map(|(_, i)| i.finish(Duration::from_secs(60)))
         .collect()
 }
 

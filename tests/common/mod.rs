@@ -401,3 +401,132 @@ impl Drop for LifeRestart {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Failure detection fast enough for a test: dead after 1 s of silence.
+pub fn fast_liveness() -> Vec<(&'static str, String)> {
+    vec![
+        ("CELLNET_HEARTBEAT", "100ms".to_string()),
+        ("CELLNET_SUSPECT_AFTER", "400ms".to_string()),
+        ("CELLNET_DEAD_AFTER", "1s".to_string()),
+        ("CELLNET_LINGER", "300ms".to_string()),
+    ]
+}
+
+/// A running instance whose stdout lines are collected as they come, so a
+/// test can act when one appears (kill a leader once everybody is up).
+pub struct Instance {
+    pub child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Instance {
+    pub fn new(mut child: Child) -> Self {
+        use std::io::BufRead;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("stdout piped");
+        let l = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        Instance {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// The lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Wait until a line contains `needle`; fail after `limit`.
+    pub fn wait_for_line(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} within {limit:?}: {:?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL it (by its PID) and reap it.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+
+    /// Wait for the exit (killing it after `limit`); exit code and all lines.
+    pub fn finish(mut self, limit: Duration) -> (Option<i32>, Vec<String>) {
+        let out = std::mem::replace(
+            &mut self.child,
+            Command::new("true").spawn().expect("spawn true"),
+        );
+        let code = wait(out, limit, "instance").code;
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let lines = self.lines();
+        (code, lines)
+    }
+}
+
+/// Datagrams discovery and the coordinator must drop and count, by kind,
+/// against a job with `key` and `secret`: junk, a truncated beacon, a
+/// beacon with a wrong HMAC tag, another job's beacon, an oversized
+/// datagram, and a registration from another job.
+pub fn junk_datagrams(key: cellnet::proto::JobKey, secret: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    use cellnet::proto::wire::{self, Datagram, JobSecret, Ping, Register};
+    use cellnet::proto::{Endpoints, Incarnation, JobKey, PeerInfo};
+    let info = PeerInfo {
+        rank: 1,
+        node_index: 0,
+        incarnation: Incarnation(1),
+        endpoints: Endpoints {
+            ipc: None,
+            tcp: "tcp://127.0.0.1:1".into(),
+        },
+    };
+    let ping = Datagram::Ping(Ping {
+        info: info.clone(),
+        local_size: 2,
+    });
+    let register = Datagram::Register(Register {
+        node_index: 0,
+        node_name: "intruder".into(),
+        leader: info.clone(),
+        members: vec![info],
+        epoch: 0,
+    });
+    let secret = JobSecret::new(secret.to_vec());
+    let other = JobKey(key.0 ^ 0x5a5a);
+    let good = wire::encode_datagram(key, &secret, &ping);
+    vec![
+        ("malformed", b"hello".to_vec()),
+        // Cut into its tag: the tag check refuses it.
+        ("bad-tag", good[..good.len() - 3].to_vec()),
+        (
+            "bad-tag",
+            wire::encode_datagram(key, &JobSecret::new(b"guess".to_vec()), &ping),
+        ),
+        ("foreign-job", wire::encode_datagram(other, &secret, &ping)),
+        ("malformed", vec![0xff; wire::MAX_DATAGRAM + 100]),
+        (
+            "foreign-job",
+            wire::encode_datagram(other, &secret, &register),
+        ),
+    ]
+}

@@ -321,7 +321,8 @@ struct ProbeArgs {
     #[arg(long, default_value_t = 0)]
     exchange: u32,
     /// Then stay this long printing peer events (restarts, losses, leader
-    /// changes), and finish with a barrier and a count of the survivors
+    /// changes), and finish with a barrier, a count of the survivors and
+    /// the dropped-traffic counters
     #[arg(long, value_parser = parse_duration)]
     hold: Option<Duration>,
 }
@@ -552,8 +553,20 @@ fn main() -> ExitCode {
                 };
             }
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("cellnet: {}", first.trim_start_matches("error: "));
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut first = lines
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ")
+                .to_string();
+            // "the following required arguments were not provided:" names
+            // them on the next line: keep it on this one.
+            if first.ends_with(':') {
+                if let Some(next) = lines.next() {
+                    first = format!("{first} {next}");
+                }
+            }
+            eprintln!("cellnet: {first}");
             return ExitCode::from(2);
         }
     };

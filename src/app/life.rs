@@ -311,15 +311,20 @@ fn wait_acks(tickets: Vec<Ticket>) -> Result<(), LifeError> {
     Ok(())
 }
 
-/// Print the restarts `comm` has seen since the last call (tests and
-/// operators look for these lines).
-fn report_restarts(comm: &Communicator) {
+/// Print the restarts and losses of peers `comm` has seen since the last
+/// call (tests and operators look for these lines).
+fn report_peer_events(comm: &Communicator) {
     for e in comm.events() {
-        if let PeerEvent::Restarted { rank, incarnation } = e {
-            println!(
+        match e {
+            PeerEvent::Restarted { rank, incarnation } => println!(
                 "cellnet life: rank {} sees rank {rank} restarted (incarnation {incarnation:#x}); resent its latest frames",
                 comm.rank()
-            );
+            ),
+            PeerEvent::Lost { rank } => println!(
+                "cellnet life: rank {} lost rank {rank} (silent past CELLNET_DEAD_AFTER); waiting for it to restart",
+                comm.rank()
+            ),
+            _ => {}
         }
     }
 }
@@ -403,7 +408,7 @@ pub fn run(
             }
             .save(dir)?;
         }
-        report_restarts(comm);
+        report_peer_events(comm);
         if rank == 0 && !p.quiet {
             let now = Instant::now();
             let dt = now - last;

@@ -225,6 +225,8 @@ struct Outbound {
     recent: VecDeque<(u64, DataMsg)>,
     /// The highest frame of a cell or frame end sent.
     top_frame: Option<u64>,
+    /// Replays in `inflight`: they take no credit from the window.
+    replaying: usize,
 }
 
 impl Default for Outbound {
@@ -235,6 +237,7 @@ impl Default for Outbound {
             inflight: BTreeMap::new(),
             recent: VecDeque::new(),
             top_frame: None,
+            replaying: 0,
         }
     }
 }
@@ -399,7 +402,10 @@ impl ReliableEndpoint {
         let Some(out) = self.peers.get(&to).map(|p| &p.out) else {
             return self.config.window;
         };
-        let by_count = (self.config.window as usize).saturating_sub(out.inflight.len());
+        // Replays to a restarted peer ride on top of the window: the
+        // application's credits (its own messages) stay what it was told.
+        let own = out.inflight.len() - out.replaying;
+        let by_count = (self.config.window as usize).saturating_sub(own);
         let by_span = match out.inflight.first_key_value() {
             Some((&oldest, _)) => {
                 (oldest.saturating_add(self.config.dedup_window)).saturating_sub(out.next_wire)
@@ -557,6 +563,7 @@ impl ReliableEndpoint {
                 out.recent.push_back((o.ticket, o.msg.clone()));
             }
             if o.replay {
+                out.replaying -= 1;
                 continue;
             }
             let outcome = match errors.get(&id) {
@@ -606,7 +613,12 @@ impl ReliableEndpoint {
                     .map(|(&id, _)| id)
                     .collect();
                 for id in expired {
-                    if let Some(o) = out.inflight.remove(&id).filter(|o| !o.replay) {
+                    let Some(o) = out.inflight.remove(&id) else {
+                        continue;
+                    };
+                    if o.replay {
+                        out.replaying -= 1;
+                    } else {
                         stats.timeouts += 1;
                         events.push_back(ReliableEvent::Resolved {
                             to: rank,
@@ -708,6 +720,7 @@ impl ReliableEndpoint {
         }));
         all.sort_by_key(|o| o.ticket);
         let mut wire = 1;
+        let mut replaying = 0;
         let mut earliest: Option<Now> = None;
         for mut o in all {
             o.msg.id = wire;
@@ -717,6 +730,7 @@ impl ReliableEndpoint {
             self.transmits
                 .push_back((peer, ReliableTransmit::Data(o.msg.clone())));
             if o.replay {
+                replaying += 1;
                 self.stats.replayed_after_reset += 1;
             } else {
                 self.stats.resent_after_reset += 1;
@@ -725,6 +739,7 @@ impl ReliableEndpoint {
             wire += 1;
         }
         state.out.next_wire = wire;
+        state.out.replaying = replaying;
         if let Some(t) = earliest {
             self.arm(t);
         }
@@ -1352,6 +1367,7 @@ mod tests {
         p.ep[0].reset_peer(p.now, B);
         assert_eq!(p.ep[0].stats().resent_after_reset, 1);
         assert_eq!(p.ep[0].stats().replayed_after_reset, 2);
+        assert_eq!(p.ep[0].credits(B), 255, "replays take no credit");
         p.run(ok);
         let got: Vec<_> = p.delivered[1]
             .iter()

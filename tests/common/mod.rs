@@ -250,6 +250,8 @@ pub struct LifeRestart {
     pub size: u32,
     /// Sleep after each frame, so that the kill lands mid-run.
     pub frame_delay: &'static str,
+    /// How long the victim stays dead before it is started again.
+    pub down_for: Duration,
 }
 
 impl LifeRestart {
@@ -264,6 +266,7 @@ impl LifeRestart {
             frames,
             size,
             frame_delay: "40ms",
+            down_for: Duration::ZERO,
         }
     }
 
@@ -338,6 +341,7 @@ impl LifeRestart {
         let c = &mut children[victim as usize];
         c.kill().expect("SIGKILL the victim");
         let _ = c.wait();
+        std::thread::sleep(self.down_for);
         let killed_at = self.checkpoint_frame(victim);
         assert!(
             killed_at.is_some_and(|f| f < self.frames),

@@ -117,6 +117,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "frames buffered ahead of the one the application waits for",
     ),
     (
+        "CELLNET_REPLAY_FRAMES",
+        "2",
+        "latest frames of cells kept per peer and sent again when it restarts (0: none)",
+    ),
+    (
         "CELLNET_HEARTBEAT / _SUSPECT_AFTER / _DEAD_AFTER",
         "500ms / 2s / 5s",
         "failure detection: heartbeat to a quiet watched peer; silent this long: suspect, then dead \
@@ -312,6 +317,9 @@ impl Config {
             })
         })? {
             c.reliable.window = v;
+        }
+        if let Some(v) = get(vars, "CELLNET_REPLAY_FRAMES", from_str::<u64>)? {
+            c.reliable.replay_frames = v;
         }
         if let Some(v) = get(vars, "CELLNET_HEARTBEAT", parse_duration)? {
             c.liveness.heartbeat = v;

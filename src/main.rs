@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use cellnet::app::checkpoint::{self, Checkpoint, CheckpointError};
 use cellnet::app::{bench, collectives, life, probe, stress};
 use cellnet::config::{parse_duration, Config, VARIABLES};
 use cellnet::launch::{self, LaunchMode};
@@ -298,6 +299,20 @@ struct LifeArgs {
     /// No per-frame progress lines
     #[arg(long)]
     quiet: bool,
+    /// After every frame, write this instance's tile and frame number to
+    /// DIR/rank-R (a temporary file renamed over it); DIR is created
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<std::path::PathBuf>,
+    /// Resume from DIR/rank-R of --checkpoint if it exists (else start at
+    /// frame 0): restart a lost instance with its rank while the rest of the
+    /// job runs; its neighbours resend their latest frames to it. A
+    /// checkpoint of another rank, grid, seed or job size is refused
+    #[arg(long, requires = "checkpoint")]
+    resume: bool,
+    /// Sleep this long after every frame, standing in for compute time
+    /// (e.g. to have time to kill and restart an instance)
+    #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "D")]
+    frame_delay: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -306,7 +321,8 @@ struct ProbeArgs {
     #[arg(long, default_value_t = 0)]
     exchange: u32,
     /// Then stay this long printing peer events (restarts, losses, leader
-    /// changes), and finish with a barrier and a count of the survivors
+    /// changes), and finish with a barrier, a count of the survivors and
+    /// the dropped-traffic counters
     #[arg(long, value_parser = parse_duration)]
     hold: Option<Duration>,
 }
@@ -382,6 +398,8 @@ fn run_life(config: Config, a: &LifeArgs) -> Result<(), Failure> {
         seed: a.seed,
         frame_timeout: a.frame_timeout,
         quiet: a.quiet,
+        checkpoint: a.checkpoint.clone(),
+        frame_delay: a.frame_delay,
     };
     // The partition depends on the job size, known only after launch
     // detection; the handler is built from it before the runtime starts.
@@ -391,10 +409,43 @@ fn run_life(config: Config, a: &LifeArgs) -> Result<(), Failure> {
             code: 2,
             message: e.to_string(),
         })?;
+    let usage = |e: CheckpointError| Failure {
+        code: 2,
+        message: e.to_string(),
+    };
+    let id = params.checkpoint_id(info.rank, info.size);
+    let mut resume = None;
+    if let Some(dir) = &params.checkpoint {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| CheckpointError::Write {
+                path: dir.clone(),
+                id,
+                source,
+            })
+            .map_err(usage)?;
+        if a.resume {
+            let block = part.block(info.rank).len;
+            resume = Checkpoint::load(dir, id, block, params.frames).map_err(usage)?;
+            match &resume {
+                Some(c) => println!(
+                    "cellnet life: rank {} resumes at frame {} from {}",
+                    info.rank,
+                    c.frame,
+                    checkpoint::path(dir, info.rank).display()
+                ),
+                None => println!(
+                    "cellnet life: rank {} has no checkpoint in {}, starts at frame 0",
+                    info.rank,
+                    dir.display()
+                ),
+            }
+        }
+    }
     let handler = life::handler(part, info.rank, params.frames);
     let mut b = Communicator::builder()
         .config(config)
         .launch_info(info)
+        .first_frame(resume.as_ref().map_or(0, |c| c.frame))
         .handler(handler);
     if let Some(mpi) = mpi {
         b = b.mpi_session(mpi);
@@ -411,7 +462,7 @@ fn run_life(config: Config, a: &LifeArgs) -> Result<(), Failure> {
             s.global.map_or(0, |g| g.0)
         );
     }
-    let report = life::run(&comm, &params).map_err(fail)?;
+    let report = life::run(&comm, &params, resume.as_ref()).map_err(fail)?;
     comm.shutdown()?;
     if let Some(sum) = report.checksum {
         println!(
@@ -502,8 +553,20 @@ fn main() -> ExitCode {
                 };
             }
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("cellnet: {}", first.trim_start_matches("error: "));
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut first = lines
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ")
+                .to_string();
+            // "the following required arguments were not provided:" names
+            // them on the next line: keep it on this one.
+            if first.ends_with(':') {
+                if let Some(next) = lines.next() {
+                    first = format!("{first} {next}");
+                }
+            }
+            eprintln!("cellnet: {first}");
             return ExitCode::from(2);
         }
     };

@@ -129,3 +129,52 @@ fn help_lists_commands_and_variables() {
         assert!(out.stdout.contains(needle), "--help lacks {needle}");
     }
 }
+
+#[test]
+fn a_corrupt_or_foreign_checkpoint_is_refused_naming_rank_grid_and_seed() {
+    let dir = std::env::temp_dir().join(format!("cellnet-cli-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let env = [
+        ("CELLNET_RANK", "1".to_string()),
+        ("CELLNET_SIZE", "2".to_string()),
+    ];
+    let d = dir.display().to_string();
+    let args = [
+        "life",
+        "--rows",
+        "16",
+        "--cols",
+        "8",
+        "--seed",
+        "5",
+        "--checkpoint",
+        &d,
+        "--resume",
+    ];
+    std::fs::write(dir.join("rank-1"), b"CNLIFE01 and then garbage").unwrap();
+    let out = run(&args, &env, LIMIT);
+    assert_one_line_error(&out, "rank 1 of 2, 16x8 grid, seed 5");
+
+    // A checkpoint of another seed (written by a real run's code path).
+    let other = cellnet::app::checkpoint::Checkpoint {
+        id: cellnet::app::checkpoint::CheckpointId {
+            rank: 1,
+            size: 2,
+            rows: 16,
+            cols: 8,
+            seed: 6,
+        },
+        frame: 3,
+        block_rows: 8,
+        block_cols: 8,
+        cells: vec![0; 64],
+    };
+    other.save(&dir).unwrap();
+    let out = run(&args, &env, LIMIT);
+    assert_one_line_error(&out, "written by rank 1 of 2, 16x8 grid, seed 6");
+
+    let out = run(&["life", "--resume"], &[], LIMIT);
+    assert_one_line_error(&out, "--checkpoint");
+    let _ = std::fs::remove_dir_all(&dir);
+}

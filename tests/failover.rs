@@ -8,15 +8,7 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-struct Instance {
-    child: std::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
+use std::time::Duration;
 
 /// `layout`'s instances of a job on one discovery port, with fast failure
 /// detection; `job` adds (or overrides) variables, e.g. to start one job
@@ -25,58 +17,14 @@ fn start(
     layout: &[(u32, u32, u32, u32)],
     nodes: u32,
     port: &str,
-    job: &[(&str, String)],
+    job: &[(&'static str, String)],
 ) -> Vec<Instance> {
-    let mut env = vec![
-        ("CELLNET_HEARTBEAT", "100ms".to_string()),
-        ("CELLNET_SUSPECT_AFTER", "400ms".to_string()),
-        ("CELLNET_DEAD_AFTER", "1s".to_string()),
-        ("CELLNET_LINGER", "300ms".to_string()),
-    ];
+    let mut env = fast_liveness();
     env.extend(job.iter().cloned());
     spawn_job(layout, nodes, &["probe", "--hold", "5s"], port, &env)
         .into_iter()
-        .map(|mut child| {
-            let lines = Arc::new(Mutex::new(Vec::new()));
-            let out = child.stdout.take().expect("stdout");
-            let l = lines.clone();
-            let reader = std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    l.lock().unwrap().push(line);
-                }
-            });
-            Instance {
-                child,
-                lines,
-                reader: Some(reader),
-            }
-        })
+        .map(Instance::new)
         .collect()
-}
-
-fn wait_for_line(i: &Instance, needle: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while !i.lines.lock().unwrap().iter().any(|l| l.contains(needle)) {
-        assert!(
-            Instant::now() < deadline,
-            "no line with {needle:?}: {:?}",
-            i.lines.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn finish(mut i: Instance) -> (Option<i32>, Vec<String>) {
-    let out = std::mem::replace(
-        &mut i.child,
-        std::process::Command::new("true").spawn().unwrap(),
-    );
-    let code = wait(out, Duration::from_secs(60), "survivor").code;
-    if let Some(r) = i.reader.take() {
-        r.join().unwrap();
-    }
-    let lines = i.lines.lock().unwrap().clone();
-    (code, lines)
 }
 
 /// Two nodes of three instances: ranks 0-2 on node 0, 3-5 on node 1.
@@ -92,14 +40,13 @@ const LAYOUT: [(u32, u32, u32, u32); 6] = [
 fn run_killing(victim: usize) -> Vec<(Option<i32>, Vec<String>)> {
     let mut all = start(&LAYOUT, 2, &free_udp_port().to_string(), &[]);
     for i in &all {
-        wait_for_line(i, "cellnet probe: rank", Duration::from_secs(30));
+        i.wait_for_line("cellnet probe: rank", Duration::from_secs(30));
     }
-    all[victim].child.kill().expect("kill");
-    let _ = all[victim].child.wait();
+    all[victim].kill();
     all.into_iter()
         .enumerate()
         .filter(|(r, _)| *r != victim)
-        .map(|(_, i)| finish(i))
+        .map(|(_, i)| i.finish(Duration::from_secs(60)))
         .collect()
 }
 
@@ -169,19 +116,17 @@ fn a_node_leader_killed_before_global_ready_is_replaced_and_the_job_becomes_read
     // nobody can be globally ready yet.
     std::thread::sleep(Duration::from_millis(1500));
     let mut victim = node1.remove(0);
-    victim.child.kill().expect("kill");
-    let _ = victim.child.wait();
+    victim.kill();
     assert!(
-        !victim
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("probe: rank")),
+        !victim.lines().iter().any(|l| l.contains("probe: rank")),
         "rank 3 was globally ready before it was killed"
     );
     let node0 = start(&LAYOUT[..3], 2, &port, &job);
-    let outs: Vec<_> = node0.into_iter().chain(node1).map(finish).collect();
+    let outs: Vec<_> = node0
+        .into_iter()
+        .chain(node1)
+        .map(|i| i.finish(Duration::from_secs(60)))
+        .collect();
     for ((code, lines), rank) in outs.iter().zip([0, 1, 2, 4, 5]) {
         assert_eq!(*code, Some(0), "rank {rank}: {lines:?}");
         let last = lines

@@ -12,8 +12,8 @@ use cellnet::config::Config;
 use cellnet::launch::{LaunchInfo, LaunchSource};
 use cellnet::net::udp::UdpEndpoint;
 use cellnet::place::PlacementPolicy;
-use cellnet::proto::wire::{self, Datagram, JobSecret, Ping};
-use cellnet::proto::{Endpoints, Incarnation, JobKey, PeerInfo};
+use cellnet::proto::wire::{self, Datagram, JobSecret};
+use cellnet::proto::JobKey;
 use cellnet::runtime::Communicator;
 
 fn free_port() -> u16 {
@@ -79,30 +79,9 @@ fn junk_datagrams_and_garbage_frames_are_counted_and_discovery_completes() {
 
     // Junk datagrams, broadcast on the node-local address.
     let to = SocketAddrV4::new(Ipv4Addr::new(127, 255, 255, 255), port);
-    let forged = Datagram::Ping(Ping {
-        info: PeerInfo {
-            rank: 1,
-            node_index: 0,
-            incarnation: Incarnation(1),
-            endpoints: Endpoints {
-                ipc: None,
-                tcp: "tcp://127.0.0.1:1".into(),
-            },
-        },
-        local_size: 2,
-    });
-    let good = wire::encode_datagram(key, &secret_key, &forged);
-    let wrong_secret = wire::encode_datagram(key, &JobSecret::new(b"guess".to_vec()), &forged);
-    let other_job = wire::encode_datagram(JobKey(key.0 + 1), &secret_key, &forged);
     let sender = UdpEndpoint::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
-    for junk in [
-        &b"hello"[..],
-        &good[..good.len() - 3],
-        &wrong_secret,
-        &other_job,
-        &[0xff; 3000][..],
-    ] {
-        sender.send_to(junk, to).unwrap();
+    for (_, junk) in common::junk_datagrams(key, &secret) {
+        sender.send_to(&junk, to).unwrap();
     }
 
     // Garbage on rank 0's receiving socket.

@@ -16,7 +16,7 @@ fn launch_with(
     nodes: u32,
     args: &[&str],
     port: &str,
-    extra: &[(&str, String)],
+    extra: &[(&'static str, String)],
 ) -> Vec<Output> {
     spawn_job(layout, nodes, args, port, extra)
         .into_iter()
@@ -199,4 +199,51 @@ fn life_survives_injected_delay_jitter_and_duplicates() {
         assert_eq!(out.code, Some(0), "rank {rank} failed: {}", out.stderr);
     }
     assert!(outs[0].stdout.contains("verified"), "{}", outs[0].stdout);
+}
+
+#[test]
+fn a_killed_instance_restarted_from_its_checkpoint_completes_life() {
+    // 6 instances on one node: rank 4 (not the leader) is killed after
+    // frame 15 of 60 and started again with --resume.
+    let layout: Vec<_> = (0..6).map(|r| (r, 0, r, 6)).collect();
+    let run = LifeRestart::new("mp", 60, 90, 60, 6);
+    let env = job_env(&layout, 1, &free_udp_port().to_string(), &[]);
+    let args = run.args(false);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let children = env.iter().map(|e| spawn(&args, e)).collect();
+    let outs = run.kill_and_resume(
+        children,
+        4,
+        15,
+        |args| spawn(args, &env[4]),
+        Duration::from_secs(90),
+    );
+    run.check(&outs, 4, 15);
+}
+
+#[test]
+fn an_instance_restarted_after_it_was_declared_dead_completes_life() {
+    // Failure detection declares rank 4 dead after 1 s; it comes back 2.5 s
+    // after the kill: its node-mates dropped it from the node and must take
+    // the new life back in.
+    let layout: Vec<_> = (0..6).map(|r| (r, 0, r, 6)).collect();
+    let mut run = LifeRestart::new("mp-dead", 60, 90, 60, 6);
+    run.down_for = Duration::from_millis(2500);
+    let env = job_env(&layout, 1, &free_udp_port().to_string(), &fast_liveness());
+    let args = run.args(false);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let children = env.iter().map(|e| spawn(&args, e)).collect();
+    let outs = run.kill_and_resume(
+        children,
+        4,
+        15,
+        |args| spawn(args, &env[4]),
+        Duration::from_secs(90),
+    );
+    run.check(&outs, 4, 15);
+    assert!(
+        outs[0].stdout.contains("rank 0 lost rank 4"),
+        "not declared dead before its restart: {}",
+        outs[0].stdout
+    );
 }

@@ -3,11 +3,13 @@
 //! and compared bit for bit with a serial run.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use super::checkpoint::{Checkpoint, CheckpointError, CheckpointId};
 use crate::partition::Partition2d;
 use crate::proto::{reliable::Outcome, Rank};
-use crate::runtime::{Communicator, HandlerError, Ticket};
+use crate::runtime::{Communicator, HandlerError, PeerEvent, Ticket};
 
 /// Parameters of a run (the same on every instance).
 #[derive(Clone, Debug)]
@@ -24,6 +26,23 @@ pub struct LifeParams {
     pub frame_timeout: Duration,
     /// No per-frame lines on rank 0.
     pub quiet: bool,
+    /// Write this instance's checkpoint to `DIR/rank-R` after every frame.
+    pub checkpoint: Option<PathBuf>,
+    /// Sleep this long after every frame (stands in for compute time).
+    pub frame_delay: Duration,
+}
+
+impl LifeParams {
+    /// What a checkpoint of `rank` in `size` instances must match.
+    pub fn checkpoint_id(&self, rank: Rank, size: u32) -> CheckpointId {
+        CheckpointId {
+            rank,
+            size,
+            rows: self.rows as u64,
+            cols: self.cols as u64,
+            seed: self.seed,
+        }
+    }
 }
 
 /// What a run ended with.
@@ -58,6 +77,9 @@ pub enum LifeError {
         /// Bytes expected.
         want: usize,
     },
+    /// A checkpoint could not be written.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// The gathered grid differs from the serial run (the first differing cell).
     #[error("MISMATCH: distributed grid differs from the serial run at row {row}, column {col}")]
     Mismatch {
@@ -289,9 +311,38 @@ fn wait_acks(tickets: Vec<Ticket>) -> Result<(), LifeError> {
     Ok(())
 }
 
+/// Print the restarts and losses of peers `comm` has seen since the last
+/// call (tests and operators look for these lines).
+fn report_peer_events(comm: &Communicator) {
+    for e in comm.events() {
+        match e {
+            PeerEvent::Restarted { rank, incarnation } => println!(
+                "cellnet life: rank {} sees rank {rank} restarted (incarnation {incarnation:#x}); resent its latest frames",
+                comm.rank()
+            ),
+            PeerEvent::Lost { rank } => println!(
+                "cellnet life: rank {} lost rank {rank} (silent past CELLNET_DEAD_AFTER); waiting for it to restart",
+                comm.rank()
+            ),
+            _ => {}
+        }
+    }
+}
+
 /// Run the distributed simulation on `comm` (whose handler must be
-/// [`handler`] with the same parameters).
-pub fn run(comm: &Communicator, p: &LifeParams) -> Result<LifeReport, LifeError> {
+/// [`handler`] with the same parameters), from frame 0 or from `resume`
+/// (then `comm` must have been built with
+/// [`first_frame`](crate::runtime::Builder::first_frame)`(resume.frame)`).
+///
+/// With [`LifeParams::checkpoint`], the checkpoint of frame `f + 1` is
+/// written only after every cell of frame `f` is acknowledged: a restart
+/// from it never needs to send frame `f` again, and the neighbours, which
+/// are at most one frame ahead, replay frames `f + 1` and `f + 2` to it.
+pub fn run(
+    comm: &Communicator,
+    p: &LifeParams,
+    resume: Option<&Checkpoint>,
+) -> Result<LifeReport, LifeError> {
     let (rank, size) = (comm.rank(), comm.size());
     let part = Partition2d::new([p.rows, p.cols], size)?;
     let block = part.block(rank);
@@ -306,10 +357,22 @@ pub fn run(comm: &Communicator, p: &LifeParams) -> Result<LifeReport, LifeError>
     if rank == 0 {
         comm.expect_from_frame(p.frames, 1..size)?;
     }
-    let mut tile = Tile::new(rows, cols, |i, j| initial(p.seed, row0 + i, col0 + j));
+    let (first, mut tile) = match resume {
+        Some(c) => (
+            c.frame,
+            Tile::new(rows, cols, |i, j| {
+                c.cells.get(i * cols + j).copied().unwrap_or(0)
+            }),
+        ),
+        None => (
+            0,
+            Tile::new(rows, cols, |i, j| initial(p.seed, row0 + i, col0 + j)),
+        ),
+    };
+    let id = p.checkpoint_id(rank, size);
     let start = Instant::now();
     let mut last = start;
-    for frame in 0..p.frames {
+    for frame in first..p.frames {
         let mut tickets = Vec::with_capacity(peers.len() * 2);
         for &(n, di, dj) in &neighbours {
             tickets.push(comm.send(n, frame, tile.edge_bytes(di, dj))?);
@@ -332,6 +395,20 @@ pub fn run(comm: &Communicator, p: &LifeParams) -> Result<LifeReport, LifeError>
         }
         tile.step();
         wait_acks(tickets)?;
+        if !p.frame_delay.is_zero() {
+            std::thread::sleep(p.frame_delay);
+        }
+        if let Some(dir) = &p.checkpoint {
+            Checkpoint {
+                id,
+                frame: frame + 1,
+                block_rows: rows,
+                block_cols: cols,
+                cells: tile.interior(),
+            }
+            .save(dir)?;
+        }
+        report_peer_events(comm);
         if rank == 0 && !p.quiet {
             let now = Instant::now();
             let dt = now - last;
@@ -346,8 +423,8 @@ pub fn run(comm: &Communicator, p: &LifeParams) -> Result<LifeReport, LifeError>
         }
     }
     let elapsed = start.elapsed();
-    let cells_per_sec =
-        (p.rows * p.cols) as f64 * p.frames as f64 / elapsed.as_secs_f64().max(1e-9);
+    let cells_per_sec = (p.rows * p.cols) as f64 * (p.frames - first.min(p.frames)) as f64
+        / elapsed.as_secs_f64().max(1e-9);
     // Gather: every block goes to rank 0 as a cell of frame `frames`.
     if rank != 0 {
         let t = comm.send(0, p.frames, tile.interior())?;

@@ -2,6 +2,7 @@
 //! probe. Library code, so tests can drive it too.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod collectives;
 pub mod life;
 pub mod probe;

@@ -3,14 +3,27 @@
 
 use crate::runtime::Communicator;
 
+/// What this instance dropped off the wire so far, as printed at the end
+/// of the probe lines.
+pub fn dropped(comm: &Communicator) -> String {
+    let m = comm.metrics();
+    format!(
+        "dropped: datagrams malformed={} foreign-job={} bad-tag={} zmq-malformed={} registrations-refused={}",
+        m.datagrams_malformed,
+        m.datagrams_foreign_job,
+        m.datagrams_bad_tag,
+        m.zmq_malformed,
+        m.registrations_refused,
+    )
+}
+
 /// The probe line of this instance.
 pub fn line(comm: &Communicator) -> String {
     let info = comm.launch_info();
     let status = comm.status();
-    let m = comm.metrics();
     format!(
         "cellnet probe: rank {}/{} node {} ({}/{}) local {}/{} leader {} cpuset {} ({}) tcp {} ipc {} \
-         coordinator {} peers-on-node {} dropped: datagrams malformed={} foreign-job={} bad-tag={} zmq-malformed={}",
+         coordinator {} peers-on-node {} {}",
         info.rank,
         info.size,
         info.node_name,
@@ -25,10 +38,7 @@ pub fn line(comm: &Communicator) -> String {
         comm.endpoints().ipc.as_deref().unwrap_or("-"),
         comm.coordinator(),
         status.members.len(),
-        m.datagrams_malformed,
-        m.datagrams_foreign_job,
-        m.datagrams_bad_tag,
-        m.zmq_malformed,
+        dropped(comm),
     )
 }
 
@@ -85,7 +95,8 @@ pub fn exchange(
 }
 
 /// Stay `hold`, printing peer events as they come; then a barrier and an
-/// all_reduce over the survivors show the structure still works.
+/// all_reduce over the survivors show the structure still works. The line
+/// ends with what was dropped off the wire meanwhile.
 pub fn hold(comm: &Communicator, hold: std::time::Duration) -> Result<String, String> {
     use std::io::Write;
     let until = std::time::Instant::now() + hold;
@@ -101,9 +112,10 @@ pub fn hold(comm: &Communicator, hold: std::time::Duration) -> Result<String, St
     let survivors = comm.all_reduce_sum(1u64, t).map_err(|e| e.to_string())?;
     let s = comm.status();
     Ok(format!(
-        "cellnet probe: rank {} after hold: leader {} node-leaders {:?} survivors {survivors}",
+        "cellnet probe: rank {} after hold: leader {} node-leaders {:?} survivors {survivors} {}",
         comm.rank(),
         s.leader.map_or("-".into(), |l| l.to_string()),
-        s.node_leaders
+        s.node_leaders,
+        dropped(comm)
     ))
 }

@@ -122,9 +122,22 @@ impl Part {
 }
 
 /// In-order frame delivery for one receiving instance.
+///
+/// Restarts: an instance that resumes from a checkpoint starts at a later
+/// `first_frame`, and its neighbours replay their last frames to it; a
+/// neighbour that restarted replays frames from its checkpoint, which may
+/// be frames already handed over here. Such replays are acknowledged and
+/// dropped (counted by [`Self::replays_dropped`]), never refused: the
+/// restarted sender would see an ERR and fail. A stale frame from a peer
+/// that did not restart is still an error ([`FrameError::Stale`]).
 #[derive(Debug)]
 pub struct FrameAssembler {
     next: u64,
+    /// The first frame of this instance's life: earlier ones are replays.
+    first: u64,
+    /// Peers seen restarting: their frames already here are replays.
+    restarted: BTreeSet<Rank>,
+    replays: u64,
     max_ahead: u64,
     /// Expected senders from a frame on (the last entry at or below a frame
     /// applies to it).
@@ -138,11 +151,15 @@ pub struct FrameAssembler {
 }
 
 impl FrameAssembler {
-    /// Frames `>= next + max_ahead` are refused until the application
+    /// `first_frame` is the first frame of this life (0, or the frame a
+    /// restarted instance resumes at). Frames `>= next + max_ahead` are refused until the application
     /// catches up: the buffer is bounded.
     pub fn new(first_frame: u64, max_ahead: u64) -> Self {
         Self {
             next: first_frame,
+            first: first_frame,
+            restarted: BTreeSet::new(),
+            replays: 0,
             max_ahead: max_ahead.max(1),
             expected: BTreeMap::new(),
             parts: BTreeMap::new(),
@@ -265,6 +282,45 @@ impl FrameAssembler {
         frame >= self.next && frame - self.next < self.max_ahead
     }
 
+    /// `rank` restarted (new incarnation): it resends from its checkpoint.
+    /// Its parts not complete here are dropped (its old life may have died
+    /// half-way through them; the new life sends them whole), complete ones
+    /// are kept, and what it sends again for them, or for frames already
+    /// handed over, is a replay.
+    pub fn peer_restarted(&mut self, rank: Rank) {
+        self.restarted.insert(rank);
+        for parts in self.parts.values_mut() {
+            if parts.get(&rank).is_some_and(|p| !p.complete()) {
+                parts.remove(&rank);
+            }
+        }
+    }
+
+    /// Whether a cell or frame end of `frame` from `from` repeats what is
+    /// already here or past (see [`FrameAssembler`]): acknowledge and drop it.
+    pub fn is_replay(&self, from: Rank, frame: u64) -> bool {
+        frame < self.first
+            || (self.restarted.contains(&from)
+                && (frame < self.next
+                    || self
+                        .parts
+                        .get(&frame)
+                        .and_then(|p| p.get(&from))
+                        .is_some_and(Part::complete)))
+    }
+
+    /// Replayed cells and frame ends dropped so far.
+    pub fn replays_dropped(&self) -> u64 {
+        self.replays
+    }
+
+    /// Count and drop a replay; true if it was one.
+    fn drop_replay(&mut self, from: Rank, frame: u64) -> bool {
+        let replay = self.is_replay(from, frame);
+        self.replays += u64::from(replay);
+        replay
+    }
+
     fn part(&mut self, from: Rank, frame: u64) -> Result<&mut Part, FrameError> {
         if frame < self.next {
             return Err(FrameError::Stale {
@@ -309,6 +365,9 @@ impl FrameAssembler {
         frame: u64,
         payload: Bytes,
     ) -> Result<(), FrameError> {
+        if self.drop_replay(from, frame) {
+            return Ok(());
+        }
         let part = self.part(from, frame)?;
         if part.cells.contains_key(&id) || part.rejected.contains(&id) {
             return Ok(());
@@ -321,6 +380,9 @@ impl FrameAssembler {
     /// A cell the handler refused: it counts towards the frame's
     /// completeness but is not handed over.
     pub fn handle_rejected(&mut self, from: Rank, id: u64, frame: u64) -> Result<(), FrameError> {
+        if self.drop_replay(from, frame) {
+            return Ok(());
+        }
         let part = self.part(from, frame)?;
         if part.cells.contains_key(&id) || part.rejected.contains(&id) {
             return Ok(());
@@ -337,6 +399,9 @@ impl FrameAssembler {
         frame: u64,
         count: u32,
     ) -> Result<(), FrameError> {
+        if self.drop_replay(from, frame) {
+            return Ok(());
+        }
         let part = self.part(from, frame)?;
         if part.received() > count as usize {
             return Err(FrameError::CountExceeded { from, frame, count });
@@ -565,5 +630,73 @@ mod tests {
             assert_eq!(a.poll_frame().unwrap().frame, f);
         }
         assert_eq!(a.missing(2), vec![1, 2, 3]);
+    }
+
+    /// The interleavings of a neighbour's crash and restart (it resends
+    /// from its checkpoint at frame 3): frame 2 was handed over, its part
+    /// of frame 3 was complete, its part of frame 4 half sent.
+    #[test]
+    fn a_restarted_peers_replays_are_dropped_and_its_half_sent_frame_taken_whole() {
+        let mut a = FrameAssembler::new(0, 8);
+        a.set_expected([1, 2]);
+        for f in 0..3 {
+            for p in [1, 2] {
+                a.handle_cell(p, f + 1, f, b(f as u8)).unwrap();
+                a.handle_frame_end(p, f, 1).unwrap();
+            }
+            assert_eq!(a.poll_frame().unwrap().frame, f);
+        }
+        a.handle_cell(1, 10, 3, b(3)).unwrap();
+        a.handle_frame_end(1, 3, 1).unwrap();
+        a.handle_cell(1, 11, 4, b(40)).unwrap(); // its old life died here
+        assert!(!a.is_replay(1, 2), "no restart yet");
+        assert!(matches!(
+            a.handle_cell(1, 12, 2, b(2)),
+            Err(FrameError::Stale { .. })
+        ));
+
+        a.peer_restarted(1);
+        // The new life numbers from 1 again and starts at its checkpoint.
+        assert!(a.is_replay(1, 2) && a.is_replay(1, 3) && !a.is_replay(1, 4));
+        a.handle_cell(1, 1, 2, b(2)).unwrap();
+        a.handle_frame_end(1, 2, 1).unwrap();
+        a.handle_cell(1, 3, 3, b(33)).unwrap();
+        a.handle_frame_end(1, 3, 1).unwrap();
+        a.handle_cell(1, 5, 4, b(4)).unwrap();
+        a.handle_frame_end(1, 4, 1).unwrap();
+        assert_eq!(a.replays_dropped(), 4);
+        for f in [3, 4] {
+            a.handle_cell(2, 20 + f, f, b(f as u8)).unwrap();
+            a.handle_frame_end(2, f, 1).unwrap();
+        }
+        let f3 = a.poll_frame().unwrap();
+        assert_eq!(f3.cells[&1], vec![b(3)], "the first copy of frame 3 stays");
+        let f4 = a.poll_frame().unwrap();
+        assert_eq!(
+            f4.cells[&1],
+            vec![b(4)],
+            "the half-sent frame 4 is taken whole"
+        );
+        // A peer that did not restart still may not send stale frames.
+        assert!(matches!(
+            a.handle_cell(2, 30, 1, b(1)),
+            Err(FrameError::Stale { .. })
+        ));
+    }
+
+    /// A restarted instance resumes at its checkpoint's frame; its
+    /// neighbours replay their last frames, of which the older are done.
+    #[test]
+    fn an_instance_resumed_at_a_frame_drops_replays_of_earlier_frames() {
+        let mut a = FrameAssembler::new(5, 4);
+        a.set_expected([1]);
+        assert!(a.is_replay(1, 4));
+        a.handle_cell(1, 1, 4, b(4)).unwrap();
+        a.handle_frame_end(1, 4, 1).unwrap();
+        a.handle_cell(1, 3, 5, b(5)).unwrap();
+        a.handle_frame_end(1, 5, 1).unwrap();
+        assert_eq!(a.replays_dropped(), 2);
+        let f = a.poll_frame().unwrap();
+        assert_eq!((f.frame, f.cells[&1].clone()), (5, vec![b(5)]));
     }
 }

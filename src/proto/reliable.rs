@@ -51,6 +51,11 @@ pub struct ReliableConfig {
     pub ack_batch: u32,
     /// Ids tracked above the watermark per sender (at least 1).
     pub dedup_window: u64,
+    /// Cells and frame ends of this many of the latest frames sent to a
+    /// peer are kept after they are answered, and sent again if the peer
+    /// restarts: its new life resumes from a checkpoint at most this many
+    /// frames back and needs them again (0: keep nothing).
+    pub replay_frames: u64,
 }
 
 impl Default for ReliableConfig {
@@ -67,6 +72,7 @@ impl Default for ReliableConfig {
             ack_delay: Duration::ZERO,
             ack_batch: 64,
             dedup_window: 4096,
+            replay_frames: 2,
         }
     }
 }
@@ -194,10 +200,15 @@ pub struct ReliableStats {
     pub holes_skipped: u64,
     /// `reset_peer` calls.
     pub peer_resets: u64,
+    /// Answered messages of the latest frames sent again to a restarted peer.
+    pub replayed_after_reset: u64,
 }
 
 struct Outgoing {
     ticket: u64,
+    /// Sent again to a restarted peer after it was answered: its ticket is
+    /// resolved already, so its outcome is not reported again.
+    replay: bool,
     msg: DataMsg,
     retry: Backoff,
     deadline: Now,
@@ -209,6 +220,13 @@ struct Outbound {
     next_ticket: u64,
     /// Unresolved messages by wire id.
     inflight: BTreeMap<u64, Outgoing>,
+    /// Answered cells and frame ends of the latest frames, with their
+    /// tickets, for a restart of the peer (see [`ReliableConfig::replay_frames`]).
+    recent: VecDeque<(u64, DataMsg)>,
+    /// The highest frame of a cell or frame end sent.
+    top_frame: Option<u64>,
+    /// Replays in `inflight`: they take no credit from the window.
+    replaying: usize,
 }
 
 impl Default for Outbound {
@@ -217,7 +235,24 @@ impl Default for Outbound {
             next_wire: 1,
             next_ticket: 1,
             inflight: BTreeMap::new(),
+            recent: VecDeque::new(),
+            top_frame: None,
+            replaying: 0,
         }
+    }
+}
+
+/// Frame messages, the ones a restarted peer may need again.
+fn replayable(msg: &DataMsg) -> bool {
+    matches!(msg.kind, DataKind::Cell | DataKind::FrameEnd { .. })
+}
+
+impl Outbound {
+    /// Forget answered messages older than the latest `keep` frames.
+    fn prune_recent(&mut self, keep: u64) {
+        let top = self.top_frame.unwrap_or(0);
+        self.recent
+            .retain(|(_, m)| keep > 0 && m.frame.saturating_add(keep) > top);
     }
 }
 
@@ -367,7 +402,10 @@ impl ReliableEndpoint {
         let Some(out) = self.peers.get(&to).map(|p| &p.out) else {
             return self.config.window;
         };
-        let by_count = (self.config.window as usize).saturating_sub(out.inflight.len());
+        // Replays to a restarted peer ride on top of the window: the
+        // application's credits (its own messages) stay what it was told.
+        let own = out.inflight.len() - out.replaying;
+        let by_count = (self.config.window as usize).saturating_sub(own);
         let by_span = match out.inflight.first_key_value() {
             Some((&oldest, _)) => {
                 (oldest.saturating_add(self.config.dedup_window)).saturating_sub(out.next_wire)
@@ -399,6 +437,10 @@ impl ReliableEndpoint {
             kind,
             payload,
         };
+        if replayable(&msg) && out.top_frame.is_none_or(|t| t < frame) {
+            out.top_frame = Some(frame);
+            out.prune_recent(self.config.replay_frames);
+        }
         let ticket = out.next_ticket;
         out.next_wire += 1;
         out.next_ticket += 1;
@@ -411,6 +453,7 @@ impl ReliableEndpoint {
             msg.id,
             Outgoing {
                 ticket,
+                replay: false,
                 msg,
                 retry,
                 deadline: now + self.config.deadline,
@@ -508,10 +551,21 @@ impl ReliableEndpoint {
             return;
         }
         let errors: HashMap<u64, &ErrReport> = fb.errors.iter().map(|e| (e.id, e)).collect();
+        let keep = self.config.replay_frames;
         for id in answered {
             let Some(o) = out.inflight.remove(&id) else {
                 continue; // listed twice
             };
+            if keep > 0
+                && replayable(&o.msg)
+                && o.msg.frame.saturating_add(keep) > out.top_frame.unwrap_or(0)
+            {
+                out.recent.push_back((o.ticket, o.msg.clone()));
+            }
+            if o.replay {
+                out.replaying -= 1;
+                continue;
+            }
             let outcome = match errors.get(&id) {
                 Some(e) => {
                     self.stats.errs_received += 1;
@@ -559,7 +613,12 @@ impl ReliableEndpoint {
                     .map(|(&id, _)| id)
                     .collect();
                 for id in expired {
-                    if let Some(o) = out.inflight.remove(&id) {
+                    let Some(o) = out.inflight.remove(&id) else {
+                        continue;
+                    };
+                    if o.replay {
+                        out.replaying -= 1;
+                    } else {
                         stats.timeouts += 1;
                         events.push_back(ReliableEvent::Resolved {
                             to: rank,
@@ -636,7 +695,11 @@ impl ReliableEndpoint {
     /// `peer` restarted (new incarnation): what we received from its old life
     /// is forgotten (completions still running for it are ignored), and what
     /// we sent it and is unanswered is sent again, renumbered from 1, keeping
-    /// its ticket and deadline.
+    /// its ticket and deadline. Answered cells and frame ends of the latest
+    /// [`ReliableConfig::replay_frames`] frames go with them, in their
+    /// original order: the new life resumes from a checkpoint and needs
+    /// them again. Their tickets are resolved already: no second
+    /// [`ReliableEvent::Resolved`] comes for them.
     pub fn reset_peer(&mut self, now: Now, peer: Rank) {
         self.stats.peer_resets += 1;
         self.transmits.retain(|(to, _)| *to != peer);
@@ -644,21 +707,39 @@ impl ReliableEndpoint {
             return;
         };
         state.inb = Inbound::default();
-        let old = std::mem::take(&mut state.out.inflight);
+        let deadline = now + self.config.deadline;
+        let mut all: Vec<Outgoing> = std::mem::take(&mut state.out.inflight)
+            .into_values()
+            .collect();
+        all.extend(state.out.recent.drain(..).map(|(ticket, msg)| Outgoing {
+            ticket,
+            replay: true,
+            msg,
+            retry: Backoff::start(self.config.retransmit, now),
+            deadline,
+        }));
+        all.sort_by_key(|o| o.ticket);
         let mut wire = 1;
+        let mut replaying = 0;
         let mut earliest: Option<Now> = None;
-        for (_, mut o) in old {
+        for mut o in all {
             o.msg.id = wire;
             o.retry = Backoff::start(self.config.retransmit, now);
             o.retry.fire(now, &mut self.rng);
             earliest = Some(earliest.map_or(o.retry.next(), |e| e.min(o.retry.next())));
             self.transmits
                 .push_back((peer, ReliableTransmit::Data(o.msg.clone())));
-            self.stats.resent_after_reset += 1;
+            if o.replay {
+                replaying += 1;
+                self.stats.replayed_after_reset += 1;
+            } else {
+                self.stats.resent_after_reset += 1;
+            }
             state.out.inflight.insert(wire, o);
             wire += 1;
         }
         state.out.next_wire = wire;
+        state.out.replaying = replaying;
         if let Some(t) = earliest {
             self.arm(t);
         }
@@ -1222,7 +1303,10 @@ mod tests {
 
     #[test]
     fn reset_peer_resends_unanswered_messages_renumbered_with_their_tickets() {
-        let mut p = Pair::new(no_jitter());
+        let mut p = Pair::new(ReliableConfig {
+            replay_frames: 0,
+            ..no_jitter()
+        });
         p.send(0, "one");
         p.run(ok);
         assert_eq!(p.resolved[0], vec![(1, Outcome::Ack)]);
@@ -1246,6 +1330,57 @@ mod tests {
         );
         assert_eq!(&p.resolved[0][1..], &[(2, Outcome::Ack), (3, Outcome::Ack)]);
         assert_eq!(p.ep[0].stats().retransmitted, 0);
+    }
+
+    /// A neighbour restarted from a checkpoint: the answered cells and
+    /// frame ends of the last two frames go to its new life again, with the
+    /// unanswered ones, in the order they were first sent; older frames and
+    /// collective messages do not.
+    #[test]
+    fn reset_peer_replays_the_latest_frames_in_send_order() {
+        let mut p = Pair::new(no_jitter());
+        let send = |p: &mut Pair, frame: u64, kind: DataKind, what: &str| {
+            p.ep[0]
+                .send(
+                    p.now,
+                    B,
+                    frame,
+                    kind,
+                    Bytes::copy_from_slice(what.as_bytes()),
+                )
+                .unwrap()
+        };
+        let end = DataKind::FrameEnd { count: 1 };
+        for f in 0..3 {
+            send(&mut p, f, DataKind::Cell, &format!("cell {f}"));
+            send(&mut p, f, end, &format!("end {f}"));
+        }
+        send(&mut p, 2, DataKind::Collective, "collective");
+        p.run(ok);
+        assert_eq!(p.resolved[0].len(), 7);
+        send(&mut p, 3, DataKind::Cell, "cell 3");
+        p.transmit();
+        p.wire[1].clear(); // lost with B's old life
+
+        p.ep[1] = ReliableEndpoint::new(no_jitter(), 3);
+        p.delivered[1].clear();
+        p.ep[0].reset_peer(p.now, B);
+        assert_eq!(p.ep[0].stats().resent_after_reset, 1);
+        assert_eq!(p.ep[0].stats().replayed_after_reset, 2);
+        assert_eq!(p.ep[0].credits(B), 255, "replays take no credit");
+        p.run(ok);
+        let got: Vec<_> = p.delivered[1]
+            .iter()
+            .map(|m| (m.id, String::from_utf8_lossy(&m.payload).to_string()))
+            .collect();
+        let want: Vec<_> = ["cell 2", "end 2", "cell 3"]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as u64 + 1, s.to_string()))
+            .collect();
+        assert_eq!(got, want, "frame 1 is older than the last two frames sent");
+        assert_eq!(p.resolved[0].len(), 8, "replays resolve no ticket twice");
+        assert_eq!(p.resolved[0].last(), Some(&(8, Outcome::Ack)));
     }
 
     #[test]

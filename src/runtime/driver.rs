@@ -51,11 +51,15 @@ pub(crate) struct Parts {
     pub credits: Arc<CreditGate>,
     pub status: Arc<StatusCell>,
     pub metrics: Arc<Metrics>,
+    /// The first frame of this life (later than 0 when resuming a checkpoint).
+    pub first_frame: u64,
 }
 
 /// A handler's verdict on a cell, on its way back to the I/O thread.
 struct HandlerDone {
     cell: Cell,
+    /// The sender's life the cell came from.
+    life: Incarnation,
     result: Result<(), HandlerError>,
 }
 
@@ -86,7 +90,7 @@ pub(crate) struct Driver {
     done_tx: Sender<Vec<HandlerDone>>,
     done_rx: Receiver<Vec<HandlerDone>>,
     /// Cells delivered in this round, for the handler pool.
-    to_handle: Vec<Cell>,
+    to_handle: Vec<(Cell, Incarnation)>,
     /// Cells given to the handler so far.
     handled: u64,
     liveness: Liveness,
@@ -122,7 +126,7 @@ impl Driver {
             seed,
         );
         let reliable = ReliableEndpoint::new(p.config.reliable.clone(), seed.rotate_left(17));
-        let assembler = FrameAssembler::new(0, p.config.frames_ahead);
+        let assembler = FrameAssembler::new(p.first_frame, p.config.frames_ahead);
         let p_liveness = p.config.liveness;
         let p_faults = p
             .config
@@ -416,8 +420,14 @@ impl Driver {
 
     fn take_handler_results(&mut self, now: Now) {
         while let Ok(batch) = self.done_rx.try_recv() {
-            for HandlerDone { cell, result } in batch {
+            for HandlerDone { cell, life, result } in batch {
                 self.handlers_running -= 1;
+                if self.incarnations.get(&cell.from) != Some(&life) {
+                    // From a life of the sender that has since restarted:
+                    // its id may now name a message of the new life.
+                    Metrics::add(&self.p.metrics.stale_messages, 1);
+                    continue;
+                }
                 match result {
                     Ok(()) => {
                         match self.assembler.handle_cell(
@@ -773,21 +783,21 @@ impl Driver {
         let chunk = cells.len().div_ceil(workers);
         let mut cells = cells.into_iter().peekable();
         while cells.peek().is_some() {
-            let batch: Vec<Cell> = cells.by_ref().take(chunk).collect();
+            let batch: Vec<(Cell, Incarnation)> = cells.by_ref().take(chunk).collect();
             let handler = self.p.handler.clone();
             let done = self.done_tx.clone();
             let waker = self.p.waker.clone();
             self.p.pool.spawn(move || {
                 let results = batch
                     .into_iter()
-                    .map(|cell| {
+                    .map(|(cell, life)| {
                         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             handler(&cell)
                         }))
                         .unwrap_or_else(|_| {
                             Err(HandlerError::new(u32::MAX, "the cell handler panicked"))
                         });
-                        HandlerDone { cell, result }
+                        HandlerDone { cell, life, result }
                     })
                     .collect();
                 let _ = done.send(results);
@@ -798,6 +808,14 @@ impl Driver {
 
     fn on_reliable_event(&mut self, now: Now, e: ReliableEvent) {
         match e {
+            ReliableEvent::Deliver { from, msg }
+                if msg.kind != DataKind::Collective
+                    && self.assembler.is_replay(from, msg.frame) =>
+            {
+                // A restart replays frames already here: received, so ACK.
+                Metrics::add(&self.p.metrics.frame_replays_dropped, 1);
+                self.reliable.complete(now, from, msg.id, Ok(()));
+            }
             ReliableEvent::Deliver { from, msg } => match msg.kind {
                 DataKind::Collective => {
                     self.reliable.complete(now, from, msg.id, Ok(()));
@@ -826,12 +844,16 @@ impl Driver {
                         );
                         return;
                     }
-                    self.to_handle.push(Cell {
-                        from,
-                        frame: msg.frame,
-                        id: msg.id,
-                        payload: msg.payload,
-                    });
+                    let life = self.incarnations.get(&from).copied().unwrap_or_default();
+                    self.to_handle.push((
+                        Cell {
+                            from,
+                            frame: msg.frame,
+                            id: msg.id,
+                            payload: msg.payload,
+                        },
+                        life,
+                    ));
                 }
             },
             ReliableEvent::Resolved { to, id, outcome } => {
@@ -944,6 +966,7 @@ impl Driver {
                     // reset resends everything unanswered anyway.
                     self.parked.remove(&rank);
                     self.reliable.reset_peer(now, rank);
+                    self.assembler.peer_restarted(rank);
                     self.routes.remove(&rank);
                     if self.peers.get(&rank).is_some_and(|p| p.incarnation < inc) {
                         // Its old endpoint is void; resolve it again.

@@ -185,7 +185,10 @@ pub enum RecvError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerEvent {
     /// The peer came back with a new incarnation: cells it had received but
-    /// not answered were resent to its new life.
+    /// not answered were resent to its new life, with the answered cells of
+    /// the latest `CELLNET_REPLAY_FRAMES` frames (it may resume from a
+    /// checkpoint and need them again); what it sends again for frames
+    /// already received is acknowledged and dropped.
     Restarted {
         /// The peer's rank.
         rank: Rank,
@@ -314,9 +317,20 @@ pub struct Builder {
     launch: Option<LaunchInfo>,
     handler: Option<Handler>,
     mpi: Option<MpiSession>,
+    first_frame: u64,
 }
 
 impl Builder {
+    /// Start at frame `frame` instead of 0: an instance restarted from a
+    /// checkpoint of its state after `frame - 1`. [`Communicator::recv_frame`]
+    /// begins there, and cells of earlier frames (its neighbours replay
+    /// their latest frames when they see it restart) are acknowledged and
+    /// dropped.
+    pub fn first_frame(mut self, frame: u64) -> Self {
+        self.first_frame = frame;
+        self
+    }
+
     /// Keep this MPI session alive as long as the communicator (use with
     /// [`Self::launch_info`] when the identity came from MPI).
     pub fn mpi_session(mut self, mpi: MpiSession) -> Self {
@@ -362,7 +376,7 @@ impl Builder {
             Some(info) => (info, self.mpi),
             None => launch::detect(config.launch)?,
         };
-        Communicator::start(config, info, mpi, self.handler)
+        Communicator::start(config, info, mpi, self.handler, self.first_frame)
     }
 }
 
@@ -399,6 +413,7 @@ impl Communicator {
         info: LaunchInfo,
         mpi: Option<MpiSession>,
         handler: Option<Handler>,
+        first_frame: u64,
     ) -> Result<Self, RuntimeError> {
         let binding = match config.placement {
             PlacementPolicy::None => place::current_binding(PlacementPolicy::None)?,
@@ -460,6 +475,7 @@ impl Communicator {
             credits: credits.clone(),
             status: status.clone(),
             metrics: metrics.clone(),
+            first_frame,
         });
         let io = std::thread::Builder::new()
             .name(format!("cellnet-io-{}", info.rank))
@@ -479,7 +495,7 @@ impl Communicator {
             status,
             metrics,
             io: Some(io),
-            next_frame: std::sync::atomic::AtomicU64::new(0),
+            next_frame: std::sync::atomic::AtomicU64::new(first_frame),
             mpi,
             config,
         };

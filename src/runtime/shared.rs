@@ -251,6 +251,9 @@ metrics! {
     cells_deferred,
     /// Messages from an earlier life of a peer, or for an earlier life of us.
     stale_messages,
+    /// Cells and frame ends replayed after a restart (ours or the sender's)
+    /// for frames already here or past: acknowledged and dropped.
+    frame_replays_dropped,
     /// Peer events dropped because the application did not read them.
     events_dropped,
 }

@@ -187,24 +187,23 @@ pub fn shutdown_all(
     })
 }
 
-/// One `cellnet args…` process per `(rank, node_index, local_rank,
-/// local_size)` of one job, identity from explicit `CELLNET_*` variables,
-/// all on loopback with the given discovery port; `extra` variables are
-/// added. Returns the running children.
-pub fn spawn_job(
+/// The `CELLNET_*` variables of one job, per `(rank, node_index,
+/// local_rank, local_size)` of `layout`: explicit identity, all on loopback
+/// with the given discovery port, a fresh coordinator port and job key;
+/// `extra` variables are added. Keep them to start an instance again.
+pub fn job_env(
     layout: &[(u32, u32, u32, u32)],
     nodes: u32,
-    args: &[&str],
     port: &str,
-    extra: &[(&str, String)],
-) -> Vec<std::process::Child> {
+    extra: &[(&'static str, String)],
+) -> Vec<Vec<(&'static str, String)>> {
     let coord = format!("127.0.0.1:{}", free_udp_port());
     let key = job_key();
     let size = layout.len().to_string();
     layout
         .iter()
         .map(|&(rank, node, local_rank, local_size)| {
-            let env = [
+            let mut env = vec![
                 ("CELLNET_RANK", rank.to_string()),
                 ("CELLNET_SIZE", size.clone()),
                 ("CELLNET_NODES", nodes.to_string()),
@@ -218,9 +217,321 @@ pub fn spawn_job(
                 ("CELLNET_JOB_KEY", key.clone()),
                 ("CELLNET_JOIN_TIMEOUT", "30s".to_string()),
             ];
-            let mut env = env.to_vec();
             env.extend(extra.iter().cloned());
-            spawn(args, &env)
+            env
         })
         .collect()
+}
+
+/// One `cellnet args…` process per entry of `layout` (see [`job_env`]).
+/// Returns the running children.
+pub fn spawn_job(
+    layout: &[(u32, u32, u32, u32)],
+    nodes: u32,
+    args: &[&str],
+    port: &str,
+    extra: &[(&'static str, String)],
+) -> Vec<std::process::Child> {
+    job_env(layout, nodes, port, extra)
+        .iter()
+        .map(|env| spawn(args, env))
+        .collect()
+}
+
+/// A `cellnet life` run with checkpoints in which one instance is killed
+/// (SIGKILL) in the middle and started again with `--resume`: the same
+/// logic for one host and for the namespace cluster.
+pub struct LifeRestart {
+    /// Checkpoint folder (removed on drop).
+    pub dir: std::path::PathBuf,
+    pub rows: usize,
+    pub cols: usize,
+    pub frames: u64,
+    pub size: u32,
+    /// Sleep after each frame, so that the kill lands mid-run.
+    pub frame_delay: &'static str,
+    /// How long the victim stays dead before it is started again.
+    pub down_for: Duration,
+}
+
+impl LifeRestart {
+    pub fn new(tag: &str, rows: usize, cols: usize, frames: u64, size: u32) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("cellnet-restart-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self {
+            dir,
+            rows,
+            cols,
+            frames,
+            size,
+            frame_delay: "40ms",
+            down_for: Duration::ZERO,
+        }
+    }
+
+    /// The life command line, without and with `--resume`.
+    pub fn args(&self, resume: bool) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "life",
+            "--quiet",
+            "--rows",
+            &self.rows.to_string(),
+            "--cols",
+            &self.cols.to_string(),
+            "--frames",
+            &self.frames.to_string(),
+            "--frame-delay",
+            self.frame_delay,
+            "--frame-timeout",
+            "20s",
+            "--checkpoint",
+            &self.dir.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    }
+
+    /// The next frame in `rank`'s checkpoint, if it has written one.
+    pub fn checkpoint_frame(&self, rank: u32) -> Option<u64> {
+        use cellnet::app::checkpoint::{Checkpoint, CheckpointId};
+        let part = cellnet::partition::Partition2d::new([self.rows, self.cols], self.size).ok()?;
+        let id = CheckpointId {
+            rank,
+            size: self.size,
+            rows: self.rows as u64,
+            cols: self.cols as u64,
+            seed: 1,
+        };
+        // A missing or (never: the write is atomic) unreadable file: none yet.
+        Checkpoint::load(&self.dir, id, part.block(rank).len, self.frames)
+            .ok()
+            .flatten()
+            .map(|c| c.frame)
+    }
+
+    /// Kill `children[victim]` once its checkpoint is past frame `after`,
+    /// start it again with `respawn(args with --resume)`, and wait for all.
+    pub fn kill_and_resume(
+        &self,
+        mut children: Vec<Child>,
+        victim: u32,
+        after: u64,
+        respawn: impl FnOnce(&[&str]) -> Child,
+        limit: Duration,
+    ) -> Vec<Output> {
+        let deadline = Instant::now() + limit;
+        while self.checkpoint_frame(victim).is_none_or(|f| f <= after) {
+            if Instant::now() > deadline || self.checkpoint_frame(victim) == Some(self.frames) {
+                for c in &mut children {
+                    let _ = c.kill();
+                }
+                panic!(
+                    "rank {victim}'s checkpoint never passed frame {after} in time ({:?})",
+                    self.checkpoint_frame(victim)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let c = &mut children[victim as usize];
+        c.kill().expect("SIGKILL the victim");
+        let _ = c.wait();
+        std::thread::sleep(self.down_for);
+        let killed_at = self.checkpoint_frame(victim);
+        assert!(
+            killed_at.is_some_and(|f| f < self.frames),
+            "killed too late to test a restart: checkpoint {killed_at:?}"
+        );
+        let args = self.args(true);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        children[victim as usize] = respawn(&args);
+        children
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let left = deadline.saturating_duration_since(Instant::now());
+                wait(
+                    c,
+                    left.max(Duration::from_secs(5)),
+                    &format!("instance {i}"),
+                )
+            })
+            .collect()
+    }
+
+    /// Every instance exits 0, rank 0 verifies the grid, the restarted
+    /// instance resumed from a checkpoint past `after`, and each of its
+    /// neighbours saw it restart.
+    pub fn check(&self, outs: &[Output], victim: u32, after: u64) {
+        for (rank, out) in outs.iter().enumerate() {
+            assert_eq!(
+                out.code,
+                Some(0),
+                "rank {rank} failed: {}\n{}",
+                out.stdout,
+                out.stderr
+            );
+        }
+        assert!(outs[0].stdout.contains("verified"), "{}", outs[0].stdout);
+        let resumed = &outs[victim as usize].stdout;
+        let at: u64 = resumed
+            .lines()
+            .find_map(|l| l.split(" resumes at frame ").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("rank {victim} did not resume: {resumed}"));
+        assert!(at > after && at < self.frames, "resumed at {at}");
+        let part = cellnet::partition::Partition2d::new([self.rows, self.cols], self.size)
+            .expect("partition");
+        let line = format!("sees rank {victim} restarted");
+        for n in part.neighbours(victim) {
+            assert!(
+                outs[n.rank as usize].stdout.contains(&line),
+                "neighbour {} did not see rank {victim} restart:\n{}",
+                n.rank,
+                outs[n.rank as usize].stdout
+            );
+        }
+    }
+}
+
+impl Drop for LifeRestart {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Failure detection fast enough for a test: dead after 1 s of silence.
+pub fn fast_liveness() -> Vec<(&'static str, String)> {
+    vec![
+        ("CELLNET_HEARTBEAT", "100ms".to_string()),
+        ("CELLNET_SUSPECT_AFTER", "400ms".to_string()),
+        ("CELLNET_DEAD_AFTER", "1s".to_string()),
+        ("CELLNET_LINGER", "300ms".to_string()),
+    ]
+}
+
+/// A running instance whose stdout lines are collected as they come, so a
+/// test can act when one appears (kill a leader once everybody is up).
+pub struct Instance {
+    pub child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Instance {
+    pub fn new(mut child: Child) -> Self {
+        use std::io::BufRead;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("stdout piped");
+        let l = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        Instance {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// The lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Wait until a line contains `needle`; fail after `limit`.
+    pub fn wait_for_line(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} within {limit:?}: {:?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL it (by its PID) and reap it.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+
+    /// Wait for the exit (killing it after `limit`); exit code and all lines.
+    pub fn finish(mut self, limit: Duration) -> (Option<i32>, Vec<String>) {
+        let out = std::mem::replace(
+            &mut self.child,
+            Command::new("true").spawn().expect("spawn true"),
+        );
+        let code = wait(out, limit, "instance").code;
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let lines = self.lines();
+        (code, lines)
+    }
+}
+
+/// Datagrams discovery and the coordinator must drop and count, by kind,
+/// against a job with `key` and `secret`: junk, a truncated beacon, a
+/// beacon with a wrong HMAC tag, another job's beacon, an oversized
+/// datagram, and a registration from another job.
+pub fn junk_datagrams(key: cellnet::proto::JobKey, secret: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    use cellnet::proto::wire::{self, Datagram, JobSecret, Ping, Register};
+    use cellnet::proto::{Endpoints, Incarnation, JobKey, PeerInfo};
+    let info = PeerInfo {
+        rank: 1,
+        node_index: 0,
+        incarnation: Incarnation(1),
+        endpoints: Endpoints {
+            ipc: None,
+            tcp: "tcp://127.0.0.1:1".into(),
+        },
+    };
+    let ping = Datagram::Ping(Ping {
+        info: info.clone(),
+        local_size: 2,
+    });
+    let register = Datagram::Register(Register {
+        node_index: 0,
+        node_name: "intruder".into(),
+        leader: info.clone(),
+        members: vec![info],
+        lost: Vec::new(),
+        epoch: 0,
+    });
+    let secret = JobSecret::new(secret.to_vec());
+    let other = JobKey(key.0 ^ 0x5a5a);
+    let good = wire::encode_datagram(key, &secret, &ping);
+    vec![
+        ("malformed", b"hello".to_vec()),
+        // Cut into its tag: the tag check refuses it.
+        ("bad-tag", good[..good.len() - 3].to_vec()),
+        (
+            "bad-tag",
+            wire::encode_datagram(key, &JobSecret::new(b"guess".to_vec()), &ping),
+        ),
+        ("foreign-job", wire::encode_datagram(other, &secret, &ping)),
+        ("malformed", vec![0xff; wire::MAX_DATAGRAM + 100]),
+        (
+            "foreign-job",
+            wire::encode_datagram(other, &secret, &register),
+        ),
+    ]
 }

@@ -186,6 +186,8 @@ pub fn worker(config: Config, opts: &BenchOpts) -> Result<()> {
         seed: 1,
         frame_timeout: Duration::from_secs(60),
         quiet: true,
+        checkpoint: None,
+        frame_delay: Duration::ZERO,
     };
     let mut run = HaloRun {
         instances: info.size,
@@ -217,7 +219,7 @@ pub fn worker(config: Config, opts: &BenchOpts) -> Result<()> {
             .start()
             .map_err(|e| BenchError::Failed(format!("cellnet start: {e}")))?;
         world.barrier();
-        let report = life::run(&comm, &params).map_err(failed)?;
+        let report = life::run(&comm, &params, None).map_err(failed)?;
         comm.shutdown().map_err(failed)?;
         run.cellnet_frame_ms
             .push(report.elapsed.as_secs_f64() * 1e3 / params.frames.max(1) as f64);

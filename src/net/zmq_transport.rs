@@ -210,8 +210,9 @@ impl ZmqTransport {
     }
 
     /// Wait up to `timeout_ms` (-1: forever) for any socket or any of
-    /// `fds` to become readable; returns which of `fds` are readable.
-    pub fn poll(&self, fds: &[RawFd], timeout_ms: i64) -> Result<Vec<bool>, NetError> {
+    /// `fds` to become readable; returns which of `fds` are readable, and
+    /// whether anything (socket or fd) is.
+    pub fn poll(&self, fds: &[RawFd], timeout_ms: i64) -> Result<(Vec<bool>, bool), NetError> {
         let mut items = Vec::with_capacity(1 + self.dealers.len() + fds.len());
         for fd in fds {
             items.push(zmq::PollItem::from_fd(*fd, zmq::POLLIN));
@@ -220,8 +221,9 @@ impl ZmqTransport {
         for d in self.dealers.values() {
             items.push(d.socket.as_poll_item(zmq::POLLIN));
         }
-        match zmq::poll(&mut items, timeout_ms) {
-            Ok(_) | Err(zmq::Error::EINTR) => {}
+        let ready = match zmq::poll(&mut items, timeout_ms) {
+            Ok(n) => n > 0,
+            Err(zmq::Error::EINTR) => false,
             Err(source) => {
                 return Err(NetError::Zmq {
                     op: "poll",
@@ -229,8 +231,14 @@ impl ZmqTransport {
                     source,
                 })
             }
-        }
-        Ok(items[..fds.len()].iter().map(|i| i.is_readable()).collect())
+        };
+        let fds = items[..fds.len()].iter().map(|i| i.is_readable()).collect();
+        Ok((fds, ready))
+    }
+
+    /// Whether any socket or any of `fds` is readable right now (no waiting).
+    pub fn ready_now(&self, fds: &[RawFd]) -> Result<bool, NetError> {
+        Ok(self.poll(fds, 0)?.1)
     }
 
     /// Everything that is waiting on any socket, up to `budget` messages.

@@ -597,6 +597,23 @@ impl ReliableEndpoint {
         }
     }
 
+    /// Send the feedback that is due at `now` (answers pending for
+    /// `ack_delay`), without waiting for [`Self::handle_timeout`]: with no
+    /// delay, the answers completed in one round go out together at its end.
+    pub fn flush_feedback(&mut self, now: Now) {
+        for (&rank, peer) in self.peers.iter_mut() {
+            let inb = &mut peer.inb;
+            if inb
+                .pending_since
+                .is_some_and(|t| t + self.config.ack_delay <= now)
+            {
+                self.stats.feedback_sent += 1;
+                self.transmits
+                    .push_back((rank, ReliableTransmit::Feedback(inb.feedback())));
+            }
+        }
+    }
+
     /// A retransmission timer or deadline at `due` was (re)armed.
     fn arm(&mut self, due: Now) {
         self.timers_due = Some(self.timers_due.map_or(due, |t| t.min(due)));
@@ -621,6 +638,11 @@ impl ReliableEndpoint {
             }
         }
         earliest
+    }
+
+    /// Whether [`Self::poll_transmit`] has something.
+    pub fn has_transmits(&self) -> bool {
+        !self.transmits.is_empty()
     }
 
     /// The next message to put on the wire, with its destination.
@@ -902,6 +924,25 @@ mod tests {
         assert_eq!(p.ep[0].credits(B), 256);
         assert_eq!(p.ep[0].unanswered(), 0);
         assert_eq!(p.ep[1].pending_answers(), 0);
+    }
+
+    #[test]
+    fn flush_feedback_sends_the_answers_of_a_round_in_one_message() {
+        let mut p = Pair::new(ReliableConfig::default());
+        for i in 0..3 {
+            p.send(0, &format!("cell {i}"));
+        }
+        p.transmit();
+        p.receive();
+        p.complete_all(1, ok);
+        assert!(!p.ep[1].has_transmits(), "answers wait for the flush");
+        p.ep[1].flush_feedback(p.now);
+        p.transmit();
+        assert_eq!(p.feedback_count[1], 1);
+        p.receive();
+        assert_eq!(p.resolved[0].len(), 3);
+        p.ep[1].flush_feedback(p.now);
+        assert!(!p.ep[1].has_transmits(), "nothing left to answer");
     }
 
     #[test]

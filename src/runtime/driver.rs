@@ -42,7 +42,9 @@ pub(crate) struct Parts {
     pub transport: ZmqTransport,
     pub udp: UdpEndpoint,
     pub pool: rayon::ThreadPool,
-    pub handler: Handler,
+    /// `None`: no handler was given; cells are accepted by the I/O thread
+    /// itself (there is nothing to run on the pool).
+    pub handler: Option<Handler>,
     pub commands: Receiver<Command>,
     pub frames: Sender<Result<CompleteFrame, FrameMissing>>,
     pub events: Sender<PeerEvent>,
@@ -243,17 +245,26 @@ impl Driver {
                 let d = t.saturating_sub(self.now());
                 d.as_micros().div_ceil(1000).min(100) as i64
             });
+            let mut fds = vec![self.p.waker.fd(), self.p.udp.raw_fd()];
+            if let Some((_, udp)) = &self.coordinator {
+                fds.push(udp.raw_fd());
+            }
+            // Poll without sleeping for a while first: work that comes soon
+            // (the answer to what we just sent, the application's next
+            // send) is found without the cost of waking a sleeping core,
+            // and the application need not write the eventfd meanwhile.
+            let wait = if wait == 0 || self.spin_until_ready(&fds, wait)? {
+                0
+            } else {
+                wait
+            };
             self.p.waker.park();
             let wait = if self.p.commands.is_empty() && self.done_rx.is_empty() {
                 wait
             } else {
                 0
             };
-            let mut fds = vec![self.p.waker.fd(), self.p.udp.raw_fd()];
-            if let Some((_, udp)) = &self.coordinator {
-                fds.push(udp.raw_fd());
-            }
-            let readable = self
+            let (readable, _) = self
                 .p
                 .transport
                 .poll(&fds, wait)
@@ -270,6 +281,30 @@ impl Driver {
                 self.read_datagrams(now, true)?;
             }
             self.read_zmq(now)?;
+        }
+    }
+
+    /// Poll the queues and sockets without sleeping, yielding the core
+    /// between checks, for up to the configured spin time (and never past
+    /// the next timer, `wait_ms` from now): whether something is ready.
+    fn spin_until_ready(&self, fds: &[std::os::fd::RawFd], wait_ms: i64) -> Result<bool, String> {
+        let spin = self.p.config.spin;
+        if spin.is_zero() {
+            return Ok(false);
+        }
+        let start = Instant::now();
+        let budget = spin.min(Duration::from_millis(wait_ms.max(0) as u64));
+        loop {
+            if !self.p.commands.is_empty() || !self.done_rx.is_empty() {
+                return Ok(true);
+            }
+            if self.p.transport.ready_now(fds).map_err(|e| e.to_string())? {
+                return Ok(true);
+            }
+            if start.elapsed() >= budget {
+                return Ok(false);
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -416,39 +451,42 @@ impl Driver {
 
     fn take_handler_results(&mut self, now: Now) {
         while let Ok(batch) = self.done_rx.try_recv() {
-            for HandlerDone { cell, result } in batch {
+            for done in batch {
                 self.handlers_running -= 1;
-                match result {
-                    Ok(()) => {
-                        match self.assembler.handle_cell(
-                            cell.from,
-                            cell.id,
-                            cell.frame,
-                            cell.payload,
-                        ) {
-                            Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
-                            Err(e) => {
-                                Metrics::add(&self.p.metrics.cells_refused, 1);
-                                self.reliable.complete(
-                                    now,
-                                    cell.from,
-                                    cell.id,
-                                    Err((codes::for_frame_error(&e), e.to_string())),
-                                );
-                            }
-                        }
-                    }
-                    Err(HandlerError { code, text }) => {
-                        self.assembler
-                            .handle_rejected(cell.from, cell.id, cell.frame)
-                            .ok();
-                        self.reliable
-                            .complete(now, cell.from, cell.id, Err((code, text)));
-                    }
-                }
+                self.on_handled(now, done);
             }
         }
         self.pump_frames();
+    }
+
+    /// A cell's verdict: into its frame (or refused), and answered.
+    fn on_handled(&mut self, now: Now, HandlerDone { cell, result }: HandlerDone) {
+        match result {
+            Ok(()) => {
+                match self
+                    .assembler
+                    .handle_cell(cell.from, cell.id, cell.frame, cell.payload)
+                {
+                    Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
+                    Err(e) => {
+                        Metrics::add(&self.p.metrics.cells_refused, 1);
+                        self.reliable.complete(
+                            now,
+                            cell.from,
+                            cell.id,
+                            Err((codes::for_frame_error(&e), e.to_string())),
+                        );
+                    }
+                }
+            }
+            Err(HandlerError { code, text }) => {
+                self.assembler
+                    .handle_rejected(cell.from, cell.id, cell.frame)
+                    .ok();
+                self.reliable
+                    .complete(now, cell.from, cell.id, Err((code, text)));
+            }
+        }
     }
 
     /// Move complete frames to the application, one at a time, only while
@@ -584,10 +622,14 @@ impl Driver {
                 progressed = true;
                 self.on_reliable_event(now, e);
             }
-            self.dispatch_handlers();
+            self.dispatch_handlers(now);
             self.pump_frames();
             if !progressed {
-                break;
+                // Answers completed in this round go out now, together.
+                self.reliable.flush_feedback(now);
+                if !self.reliable.has_transmits() {
+                    break;
+                }
             }
         }
         Ok(())
@@ -757,19 +799,34 @@ impl Driver {
     /// Hand the cells delivered in this round to the pool, in as many
     /// batches as it has workers: one task and one wake-up per batch, not
     /// per cell.
-    fn dispatch_handlers(&mut self) {
+    fn dispatch_handlers(&mut self, now: Now) {
         if self.to_handle.is_empty() {
             return;
         }
-        let cells = std::mem::take(&mut self.to_handle);
-        self.handlers_running += cells.len();
+        let mut cells = std::mem::take(&mut self.to_handle);
         self.handled += cells.len() as u64;
+        let Some(handler) = self.p.handler.clone() else {
+            // No handler: every cell is accepted here, without a round trip
+            // through the pool (it would run nothing).
+            for cell in cells.drain(..) {
+                self.on_handled(
+                    now,
+                    HandlerDone {
+                        cell,
+                        result: Ok(()),
+                    },
+                );
+            }
+            self.to_handle = cells;
+            return;
+        };
+        self.handlers_running += cells.len();
         let workers = self.p.pool.current_num_threads().max(1);
         let chunk = cells.len().div_ceil(workers);
         let mut cells = cells.into_iter().peekable();
         while cells.peek().is_some() {
             let batch: Vec<Cell> = cells.by_ref().take(chunk).collect();
-            let handler = self.p.handler.clone();
+            let handler = handler.clone();
             let done = self.done_tx.clone();
             let waker = self.p.waker.clone();
             self.p.pool.spawn(move || {

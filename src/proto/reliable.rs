@@ -24,7 +24,7 @@
 //! [`ReliableEndpoint::reset_peer`] renumbers the unanswered messages from 1,
 //! so the restarted peer's receive state starts without a gap.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -234,12 +234,14 @@ enum Slot {
 struct Inbound {
     /// Every id `<= watermark` is answered (or given up as a hole).
     watermark: u64,
-    /// Ids above the watermark, at most `dedup_window` ahead of it.
-    slots: BTreeMap<u64, Slot>,
+    /// Ids above the watermark, at most `dedup_window` ahead of it: entry
+    /// `i` is id `watermark + 1 + i` (ids are dense, so a ring, not a map);
+    /// `None` = not received. The last entry, if any, is `Some`.
+    slots: VecDeque<Option<Slot>>,
     /// ERR outcomes for ids above `watermark - dedup_window`.
     errors: BTreeMap<u64, (u32, String)>,
-    /// Answered ids whose answer is not sent yet.
-    pending: BTreeSet<u64>,
+    /// Answered ids whose answer is not sent yet (unsorted, maybe repeated).
+    pending: Vec<u64>,
     pending_since: Option<Now>,
     /// Since when `watermark + 1` is missing while later ids are present.
     hole_since: Option<Now>,
@@ -248,15 +250,34 @@ struct Inbound {
 
 impl Inbound {
     fn answer(&mut self, now: Now, id: u64) {
-        self.pending.insert(id);
+        self.pending.push(id);
         self.pending_since.get_or_insert(now);
     }
 
+    /// The slot of `id`, if it is above the watermark and was received.
+    fn slot(&self, id: u64) -> Option<Slot> {
+        let i = id.checked_sub(self.watermark + 1)?;
+        self.slots.get(usize::try_from(i).ok()?).copied().flatten()
+    }
+
+    /// Mark `id` (above the watermark, within the dedup window) running.
+    fn start(&mut self, id: u64) {
+        let i = (id - self.watermark - 1) as usize;
+        if i >= self.slots.len() {
+            self.slots.resize(i, None);
+            self.slots.push_back(Some(Slot::Running));
+        } else {
+            self.slots[i] = Some(Slot::Running);
+        }
+    }
+
+    /// Ids between the watermark and the first received one.
+    fn gap(&self) -> u64 {
+        self.slots.iter().take_while(|s| s.is_none()).count() as u64
+    }
+
     fn update_hole(&mut self, now: Now) {
-        let hole = self
-            .slots
-            .first_key_value()
-            .is_some_and(|(&k, _)| k > self.watermark + 1);
+        let hole = self.slots.front().is_some_and(|s| s.is_none());
         if !hole {
             self.hole_since = None;
         } else if self.hole_since.is_none() {
@@ -267,13 +288,9 @@ impl Inbound {
     /// Move the watermark over answered ids and prune what it left behind.
     fn advance(&mut self, now: Now, dedup_window: u64) {
         let before = self.watermark;
-        while let Some(entry) = self.slots.first_entry() {
-            if *entry.key() == self.watermark + 1 && *entry.get() == Slot::Done {
-                entry.remove();
-                self.watermark += 1;
-            } else {
-                break;
-            }
+        while self.slots.front() == Some(&Some(Slot::Done)) {
+            self.slots.pop_front();
+            self.watermark += 1;
         }
         if self.watermark > dedup_window {
             let floor = self.watermark - dedup_window;
@@ -295,7 +312,9 @@ impl Inbound {
         };
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut errors = Vec::new();
-        for &id in self.pending.range(cumulative + 1..) {
+        self.pending.sort_unstable();
+        self.pending.dedup();
+        for &id in self.pending.iter().filter(|&&id| id > cumulative) {
             match ranges.last_mut() {
                 Some((_, hi)) if *hi + 1 == id => *hi = id,
                 _ => ranges.push((id, id)),
@@ -431,7 +450,7 @@ impl ReliableEndpoint {
             self.stats.bad_data += 1;
             return;
         }
-        let slot = inb.slots.get(&id).copied();
+        let slot = inb.slot(id);
         if id <= inb.watermark || slot == Some(Slot::Done) {
             self.stats.duplicates_dropped += 1;
             inb.answer(now, id);
@@ -446,7 +465,7 @@ impl ReliableEndpoint {
             self.stats.beyond_window += 1;
             return;
         }
-        inb.slots.insert(id, Slot::Running);
+        inb.start(id);
         inb.running += 1;
         inb.update_hole(now);
         self.stats.delivered += 1;
@@ -462,8 +481,11 @@ impl ReliableEndpoint {
             self.stats.stale_completions += 1;
             return;
         };
-        match inb.slots.get_mut(&id) {
-            Some(slot @ Slot::Running) => *slot = Slot::Done,
+        let at = id
+            .checked_sub(inb.watermark + 1)
+            .and_then(|i| usize::try_from(i).ok());
+        match at.and_then(|i| inb.slots.get_mut(i)) {
+            Some(slot @ Some(Slot::Running)) => *slot = Some(Slot::Done),
             _ => {
                 self.stats.stale_completions += 1;
                 return;
@@ -580,12 +602,12 @@ impl ReliableEndpoint {
             }
 
             let inb = &mut peer.inb;
-            if inb.hole_since.is_some_and(|t| t + hole_timeout <= now) {
-                if let Some((&first, _)) = inb.slots.first_key_value() {
-                    stats.holes_skipped += first.saturating_sub(inb.watermark + 1);
-                    inb.watermark = first - 1;
-                    inb.advance(now, config.dedup_window);
-                }
+            if inb.hole_since.is_some_and(|t| t + hole_timeout <= now) && !inb.slots.is_empty() {
+                let gap = inb.gap();
+                stats.holes_skipped += gap;
+                inb.slots.drain(..gap as usize);
+                inb.watermark += gap;
+                inb.advance(now, config.dedup_window);
             }
             if inb
                 .pending_since

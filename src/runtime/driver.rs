@@ -76,7 +76,7 @@ pub(crate) struct Driver {
     routes: HashMap<Rank, Vec<u8>>,
     /// Data for peers not resolved yet (bounded by the credit window).
     parked: HashMap<Rank, Vec<DataMsg>>,
-    tickets: HashMap<(Rank, u64), Sender<crate::proto::reliable::Outcome>>,
+    tickets: HashMap<(Rank, u64), super::shared::Resolver>,
     /// Cells sent per (peer, frame), for the frame-end count.
     frame_counts: HashMap<(Rank, u64), u32>,
     /// A complete (or missing) frame waiting for room in the application's channel.
@@ -175,7 +175,7 @@ impl Driver {
         let open = self.tickets.len() as u64;
         // Tickets still open resolve now: nothing waits forever.
         for ((to, _), tx) in self.tickets.drain() {
-            let _ = tx.send(Outcome::TimedOut);
+            tx.resolve(Outcome::TimedOut);
             self.p.credits.release(to);
         }
         let st = self.reliable.stats();
@@ -426,7 +426,7 @@ impl Driver {
                         Err(_) => {
                             // The credit gate keeps this from happening; if it
                             // does, the ticket says so rather than hanging.
-                            let _ = ticket.send(Outcome::TimedOut);
+                            ticket.resolve(Outcome::TimedOut);
                             self.p.credits.release(to);
                         }
                     }
@@ -894,7 +894,7 @@ impl Driver {
                 };
                 Metrics::add(counter, 1);
                 if let Some(tx) = self.tickets.remove(&(to, id)) {
-                    let _ = tx.send(outcome);
+                    tx.resolve(outcome);
                     self.p.credits.release(to);
                 }
             }

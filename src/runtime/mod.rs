@@ -230,20 +230,14 @@ pub enum PeerEvent {
 #[must_use = "a ticket tells whether the cell was acknowledged"]
 pub struct Ticket {
     to: Rank,
-    rx: Receiver<Outcome>,
-    outcome: std::sync::OnceLock<Outcome>,
+    answer: Arc<shared::Answer>,
     /// How long [`Self::wait`] checks before it sleeps (`CELLNET_SPIN`).
     spin: Duration,
 }
 
 impl Ticket {
-    fn new(to: Rank, rx: Receiver<Outcome>, spin: Duration) -> Self {
-        Self {
-            to,
-            rx,
-            outcome: std::sync::OnceLock::new(),
-            spin,
-        }
+    fn new(to: Rank, answer: Arc<shared::Answer>, spin: Duration) -> Self {
+        Self { to, answer, spin }
     }
 
     /// The rank the cell was sent to.
@@ -252,34 +246,16 @@ impl Ticket {
     }
 
     /// Wait for the answer: ACK, ERR, or timed out after the send deadline.
-    /// Asking again returns the same answer.
+    /// Asking again returns the same answer. A quick answer is picked up
+    /// without sleeping (and so without the I/O thread having to wake a
+    /// sleeping core to deliver it).
     pub fn wait(&self) -> Result<Outcome, SendError> {
-        if let Some(o) = self.outcome.get() {
-            return Ok(o.clone());
-        }
-        // A quick answer is picked up without sleeping (and so without the
-        // I/O thread having to wake a sleeping core to deliver it).
-        let start = Instant::now();
-        while start.elapsed() < self.spin {
-            match self.rx.try_recv() {
-                Ok(o) => return Ok(self.outcome.get_or_init(|| o).clone()),
-                Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    return Err(SendError::Closed)
-                }
-                Err(crossbeam_channel::TryRecvError::Empty) => std::thread::yield_now(),
-            }
-        }
-        let o = self.rx.recv().map_err(|_| SendError::Closed)?;
-        Ok(self.outcome.get_or_init(|| o).clone())
+        self.answer.wait(self.spin).ok_or(SendError::Closed)
     }
 
     /// The answer if it is there already.
     pub fn try_outcome(&self) -> Option<Outcome> {
-        if let Some(o) = self.outcome.get() {
-            return Some(o.clone());
-        }
-        let o = self.rx.try_recv().ok()?;
-        Some(self.outcome.get_or_init(|| o).clone())
+        self.answer.try_get().flatten()
     }
 }
 
@@ -289,7 +265,7 @@ pub(crate) enum Command {
         frame: u64,
         kind: DataKind,
         payload: Bytes,
-        ticket: Sender<Outcome>,
+        ticket: shared::Resolver,
     },
     Expect {
         from_frame: Option<u64>,
@@ -618,7 +594,7 @@ impl Communicator {
         kind: DataKind,
         payload: Bytes,
     ) -> Result<Ticket, SendError> {
-        let (tx, rx) = bounded(1);
+        let (tx, rx) = shared::Answer::new();
         let cmd = Command::Send {
             to,
             frame,

@@ -114,7 +114,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "CELLNET_SPIN",
         "50us",
-        "how long an idle I/O thread or a waiting ticket polls before sleeping (0: sleep at once)",
+        "how long an idle I/O thread (once the job is ready) or a waiting ticket polls before sleeping (0: sleep at once)",
     ),
     (
         "CELLNET_FRAMES_AHEAD",
@@ -163,7 +163,8 @@ pub struct Config {
     pub liveness: LivenessConfig,
     /// Tuning of the reliable channel (retransmission, deadline, window).
     pub reliable: ReliableConfig,
-    /// How long the I/O thread keeps polling after its last work, and a
+    /// How long the I/O thread keeps polling after its last work (once the
+    /// job is globally ready; not during start-up), and a
     /// ticket keeps checking for its answer, before going to sleep: waking
     /// a sleeping thread on an idle core costs tens of microseconds.
     pub spin: Duration,

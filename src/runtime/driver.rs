@@ -55,6 +55,22 @@ pub(crate) struct Parts {
     pub metrics: Arc<Metrics>,
 }
 
+/// Data messages with payloads up to this size are gathered into batches.
+const BATCH_PAYLOAD_MAX: usize = 4 * 1024;
+/// A batch is sent once its body reaches this size.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Small data messages for one peer, gathered during one round.
+#[derive(Default)]
+struct Batch {
+    /// The first message, until a second one comes (alone it is sent as is).
+    first: Option<DataMsg>,
+    /// Entries of the messages once there are two or more (`first`
+    /// included), `count` of them.
+    body: Vec<u8>,
+    count: u32,
+}
+
 /// A handler's verdict on a cell, on its way back to the I/O thread.
 struct HandlerDone {
     cell: Cell,
@@ -104,6 +120,8 @@ pub(crate) struct Driver {
     shutdown_since: Option<Now>,
     /// Reused buffer of received messages.
     inbox: Vec<Inbound>,
+    /// Small data messages gathered per peer in this round.
+    outbox: HashMap<Rank, Batch>,
 }
 
 impl Driver {
@@ -160,6 +178,7 @@ impl Driver {
             goodbyes: HashSet::default(),
             shutdown_since: None,
             inbox: Vec::new(),
+            outbox: HashMap::default(),
         }
     }
 
@@ -289,7 +308,9 @@ impl Driver {
     /// the next timer, `wait_ms` from now): whether something is ready.
     fn spin_until_ready(&self, fds: &[std::os::fd::RawFd], wait_ms: i64) -> Result<bool, String> {
         let spin = self.p.config.spin;
-        if spin.is_zero() {
+        // Not while starting: then many instances may share few cores, and
+        // the handshake does not need microseconds.
+        if spin.is_zero() || self.global.as_ref().and_then(|g| g.ready()).is_none() {
             return Ok(false);
         }
         let start = Instant::now();
@@ -614,10 +635,11 @@ impl Driver {
             while let Some(t) = self.reliable.poll_transmit(now) {
                 progressed = true;
                 match t {
-                    (to, ReliableTransmit::Data(msg)) => self.send_data(now, to, msg),
+                    (to, ReliableTransmit::Data(msg)) => self.queue_data(now, to, msg),
                     (to, ReliableTransmit::Feedback(fb)) => self.reply(to, &Control::Feedback(fb)),
                 }
             }
+            self.send_batches(now);
             while let Some(e) = self.reliable.poll_event() {
                 progressed = true;
                 self.on_reliable_event(now, e);
@@ -946,6 +968,70 @@ impl Driver {
         }
     }
 
+    /// Send `msg` to `to`, gathering small ones into one batch per peer
+    /// (sent by [`Self::send_batches`] at the end of the round): one
+    /// ZeroMQ message for many cells instead of two frames per cell.
+    fn queue_data(&mut self, now: Now, to: Rank, msg: DataMsg) {
+        if self.faults.is_some() || msg.payload.len() > BATCH_PAYLOAD_MAX || !self.route(now, to) {
+            if let Some(b) = self.outbox.remove(&to) {
+                self.send_batch(now, to, b);
+            }
+            return self.send_data(now, to, msg);
+        }
+        let b = self.outbox.entry(to).or_default();
+        if b.first.is_none() && b.count == 0 {
+            b.first = Some(msg);
+        } else {
+            if let Some(f) = b.first.take() {
+                wire::push_batch_entry(&mut b.body, &f);
+                b.count += 1;
+            }
+            wire::push_batch_entry(&mut b.body, &msg);
+            b.count += 1;
+        }
+        if b.body.len() >= BATCH_BYTES {
+            if let Some(b) = self.outbox.remove(&to) {
+                self.send_batch(now, to, b);
+            }
+        }
+    }
+
+    /// Send every batch gathered by [`Self::queue_data`].
+    fn send_batches(&mut self, now: Now) {
+        let outbox = std::mem::take(&mut self.outbox);
+        for (to, b) in outbox {
+            self.send_batch(now, to, b);
+        }
+    }
+
+    fn send_batch(&mut self, now: Now, to: Rank, b: Batch) {
+        if let Some(msg) = b.first {
+            // Alone: the plain two-frame message.
+            return self.send_data(now, to, msg);
+        }
+        if b.count == 0 {
+            return;
+        }
+        let to_incarnation = self
+            .peers
+            .get(&to)
+            .map_or(Incarnation(0), |p| p.incarnation);
+        let head = wire::batch_header(
+            self.p.me.rank,
+            self.p.me.incarnation,
+            to_incarnation,
+            b.count,
+        );
+        match self
+            .p
+            .transport
+            .send_data(to, &head, &bytes::Bytes::from(b.body))
+        {
+            Ok(()) | Err(NetError::WouldBlock(_)) => {}
+            Err(e) => tracing::debug!("data to rank {to} not sent: {e}"),
+        }
+    }
+
     fn send_data(&mut self, now: Now, to: Rank, msg: DataMsg) {
         if !self.route(now, to) {
             let parked = self.parked.entry(to).or_default();
@@ -1068,6 +1154,26 @@ impl Driver {
         tracing::debug!("dropped datagram: {e}");
     }
 
+    /// A data message (alone or out of a batch) from `header.from`.
+    fn on_data(&mut self, now: Now, header: &wire::Header, data: DataMsg) {
+        let to = header.to_incarnation;
+        if to != Incarnation(0) && to != self.p.me.incarnation {
+            // Meant for an earlier life of this rank.
+            Metrics::add(&self.p.metrics.stale_messages, 1);
+            return;
+        }
+        if data.kind != DataKind::Collective
+            && data.frame >= self.assembler.next_frame()
+            && !self.assembler.accepts(data.frame)
+        {
+            // The frame buffer is full: withhold the answer (and so the
+            // sender's credit); it is resent later.
+            Metrics::add(&self.p.metrics.cells_deferred, 1);
+            return;
+        }
+        self.reliable.handle_data(now, header.from, data)
+    }
+
     fn read_zmq(&mut self, now: Now) -> Result<(), String> {
         let mut inbox = std::mem::take(&mut self.inbox);
         self.p
@@ -1102,23 +1208,11 @@ impl Driver {
                 }
             }
             match msg {
-                PeerMsg::Data(data) => {
-                    let to = header.to_incarnation;
-                    if to != Incarnation(0) && to != self.p.me.incarnation {
-                        // Meant for an earlier life of this rank.
-                        Metrics::add(&self.p.metrics.stale_messages, 1);
-                        continue;
+                PeerMsg::Data(data) => self.on_data(now, &header, data),
+                PeerMsg::Batch(batch) => {
+                    for data in batch {
+                        self.on_data(now, &header, data);
                     }
-                    if data.kind != DataKind::Collective
-                        && data.frame >= self.assembler.next_frame()
-                        && !self.assembler.accepts(data.frame)
-                    {
-                        // The frame buffer is full: withhold the answer (and
-                        // so the sender's credit); it is resent later.
-                        Metrics::add(&self.p.metrics.cells_deferred, 1);
-                        continue;
-                    }
-                    self.reliable.handle_data(now, header.from, data)
                 }
                 PeerMsg::Control(Control::FrameQuery { frame }) => {
                     let ended = self.ended.get(&header.from).is_some_and(|&e| e >= frame);

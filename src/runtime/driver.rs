@@ -122,6 +122,8 @@ pub(crate) struct Driver {
     inbox: Vec<Inbound>,
     /// Small data messages gathered per peer in this round.
     outbox: HashMap<Rank, Batch>,
+    /// Credits of tickets resolved in this round, per peer.
+    freed_credits: HashMap<Rank, u32>,
 }
 
 impl Driver {
@@ -179,6 +181,7 @@ impl Driver {
             shutdown_since: None,
             inbox: Vec::new(),
             outbox: HashMap::default(),
+            freed_credits: HashMap::default(),
         }
     }
 
@@ -644,6 +647,11 @@ impl Driver {
                 progressed = true;
                 self.on_reliable_event(now, e);
             }
+            // One wake-up of a sender blocked on the window per round, not
+            // one per answered cell.
+            for (to, n) in self.freed_credits.drain() {
+                self.p.credits.release_many(to, n);
+            }
             self.dispatch_handlers(now);
             self.pump_frames();
             if !progressed {
@@ -917,7 +925,8 @@ impl Driver {
                 Metrics::add(counter, 1);
                 if let Some(tx) = self.tickets.remove(&(to, id)) {
                     tx.resolve(outcome);
-                    self.p.credits.release(to);
+                    // Returned together at the end of the round.
+                    *self.freed_credits.entry(to).or_insert(0) += 1;
                 }
             }
         }

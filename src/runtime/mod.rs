@@ -676,6 +676,10 @@ impl Communicator {
     }
 
     fn acquire(&self, to: Rank, deadline: Option<Instant>) -> Result<(), SendError> {
+        // A free credit is taken without reading the clock.
+        if self.credits.acquire(to, None) {
+            return Ok(());
+        }
         // Without a deadline, wait in slices so a stopped I/O thread is noticed.
         loop {
             let slice = Instant::now() + Duration::from_millis(200);

@@ -223,9 +223,14 @@ impl CreditGate {
     }
 
     pub fn release(&self, to: Rank) {
+        self.release_many(to, 1);
+    }
+
+    /// Return `n` credits for `to` at once (one lock, at most one wake-up).
+    pub fn release_many(&self, to: Rank, n: u32) {
         let mut in_use = lock(&self.in_use);
         if let Some(used) = in_use.used.get_mut(&to) {
-            *used = used.saturating_sub(1);
+            *used = used.saturating_sub(n);
         }
         let wake = in_use.waiting > 0;
         drop(in_use);

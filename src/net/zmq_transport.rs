@@ -267,6 +267,16 @@ impl ZmqTransport {
         Ok((fds, ready))
     }
 
+    /// The file descriptors ZeroMQ signals its sockets' activity on (they
+    /// become readable when a message arrives at a socket that was read
+    /// until empty; see `ZMQ_FD`).
+    pub fn signal_fds(&self) -> Vec<RawFd> {
+        std::iter::once(&self.router)
+            .chain(self.dealers.values().map(|d| &d.socket))
+            .filter_map(|s| s.get_fd().ok())
+            .collect()
+    }
+
     /// Whether any socket or any of `fds` is readable right now (no waiting).
     pub fn ready_now(&self, fds: &[RawFd]) -> Result<bool, NetError> {
         Ok(self.poll(fds, 0)?.1)

@@ -55,6 +55,21 @@ pub(crate) struct Parts {
     pub metrics: Arc<Metrics>,
 }
 
+/// How a spin before sleeping ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spin {
+    /// Not spun: there is work due now.
+    Skipped,
+    /// Something is ready (a socket, or a queue before the sockets were
+    /// fully checked).
+    Ready,
+    /// Only the command or handler queues have work; a full check of the
+    /// sockets during the spin found nothing.
+    QueuesOnly,
+    /// Nothing came within the spin time: sleep.
+    Idle,
+}
+
 /// Data messages with payloads up to this size are gathered into batches.
 const BATCH_PAYLOAD_MAX: usize = 4 * 1024;
 /// A batch is sent once its body reaches this size.
@@ -275,11 +290,17 @@ impl Driver {
             // (the answer to what we just sent, the application's next
             // send) is found without the cost of waking a sleeping core,
             // and the application need not write the eventfd meanwhile.
-            let wait = if wait == 0 || self.spin_until_ready(&fds, wait)? {
-                0
+            let spun = if wait == 0 {
+                Spin::Skipped
             } else {
-                wait
+                self.spin_until_ready(&fds, wait)?
             };
+            if spun == Spin::QueuesOnly {
+                // The sockets were found empty while spinning: serve the
+                // application (or the handlers) first, without polling them.
+                continue;
+            }
+            let wait = if spun == Spin::Idle { wait } else { 0 };
             self.p.waker.park();
             let wait = if self.p.commands.is_empty() && self.done_rx.is_empty() {
                 wait
@@ -309,27 +330,53 @@ impl Driver {
     /// Poll the queues and sockets without sleeping, yielding the core
     /// between checks, for up to the configured spin time (and never past
     /// the next timer, `wait_ms` from now): whether something is ready.
-    fn spin_until_ready(&self, fds: &[std::os::fd::RawFd], wait_ms: i64) -> Result<bool, String> {
+    fn spin_until_ready(&self, fds: &[std::os::fd::RawFd], wait_ms: i64) -> Result<Spin, String> {
         let spin = self.p.config.spin;
         // Not while starting: then many instances may share few cores, and
         // the handshake does not need microseconds.
         if spin.is_zero() || self.global.as_ref().and_then(|g| g.ready()).is_none() {
-            return Ok(false);
+            return Ok(Spin::Idle);
         }
         let start = Instant::now();
         let budget = spin.min(Duration::from_millis(wait_ms.max(0) as u64));
-        loop {
+        // Mostly one poll(2) on the descriptors ZeroMQ signals arrivals on
+        // (cheap); every few rounds a full zmq::poll, which also sees
+        // messages whose signal a send on the same socket consumed.
+        let mut pfds: Vec<libc::pollfd> = fds
+            .iter()
+            .copied()
+            .chain(self.p.transport.signal_fds())
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        for round in 0u32.. {
             if !self.p.commands.is_empty() || !self.done_rx.is_empty() {
-                return Ok(true);
+                // After a full check of the sockets found nothing.
+                return Ok(if round > 7 {
+                    Spin::QueuesOnly
+                } else {
+                    Spin::Ready
+                });
             }
-            if self.p.transport.ready_now(fds).map_err(|e| e.to_string())? {
-                return Ok(true);
+            let ready = if round % 8 == 7 {
+                self.p.transport.ready_now(fds).map_err(|e| e.to_string())?
+            } else {
+                // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd
+                // structs; a zero timeout never blocks.
+                unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 0) > 0 }
+            };
+            if ready {
+                return Ok(Spin::Ready);
             }
             if start.elapsed() >= budget {
-                return Ok(false);
+                return Ok(Spin::Idle);
             }
             std::thread::yield_now();
         }
+        Ok(Spin::Idle)
     }
 
     /// Put a message on the wire (through the fault injector when one is

@@ -203,12 +203,92 @@ struct Outgoing {
     deadline: Now,
 }
 
+/// Unresolved messages by wire id. Ids are handed out in sequence, so this
+/// is a ring from the oldest unresolved id (at most a dedup window long);
+/// ids resolved out of order are empty slots until the older ones go.
+#[derive(Default)]
+struct Inflight {
+    /// Wire id of `slots[0]`; when not empty, `slots[0]` is occupied.
+    base: u64,
+    slots: VecDeque<Option<Outgoing>>,
+    len: usize,
+}
+
+impl Inflight {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The oldest unresolved id.
+    fn first_id(&self) -> Option<u64> {
+        (self.len > 0).then_some(self.base)
+    }
+
+    /// Add `id`, which must be above every id present.
+    fn insert(&mut self, id: u64, o: Outgoing) {
+        if self.slots.is_empty() {
+            self.base = id;
+        }
+        let i = (id - self.base) as usize;
+        self.slots.resize_with(i, || None);
+        self.slots.push_back(Some(o));
+        self.len += 1;
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Outgoing> {
+        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
+        let o = self.slots.get_mut(i)?.take()?;
+        self.len -= 1;
+        while self.slots.front().is_some_and(|s| s.is_none()) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        Some(o)
+    }
+
+    /// Present ids in `lo..=hi`, ascending.
+    fn ids_in(&self, lo: u64, hi: u64) -> impl Iterator<Item = u64> + '_ {
+        let from = lo.saturating_sub(self.base) as usize;
+        let to = (hi.saturating_sub(self.base) as usize).min(self.slots.len().saturating_sub(1));
+        let base = self.base;
+        let empty = hi < self.base || self.slots.is_empty();
+        self.slots
+            .iter()
+            .enumerate()
+            .skip(if empty { usize::MAX } else { from })
+            .take_while(move |(i, _)| *i <= to)
+            .filter(|(_, s)| s.is_some())
+            .map(move |(i, _)| base + i as u64)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &Outgoing)> {
+        let base = self.base;
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, s)| s.as_ref().map(|o| (base + i as u64, o)))
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Outgoing> {
+        self.slots.iter_mut().flatten()
+    }
+
+    /// Everything, oldest first; leaves the ring empty.
+    fn take_all(&mut self) -> Vec<Outgoing> {
+        self.len = 0;
+        std::mem::take(&mut self.slots)
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
 /// Sending half towards one peer.
 struct Outbound {
     next_wire: u64,
     next_ticket: u64,
     /// Unresolved messages by wire id.
-    inflight: BTreeMap<u64, Outgoing>,
+    inflight: Inflight,
 }
 
 impl Default for Outbound {
@@ -216,7 +296,7 @@ impl Default for Outbound {
         Self {
             next_wire: 1,
             next_ticket: 1,
-            inflight: BTreeMap::new(),
+            inflight: Inflight::default(),
         }
     }
 }
@@ -387,8 +467,8 @@ impl ReliableEndpoint {
             return self.config.window;
         };
         let by_count = (self.config.window as usize).saturating_sub(out.inflight.len());
-        let by_span = match out.inflight.first_key_value() {
-            Some((&oldest, _)) => {
+        let by_span = match out.inflight.first_id() {
+            Some(oldest) => {
                 (oldest.saturating_add(self.config.dedup_window)).saturating_sub(out.next_wire)
             }
             None => u64::MAX,
@@ -518,20 +598,16 @@ impl ReliableEndpoint {
             self.stats.bogus_feedback += 1;
             return;
         }
-        let mut answered: Vec<u64> = out
-            .inflight
-            .range(..=fb.cumulative)
-            .map(|(&id, _)| id)
-            .collect();
+        let mut answered: Vec<u64> = out.inflight.ids_in(0, fb.cumulative).collect();
         for &(lo, hi) in &fb.ranges {
-            answered.extend(out.inflight.range(lo..=hi).map(|(&id, _)| id));
+            answered.extend(out.inflight.ids_in(lo, hi));
         }
         if answered.is_empty() {
             return;
         }
         let errors: HashMap<u64, &ErrReport> = fb.errors.iter().map(|e| (e.id, e)).collect();
         for id in answered {
-            let Some(o) = out.inflight.remove(&id) else {
+            let Some(o) = out.inflight.remove(id) else {
                 continue; // listed twice
             };
             let outcome = match errors.get(&id) {
@@ -578,10 +654,10 @@ impl ReliableEndpoint {
                     .inflight
                     .iter()
                     .filter(|(_, o)| o.deadline <= now)
-                    .map(|(&id, _)| id)
+                    .map(|(id, _)| id)
                     .collect();
                 for id in expired {
-                    if let Some(o) = out.inflight.remove(&id) {
+                    if let Some(o) = out.inflight.remove(id) {
                         stats.timeouts += 1;
                         events.push_back(ReliableEvent::Resolved {
                             to: rank,
@@ -688,10 +764,10 @@ impl ReliableEndpoint {
             return;
         };
         state.inb = Inbound::default();
-        let old = std::mem::take(&mut state.out.inflight);
+        let old = state.out.inflight.take_all();
         let mut wire = 1;
         let mut earliest: Option<Now> = None;
-        for (_, mut o) in old {
+        for mut o in old {
             o.msg.id = wire;
             o.retry = Backoff::start(self.config.retransmit, now);
             o.retry.fire(now, &mut self.rng);

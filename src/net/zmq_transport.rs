@@ -26,6 +26,9 @@ use crate::proto::{Endpoints, Incarnation, Rank};
 /// High-water mark for every socket, in messages: far above any credit
 /// window, so it is only reached when a peer stopped reading.
 const HWM: i32 = 1_000_000;
+/// Kernel socket buffers (SO_SNDBUF/SO_RCVBUF) of every connection: a
+/// 1 MiB cell goes out in a few writes rather than many.
+const SOCKET_BUFFER: i32 = 4 << 20;
 /// How long closing a socket may wait for queued messages. Delivery rests on
 /// acknowledgements, never on linger, so this only has to be short.
 const LINGER_MS: i32 = 200;
@@ -93,6 +96,12 @@ impl ZmqTransport {
             .map_err(zerr("setsockopt", &tcp_wanted))?;
         router
             .set_linger(LINGER_MS)
+            .map_err(zerr("setsockopt", &tcp_wanted))?;
+        router
+            .set_rcvbuf(SOCKET_BUFFER)
+            .map_err(zerr("setsockopt", &tcp_wanted))?;
+        router
+            .set_sndbuf(SOCKET_BUFFER)
             .map_err(zerr("setsockopt", &tcp_wanted))?;
         router
             .bind(&tcp_wanted)
@@ -166,6 +175,12 @@ impl ZmqTransport {
             .map_err(zerr("setsockopt", endpoint))?;
         socket
             .set_linger(LINGER_MS)
+            .map_err(zerr("setsockopt", endpoint))?;
+        socket
+            .set_sndbuf(SOCKET_BUFFER)
+            .map_err(zerr("setsockopt", endpoint))?;
+        socket
+            .set_rcvbuf(SOCKET_BUFFER)
             .map_err(zerr("setsockopt", endpoint))?;
         socket
             .set_reconnect_ivl(20)

@@ -112,6 +112,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "unanswered cells in flight per peer before send blocks",
     ),
     (
+        "CELLNET_SPIN",
+        "50us",
+        "how long an idle I/O thread (once the job is ready) or a waiting ticket polls before sleeping (0: sleep at once)",
+    ),
+    (
         "CELLNET_FRAMES_AHEAD",
         "64",
         "frames buffered ahead of the one the application waits for",
@@ -180,6 +185,11 @@ pub struct Config {
     pub liveness: LivenessConfig,
     /// Tuning of the reliable channel (retransmission, deadline, window).
     pub reliable: ReliableConfig,
+    /// How long the I/O thread keeps polling after its last work (once the
+    /// job is globally ready; not during start-up), and a
+    /// ticket keeps checking for its answer, before going to sleep: waking
+    /// a sleeping thread on an idle core costs tens of microseconds.
+    pub spin: Duration,
     /// Injected wire faults (tests); `None` in production.
     pub faults: Option<crate::runtime::faults::FaultConfig>,
 }
@@ -204,15 +214,18 @@ impl Default for Config {
             global: GlobalConfig::default(),
             liveness: LivenessConfig::default(),
             reliable: ReliableConfig::default(),
+            spin: Duration::from_micros(50),
             faults: None,
         }
     }
 }
 
-/// Parse a duration: `250ms`, `2s`, `1.5s`, `3m`, or plain seconds.
+/// Parse a duration: `50us`, `250ms`, `2s`, `1.5s`, `3m`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+    let (num, scale) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix("ms") {
         (n, 1e-3)
     } else if let Some(n) = s.strip_suffix('s') {
         (n, 1.0)
@@ -224,7 +237,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let v: f64 = num
         .trim()
         .parse()
-        .map_err(|_| "not a duration (try 250ms, 2s, 1m)".to_string())?;
+        .map_err(|_| "not a duration (try 50us, 250ms, 2s, 1m)".to_string())?;
     if !v.is_finite() || v < 0.0 || v * scale > 1e9 {
         return Err("duration out of range".into());
     }
@@ -357,6 +370,16 @@ impl Config {
                 dup: dup.unwrap_or(0.0),
             });
         }
+        if let Some(v) = get(vars, "CELLNET_SPIN", parse_duration)? {
+            if v > Duration::from_millis(10) {
+                return Err(ConfigError {
+                    var: "CELLNET_SPIN",
+                    value: format!("{v:?}"),
+                    reason: "at most 10ms (it burns a core while nothing happens)".into(),
+                });
+            }
+            c.spin = v;
+        }
         if let Some(v) = get(vars, "CELLNET_LINGER", parse_duration)? {
             c.linger = v;
         }
@@ -435,6 +458,7 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("50us"), Ok(Duration::from_micros(50)));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("NaNs").is_err());
     }

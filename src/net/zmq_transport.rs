@@ -5,8 +5,17 @@
 //! to a vanished peer is an error, not a void), high-water marks are set far
 //! above the credit window, and a full queue is reported as
 //! [`NetError::WouldBlock`] so the reliable channel retries.
+//!
+//! Payloads of [`ZERO_COPY_MIN`] bytes or more are not copied on either
+//! side: a sent payload is lent to ZeroMQ (which drops its reference once
+//! the bytes are written to the socket), and a received one keeps the
+//! buffer of its ZeroMQ message. Smaller ones are copied, which is cheaper
+//! than the bookkeeping.
 
 use std::collections::HashMap;
+use std::os::raw::c_void;
+
+use bytes::Bytes;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -17,9 +26,16 @@ use crate::proto::{Endpoints, Incarnation, Rank};
 /// High-water mark for every socket, in messages: far above any credit
 /// window, so it is only reached when a peer stopped reading.
 const HWM: i32 = 1_000_000;
+/// Kernel socket buffers (SO_SNDBUF/SO_RCVBUF) of every connection: a
+/// 1 MiB cell goes out in a few writes rather than many.
+const SOCKET_BUFFER: i32 = 4 << 20;
 /// How long closing a socket may wait for queued messages. Delivery rests on
 /// acknowledgements, never on linger, so this only has to be short.
 const LINGER_MS: i32 = 200;
+
+/// Payloads at least this large travel without a copy into or out of
+/// ZeroMQ (smaller ones are cheaper to copy).
+pub const ZERO_COPY_MIN: usize = 8 * 1024;
 
 /// A message received on one of the sockets.
 #[derive(Debug)]
@@ -29,14 +45,14 @@ pub enum Inbound {
         /// ZeroMQ identity of the sender's connection, for [`ZmqTransport::reply`].
         routing_id: Vec<u8>,
         /// The message parts after the routing id.
-        frames: Vec<Vec<u8>>,
+        frames: Vec<Bytes>,
     },
     /// On the sending socket to `rank` (a reply from that peer).
     Dealer {
         /// The peer the sending socket goes to.
         rank: Rank,
         /// The message parts.
-        frames: Vec<Vec<u8>>,
+        frames: Vec<Bytes>,
     },
 }
 
@@ -80,6 +96,12 @@ impl ZmqTransport {
             .map_err(zerr("setsockopt", &tcp_wanted))?;
         router
             .set_linger(LINGER_MS)
+            .map_err(zerr("setsockopt", &tcp_wanted))?;
+        router
+            .set_rcvbuf(SOCKET_BUFFER)
+            .map_err(zerr("setsockopt", &tcp_wanted))?;
+        router
+            .set_sndbuf(SOCKET_BUFFER)
             .map_err(zerr("setsockopt", &tcp_wanted))?;
         router
             .bind(&tcp_wanted)
@@ -155,6 +177,12 @@ impl ZmqTransport {
             .set_linger(LINGER_MS)
             .map_err(zerr("setsockopt", endpoint))?;
         socket
+            .set_sndbuf(SOCKET_BUFFER)
+            .map_err(zerr("setsockopt", endpoint))?;
+        socket
+            .set_rcvbuf(SOCKET_BUFFER)
+            .map_err(zerr("setsockopt", endpoint))?;
+        socket
             .set_reconnect_ivl(20)
             .map_err(zerr("setsockopt", endpoint))?;
         socket
@@ -196,6 +224,24 @@ impl ZmqTransport {
         })
     }
 
+    /// Send `[head, payload]` to `rank` through its sending socket; a
+    /// large payload is lent to ZeroMQ, not copied.
+    pub fn send_data(&mut self, rank: Rank, head: &[u8], payload: &Bytes) -> Result<(), NetError> {
+        let dealer = self.dealers.get_mut(&rank).ok_or(NetError::NoRoute(rank))?;
+        let socket = &mut dealer.socket;
+        socket
+            .send(head, zmq::SNDMORE | zmq::DONTWAIT)
+            .and_then(|()| send_bytes(socket, payload, zmq::DONTWAIT))
+            .map_err(|e| match e {
+                zmq::Error::EAGAIN => NetError::WouldBlock(rank),
+                source => NetError::Zmq {
+                    op: "send",
+                    endpoint: format!("rank {rank}"),
+                    source,
+                },
+            })
+    }
+
     /// Reply on the receiving socket to whoever has `routing_id`.
     pub fn reply(&self, routing_id: &[u8], frames: &[&[u8]]) -> Result<(), NetError> {
         let res = self
@@ -210,8 +256,9 @@ impl ZmqTransport {
     }
 
     /// Wait up to `timeout_ms` (-1: forever) for any socket or any of
-    /// `fds` to become readable; returns which of `fds` are readable.
-    pub fn poll(&self, fds: &[RawFd], timeout_ms: i64) -> Result<Vec<bool>, NetError> {
+    /// `fds` to become readable; returns which of `fds` are readable, and
+    /// whether anything (socket or fd) is.
+    pub fn poll(&self, fds: &[RawFd], timeout_ms: i64) -> Result<(Vec<bool>, bool), NetError> {
         let mut items = Vec::with_capacity(1 + self.dealers.len() + fds.len());
         for fd in fds {
             items.push(zmq::PollItem::from_fd(*fd, zmq::POLLIN));
@@ -220,8 +267,9 @@ impl ZmqTransport {
         for d in self.dealers.values() {
             items.push(d.socket.as_poll_item(zmq::POLLIN));
         }
-        match zmq::poll(&mut items, timeout_ms) {
-            Ok(_) | Err(zmq::Error::EINTR) => {}
+        let ready = match zmq::poll(&mut items, timeout_ms) {
+            Ok(n) => n > 0,
+            Err(zmq::Error::EINTR) => false,
             Err(source) => {
                 return Err(NetError::Zmq {
                     op: "poll",
@@ -229,17 +277,33 @@ impl ZmqTransport {
                     source,
                 })
             }
-        }
-        Ok(items[..fds.len()].iter().map(|i| i.is_readable()).collect())
+        };
+        let fds = items[..fds.len()].iter().map(|i| i.is_readable()).collect();
+        Ok((fds, ready))
+    }
+
+    /// The file descriptors ZeroMQ signals its sockets' activity on (they
+    /// become readable when a message arrives at a socket that was read
+    /// until empty; see `ZMQ_FD`).
+    pub fn signal_fds(&self) -> Vec<RawFd> {
+        std::iter::once(&self.router)
+            .chain(self.dealers.values().map(|d| &d.socket))
+            .filter_map(|s| s.get_fd().ok())
+            .collect()
+    }
+
+    /// Whether any socket or any of `fds` is readable right now (no waiting).
+    pub fn ready_now(&self, fds: &[RawFd]) -> Result<bool, NetError> {
+        Ok(self.poll(fds, 0)?.1)
     }
 
     /// Everything that is waiting on any socket, up to `budget` messages.
     pub fn drain(&self, budget: usize, out: &mut Vec<Inbound>) -> Result<(), NetError> {
         let start = out.len();
         while out.len() - start < budget {
-            match self.router.recv_multipart(zmq::DONTWAIT) {
+            match recv_frames(&self.router) {
                 Ok(mut frames) if !frames.is_empty() => {
-                    let routing_id = frames.remove(0);
+                    let routing_id = frames.remove(0).to_vec();
                     out.push(Inbound::Router { routing_id, frames });
                 }
                 Ok(_) => {}
@@ -255,7 +319,7 @@ impl ZmqTransport {
         }
         for (rank, d) in &self.dealers {
             while out.len() - start < budget {
-                match d.socket.recv_multipart(zmq::DONTWAIT) {
+                match recv_frames(&d.socket) {
                     Ok(frames) => out.push(Inbound::Dealer {
                         rank: *rank,
                         frames,
@@ -275,6 +339,84 @@ fn send_parts(socket: &zmq::Socket, frames: &[&[u8]]) -> Result<(), zmq::Error> 
         socket.send(*f, more | zmq::DONTWAIT)?;
     }
     Ok(())
+}
+
+/// The ZeroMQ message struct, aligned as libzmq declares it (the binding's
+/// byte array is not).
+#[repr(C, align(8))]
+struct RawMsg(zmq_sys::zmq_msg_t);
+
+/// ZeroMQ is done with a lent payload: drop our reference to it.
+unsafe extern "C" fn release_lent(_data: *mut c_void, hint: *mut c_void) {
+    // SAFETY: `hint` is the `Box<Bytes>` leaked by `send_bytes` for this
+    // message; ZeroMQ calls this exactly once, when the message is freed.
+    drop(unsafe { Box::from_raw(hint as *mut Bytes) });
+}
+
+/// Send one frame; a payload of at least [`ZERO_COPY_MIN`] bytes is lent to
+/// ZeroMQ (a reference is kept alive until ZeroMQ has written it).
+fn send_bytes(socket: &mut zmq::Socket, payload: &Bytes, flags: i32) -> Result<(), zmq::Error> {
+    if payload.len() < ZERO_COPY_MIN {
+        return socket.send(&payload[..], flags);
+    }
+    let lent = Box::into_raw(Box::new(payload.clone()));
+    let mut msg = RawMsg(zmq_sys::zmq_msg_t::default());
+    // SAFETY: the data pointer and length describe the bytes owned by the
+    // leaked `Bytes`, which stay valid and unmodified (Bytes is immutable)
+    // until `release_lent` drops it. `msg` is initialised before it is
+    // sent, and closed (which calls `release_lent`) if the send fails; on
+    // success ZeroMQ owns it.
+    unsafe {
+        let rc = zmq_sys::zmq_msg_init_data(
+            &mut msg.0,
+            (*lent).as_ptr() as *mut c_void,
+            (*lent).len(),
+            Some(release_lent),
+            lent as *mut c_void,
+        );
+        if rc == -1 {
+            drop(Box::from_raw(lent));
+            return Err(zmq::Error::from_raw(zmq_sys::zmq_errno()));
+        }
+        if zmq_sys::zmq_msg_send(&mut msg.0, socket.as_mut_ptr(), flags) == -1 {
+            let e = zmq::Error::from_raw(zmq_sys::zmq_errno());
+            zmq_sys::zmq_msg_close(&mut msg.0);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// A received ZeroMQ message as the owner of a `Bytes`.
+struct Received(zmq::Message);
+
+impl AsRef<[u8]> for Received {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Every part of the next message on `socket` (empty: none waiting). Large
+/// parts keep their ZeroMQ buffer; small ones are copied out.
+fn recv_frames(socket: &zmq::Socket) -> Result<Vec<Bytes>, zmq::Error> {
+    let mut frames = Vec::with_capacity(3);
+    loop {
+        let msg = match socket.recv_msg(zmq::DONTWAIT) {
+            Ok(m) => m,
+            // Nothing waiting (parts of one message arrive together).
+            Err(zmq::Error::EAGAIN) if frames.is_empty() => return Err(zmq::Error::EAGAIN),
+            Err(e) => return Err(e),
+        };
+        let more = msg.get_more();
+        frames.push(if msg.len() >= ZERO_COPY_MIN {
+            Bytes::from_owner(Received(msg))
+        } else {
+            Bytes::copy_from_slice(&msg)
+        });
+        if !more {
+            return Ok(frames);
+        }
+    }
 }
 
 impl Drop for ZmqTransport {
@@ -322,13 +464,24 @@ mod tests {
             let Inbound::Router { routing_id, frames } = recv_one(&a) else {
                 panic!("expected a router message")
             };
-            assert_eq!(frames, vec![b"hello".to_vec(), b"world".to_vec()]);
+            assert_eq!(frames, vec![&b"hello"[..], &b"world"[..]]);
             a.reply(&routing_id, &[b"ack"]).unwrap();
             let Inbound::Dealer { rank, frames } = recv_one(&b) else {
                 panic!("expected a dealer message")
             };
-            assert_eq!((rank, frames), (0, vec![b"ack".to_vec()]));
+            assert_eq!(rank, 0);
+            assert_eq!(frames, vec![&b"ack"[..]]);
         }
+        // Large payloads are lent to ZeroMQ and received without a copy:
+        // the bytes arrive intact, also after the sender dropped its copy.
+        let big: Bytes = (0..ZERO_COPY_MIN * 3).map(|i| (i % 251) as u8).collect();
+        b.send_data(0, b"head", &big.clone()).unwrap();
+        let sent = big.clone();
+        drop(big);
+        let Inbound::Router { frames, .. } = recv_one(&a) else {
+            panic!("expected a router message")
+        };
+        assert_eq!(frames, vec![Bytes::from_static(b"head"), sent]);
         // A reply to a routing id nobody has is an error, not a silent drop.
         assert!(a.reply(b"nobody", &[b"x"]).is_err());
         assert!(matches!(b.send(9, &[b"x"]), Err(NetError::NoRoute(9))));

@@ -104,14 +104,28 @@ pub struct CompleteFrame {
 
 #[derive(Debug, Default)]
 struct Part {
-    /// Accepted cells by message id (ids grow in send order).
-    cells: BTreeMap<u64, Bytes>,
+    /// Accepted cells sorted by message id (ids grow in send order, so
+    /// they nearly always come in order: appended, not inserted).
+    cells: Vec<(u64, Bytes)>,
     /// Cells the handler refused: received, counted, not handed over.
     rejected: BTreeSet<u64>,
     end: Option<u32>,
 }
 
 impl Part {
+    /// Where cell `id` is or would go in `cells`.
+    fn slot(&self, id: u64) -> Result<usize, usize> {
+        match self.cells.last() {
+            Some(&(last, _)) if last < id => Err(self.cells.len()),
+            None => Err(0),
+            _ => self.cells.binary_search_by_key(&id, |(i, _)| *i),
+        }
+    }
+
+    fn has(&self, id: u64) -> bool {
+        self.slot(id).is_ok() || self.rejected.contains(&id)
+    }
+
     fn received(&self) -> usize {
         self.cells.len() + self.rejected.len()
     }
@@ -369,11 +383,14 @@ impl FrameAssembler {
             return Ok(());
         }
         let part = self.part(from, frame)?;
-        if part.cells.contains_key(&id) || part.rejected.contains(&id) {
+        let Err(at) = part.slot(id) else {
+            return Ok(());
+        };
+        if part.rejected.contains(&id) {
             return Ok(());
         }
         Self::check_count(part, from, frame, 1)?;
-        part.cells.insert(id, payload);
+        part.cells.insert(at, (id, payload));
         Ok(())
     }
 
@@ -384,7 +401,7 @@ impl FrameAssembler {
             return Ok(());
         }
         let part = self.part(from, frame)?;
-        if part.cells.contains_key(&id) || part.rejected.contains(&id) {
+        if part.has(id) {
             return Ok(());
         }
         Self::check_count(part, from, frame, 1)?;
@@ -442,7 +459,7 @@ impl FrameAssembler {
         }
         let cells = parts
             .into_iter()
-            .map(|(rank, part)| (rank, part.cells.into_values().collect()))
+            .map(|(rank, part)| (rank, part.cells.into_iter().map(|(_, c)| c).collect()))
             .collect();
         Some(CompleteFrame { frame, cells })
     }
@@ -493,6 +510,7 @@ mod tests {
     fn cells_of_a_sender_come_out_in_send_order_and_duplicates_once() {
         let mut a = FrameAssembler::new(0, 4);
         a.set_expected([7]);
+        a.handle_cell(7, 3, 0, b(3)).unwrap();
         a.handle_cell(7, 3, 0, b(3)).unwrap();
         a.handle_cell(7, 1, 0, b(1)).unwrap();
         a.handle_cell(7, 1, 0, b(1)).unwrap();

@@ -24,7 +24,7 @@
 //! [`ReliableEndpoint::reset_peer`] renumbers the unanswered messages from 1,
 //! so the restarted peer's receive state starts without a gap.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -214,12 +214,92 @@ struct Outgoing {
     deadline: Now,
 }
 
+/// Unresolved messages by wire id. Ids are handed out in sequence, so this
+/// is a ring from the oldest unresolved id (at most a dedup window long);
+/// ids resolved out of order are empty slots until the older ones go.
+#[derive(Default)]
+struct Inflight {
+    /// Wire id of `slots[0]`; when not empty, `slots[0]` is occupied.
+    base: u64,
+    slots: VecDeque<Option<Outgoing>>,
+    len: usize,
+}
+
+impl Inflight {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The oldest unresolved id.
+    fn first_id(&self) -> Option<u64> {
+        (self.len > 0).then_some(self.base)
+    }
+
+    /// Add `id`, which must be above every id present.
+    fn insert(&mut self, id: u64, o: Outgoing) {
+        if self.slots.is_empty() {
+            self.base = id;
+        }
+        let i = (id - self.base) as usize;
+        self.slots.resize_with(i, || None);
+        self.slots.push_back(Some(o));
+        self.len += 1;
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Outgoing> {
+        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
+        let o = self.slots.get_mut(i)?.take()?;
+        self.len -= 1;
+        while self.slots.front().is_some_and(|s| s.is_none()) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        Some(o)
+    }
+
+    /// Present ids in `lo..=hi`, ascending.
+    fn ids_in(&self, lo: u64, hi: u64) -> impl Iterator<Item = u64> + '_ {
+        let from = lo.saturating_sub(self.base) as usize;
+        let to = (hi.saturating_sub(self.base) as usize).min(self.slots.len().saturating_sub(1));
+        let base = self.base;
+        let empty = hi < self.base || self.slots.is_empty();
+        self.slots
+            .iter()
+            .enumerate()
+            .skip(if empty { usize::MAX } else { from })
+            .take_while(move |(i, _)| *i <= to)
+            .filter(|(_, s)| s.is_some())
+            .map(move |(i, _)| base + i as u64)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &Outgoing)> {
+        let base = self.base;
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, s)| s.as_ref().map(|o| (base + i as u64, o)))
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Outgoing> {
+        self.slots.iter_mut().flatten()
+    }
+
+    /// Everything, oldest first; leaves the ring empty.
+    fn take_all(&mut self) -> Vec<Outgoing> {
+        self.len = 0;
+        std::mem::take(&mut self.slots)
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
 /// Sending half towards one peer.
 struct Outbound {
     next_wire: u64,
     next_ticket: u64,
     /// Unresolved messages by wire id.
-    inflight: BTreeMap<u64, Outgoing>,
+    inflight: Inflight,
     /// Answered cells and frame ends of the latest frames, with their
     /// tickets, for a restart of the peer (see [`ReliableConfig::replay_frames`]).
     recent: VecDeque<(u64, DataMsg)>,
@@ -234,7 +314,7 @@ impl Default for Outbound {
         Self {
             next_wire: 1,
             next_ticket: 1,
-            inflight: BTreeMap::new(),
+            inflight: Inflight::default(),
             recent: VecDeque::new(),
             top_frame: None,
             replaying: 0,
@@ -269,12 +349,14 @@ enum Slot {
 struct Inbound {
     /// Every id `<= watermark` is answered (or given up as a hole).
     watermark: u64,
-    /// Ids above the watermark, at most `dedup_window` ahead of it.
-    slots: BTreeMap<u64, Slot>,
+    /// Ids above the watermark, at most `dedup_window` ahead of it: entry
+    /// `i` is id `watermark + 1 + i` (ids are dense, so a ring, not a map);
+    /// `None` = not received. The last entry, if any, is `Some`.
+    slots: VecDeque<Option<Slot>>,
     /// ERR outcomes for ids above `watermark - dedup_window`.
     errors: BTreeMap<u64, (u32, String)>,
-    /// Answered ids whose answer is not sent yet.
-    pending: BTreeSet<u64>,
+    /// Answered ids whose answer is not sent yet (unsorted, maybe repeated).
+    pending: Vec<u64>,
     pending_since: Option<Now>,
     /// Since when `watermark + 1` is missing while later ids are present.
     hole_since: Option<Now>,
@@ -283,15 +365,34 @@ struct Inbound {
 
 impl Inbound {
     fn answer(&mut self, now: Now, id: u64) {
-        self.pending.insert(id);
+        self.pending.push(id);
         self.pending_since.get_or_insert(now);
     }
 
+    /// The slot of `id`, if it is above the watermark and was received.
+    fn slot(&self, id: u64) -> Option<Slot> {
+        let i = id.checked_sub(self.watermark + 1)?;
+        self.slots.get(usize::try_from(i).ok()?).copied().flatten()
+    }
+
+    /// Mark `id` (above the watermark, within the dedup window) running.
+    fn start(&mut self, id: u64) {
+        let i = (id - self.watermark - 1) as usize;
+        if i >= self.slots.len() {
+            self.slots.resize(i, None);
+            self.slots.push_back(Some(Slot::Running));
+        } else {
+            self.slots[i] = Some(Slot::Running);
+        }
+    }
+
+    /// Ids between the watermark and the first received one.
+    fn gap(&self) -> u64 {
+        self.slots.iter().take_while(|s| s.is_none()).count() as u64
+    }
+
     fn update_hole(&mut self, now: Now) {
-        let hole = self
-            .slots
-            .first_key_value()
-            .is_some_and(|(&k, _)| k > self.watermark + 1);
+        let hole = self.slots.front().is_some_and(|s| s.is_none());
         if !hole {
             self.hole_since = None;
         } else if self.hole_since.is_none() {
@@ -302,13 +403,9 @@ impl Inbound {
     /// Move the watermark over answered ids and prune what it left behind.
     fn advance(&mut self, now: Now, dedup_window: u64) {
         let before = self.watermark;
-        while let Some(entry) = self.slots.first_entry() {
-            if *entry.key() == self.watermark + 1 && *entry.get() == Slot::Done {
-                entry.remove();
-                self.watermark += 1;
-            } else {
-                break;
-            }
+        while self.slots.front() == Some(&Some(Slot::Done)) {
+            self.slots.pop_front();
+            self.watermark += 1;
         }
         if self.watermark > dedup_window {
             let floor = self.watermark - dedup_window;
@@ -330,7 +427,9 @@ impl Inbound {
         };
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut errors = Vec::new();
-        for &id in self.pending.range(cumulative + 1..) {
+        self.pending.sort_unstable();
+        self.pending.dedup();
+        for &id in self.pending.iter().filter(|&&id| id > cumulative) {
             match ranges.last_mut() {
                 Some((_, hi)) if *hi + 1 == id => *hi = id,
                 _ => ranges.push((id, id)),
@@ -406,8 +505,8 @@ impl ReliableEndpoint {
         // application's credits (its own messages) stay what it was told.
         let own = out.inflight.len() - out.replaying;
         let by_count = (self.config.window as usize).saturating_sub(own);
-        let by_span = match out.inflight.first_key_value() {
-            Some((&oldest, _)) => {
+        let by_span = match out.inflight.first_id() {
+            Some(oldest) => {
                 (oldest.saturating_add(self.config.dedup_window)).saturating_sub(out.next_wire)
             }
             None => u64::MAX,
@@ -474,7 +573,7 @@ impl ReliableEndpoint {
             self.stats.bad_data += 1;
             return;
         }
-        let slot = inb.slots.get(&id).copied();
+        let slot = inb.slot(id);
         if id <= inb.watermark || slot == Some(Slot::Done) {
             self.stats.duplicates_dropped += 1;
             inb.answer(now, id);
@@ -489,7 +588,7 @@ impl ReliableEndpoint {
             self.stats.beyond_window += 1;
             return;
         }
-        inb.slots.insert(id, Slot::Running);
+        inb.start(id);
         inb.running += 1;
         inb.update_hole(now);
         self.stats.delivered += 1;
@@ -505,8 +604,11 @@ impl ReliableEndpoint {
             self.stats.stale_completions += 1;
             return;
         };
-        match inb.slots.get_mut(&id) {
-            Some(slot @ Slot::Running) => *slot = Slot::Done,
+        let at = id
+            .checked_sub(inb.watermark + 1)
+            .and_then(|i| usize::try_from(i).ok());
+        match at.and_then(|i| inb.slots.get_mut(i)) {
+            Some(slot @ Some(Slot::Running)) => *slot = Some(Slot::Done),
             _ => {
                 self.stats.stale_completions += 1;
                 return;
@@ -539,13 +641,9 @@ impl ReliableEndpoint {
             self.stats.bogus_feedback += 1;
             return;
         }
-        let mut answered: Vec<u64> = out
-            .inflight
-            .range(..=fb.cumulative)
-            .map(|(&id, _)| id)
-            .collect();
+        let mut answered: Vec<u64> = out.inflight.ids_in(0, fb.cumulative).collect();
         for &(lo, hi) in &fb.ranges {
-            answered.extend(out.inflight.range(lo..=hi).map(|(&id, _)| id));
+            answered.extend(out.inflight.ids_in(lo, hi));
         }
         if answered.is_empty() {
             return;
@@ -553,7 +651,7 @@ impl ReliableEndpoint {
         let errors: HashMap<u64, &ErrReport> = fb.errors.iter().map(|e| (e.id, e)).collect();
         let keep = self.config.replay_frames;
         for id in answered {
-            let Some(o) = out.inflight.remove(&id) else {
+            let Some(o) = out.inflight.remove(id) else {
                 continue; // listed twice
             };
             if keep > 0
@@ -610,10 +708,10 @@ impl ReliableEndpoint {
                     .inflight
                     .iter()
                     .filter(|(_, o)| o.deadline <= now)
-                    .map(|(&id, _)| id)
+                    .map(|(id, _)| id)
                     .collect();
                 for id in expired {
-                    let Some(o) = out.inflight.remove(&id) else {
+                    let Some(o) = out.inflight.remove(id) else {
                         continue;
                     };
                     if o.replay {
@@ -639,12 +737,12 @@ impl ReliableEndpoint {
             }
 
             let inb = &mut peer.inb;
-            if inb.hole_since.is_some_and(|t| t + hole_timeout <= now) {
-                if let Some((&first, _)) = inb.slots.first_key_value() {
-                    stats.holes_skipped += first.saturating_sub(inb.watermark + 1);
-                    inb.watermark = first - 1;
-                    inb.advance(now, config.dedup_window);
-                }
+            if inb.hole_since.is_some_and(|t| t + hole_timeout <= now) && !inb.slots.is_empty() {
+                let gap = inb.gap();
+                stats.holes_skipped += gap;
+                inb.slots.drain(..gap as usize);
+                inb.watermark += gap;
+                inb.advance(now, config.dedup_window);
             }
             if inb
                 .pending_since
@@ -652,6 +750,23 @@ impl ReliableEndpoint {
             {
                 stats.feedback_sent += 1;
                 transmits.push_back((rank, ReliableTransmit::Feedback(inb.feedback())));
+            }
+        }
+    }
+
+    /// Send the feedback that is due at `now` (answers pending for
+    /// `ack_delay`), without waiting for [`Self::handle_timeout`]: with no
+    /// delay, the answers completed in one round go out together at its end.
+    pub fn flush_feedback(&mut self, now: Now) {
+        for (&rank, peer) in self.peers.iter_mut() {
+            let inb = &mut peer.inb;
+            if inb
+                .pending_since
+                .is_some_and(|t| t + self.config.ack_delay <= now)
+            {
+                self.stats.feedback_sent += 1;
+                self.transmits
+                    .push_back((rank, ReliableTransmit::Feedback(inb.feedback())));
             }
         }
     }
@@ -682,6 +797,11 @@ impl ReliableEndpoint {
         earliest
     }
 
+    /// Whether [`Self::poll_transmit`] has something.
+    pub fn has_transmits(&self) -> bool {
+        !self.transmits.is_empty()
+    }
+
     /// The next message to put on the wire, with its destination.
     pub fn poll_transmit(&mut self, _now: Now) -> Option<(Rank, ReliableTransmit)> {
         self.transmits.pop_front()
@@ -708,9 +828,7 @@ impl ReliableEndpoint {
         };
         state.inb = Inbound::default();
         let deadline = now + self.config.deadline;
-        let mut all: Vec<Outgoing> = std::mem::take(&mut state.out.inflight)
-            .into_values()
-            .collect();
+        let mut all: Vec<Outgoing> = state.out.inflight.take_all();
         all.extend(state.out.recent.drain(..).map(|(ticket, msg)| Outgoing {
             ticket,
             replay: true,
@@ -983,6 +1101,25 @@ mod tests {
         assert_eq!(p.ep[0].credits(B), 256);
         assert_eq!(p.ep[0].unanswered(), 0);
         assert_eq!(p.ep[1].pending_answers(), 0);
+    }
+
+    #[test]
+    fn flush_feedback_sends_the_answers_of_a_round_in_one_message() {
+        let mut p = Pair::new(ReliableConfig::default());
+        for i in 0..3 {
+            p.send(0, &format!("cell {i}"));
+        }
+        p.transmit();
+        p.receive();
+        p.complete_all(1, ok);
+        assert!(!p.ep[1].has_transmits(), "answers wait for the flush");
+        p.ep[1].flush_feedback(p.now);
+        p.transmit();
+        assert_eq!(p.feedback_count[1], 1);
+        p.receive();
+        assert_eq!(p.resolved[0].len(), 3);
+        p.ep[1].flush_feedback(p.now);
+        assert!(!p.ep[1].has_transmits(), "nothing left to answer");
     }
 
     #[test]

@@ -10,7 +10,12 @@
 //!
 //! ZeroMQ messages are multipart: a fixed little-endian [`Header`] frame,
 //! then, for control messages, a bincode body, or, for cells, the user's
-//! payload as its own frame (never copied into a bigger buffer).
+//! payload as its own frame (never copied into a bigger buffer). Small data
+//! messages (a few KiB) that go to the same peer in the same round of the
+//! I/O thread travel together as one [`MsgKind::Batch`]: their entries are
+//! copied into one body (ZeroMQ would have copied each anyway), and the
+//! receiver hands out slices of it, so one ZeroMQ message carries many
+//! cells.
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
@@ -282,6 +287,9 @@ pub enum MsgKind {
     FrameEnd = 3,
     /// A step of a collective operation; the payload follows.
     Collective = 4,
+    /// Several small data messages in one ZeroMQ message (`aux` holds how
+    /// many): the body is their entries, see [`push_batch_entry`].
+    Batch = 5,
 }
 
 /// Size of the encoded [`Header`].
@@ -322,6 +330,7 @@ impl Header {
             2 => MsgKind::Cell,
             3 => MsgKind::FrameEnd,
             4 => MsgKind::Collective,
+            5 => MsgKind::Batch,
             k => return Err(WireError::UnknownKind(k)),
         };
         Ok(Header {
@@ -343,6 +352,94 @@ pub enum PeerMsg {
     Control(Control),
     /// A cell, frame end or collective step.
     Data(DataMsg),
+    /// Several of them, in the order they were sent.
+    Batch(Vec<DataMsg>),
+}
+
+/// Bytes of a batch entry before its payload: kind, id, frame, aux, length.
+pub const BATCH_ENTRY_LEN: usize = 1 + 8 + 8 + 4 + 4;
+
+/// The header frame of a batch of `count` data messages (their entries,
+/// appended with [`push_batch_entry`], are the body).
+pub fn batch_header(
+    from: Rank,
+    incarnation: Incarnation,
+    to_incarnation: Incarnation,
+    count: u32,
+) -> [u8; HEADER_LEN] {
+    Header {
+        kind: MsgKind::Batch,
+        from,
+        incarnation,
+        id: 0,
+        frame: 0,
+        aux: count,
+        to_incarnation,
+    }
+    .encode()
+}
+
+/// Append `msg` to a batch body: kind byte, id, frame, aux (little endian),
+/// payload length (u32) and the payload.
+pub fn push_batch_entry(body: &mut Vec<u8>, msg: &DataMsg) {
+    let (kind, aux) = data_kind_aux(msg.kind);
+    body.push(kind as u8);
+    body.extend_from_slice(&msg.id.to_le_bytes());
+    body.extend_from_slice(&msg.frame.to_le_bytes());
+    body.extend_from_slice(&aux.to_le_bytes());
+    body.extend_from_slice(&(msg.payload.len() as u32).to_le_bytes());
+    body.extend_from_slice(&msg.payload);
+}
+
+fn data_kind_aux(kind: DataKind) -> (MsgKind, u32) {
+    match kind {
+        DataKind::Cell => (MsgKind::Cell, 0),
+        DataKind::FrameEnd { count } => (MsgKind::FrameEnd, count),
+        DataKind::Collective => (MsgKind::Collective, 0),
+    }
+}
+
+/// The entries of a batch body; payloads are slices of `body` (no copy).
+fn decode_batch(body: Bytes, count: u32) -> Result<Vec<DataMsg>, WireError> {
+    let bad = |why: &str| WireError::Malformed(format!("batch: {why}"));
+    if count as usize > body.len() / BATCH_ENTRY_LEN {
+        return Err(bad("more entries announced than fit"));
+    }
+    let mut msgs = Vec::with_capacity(count as usize);
+    let mut at = 0usize;
+    let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().unwrap_or_default());
+    let u32_at = |i: usize| u32::from_le_bytes(body[i..i + 4].try_into().unwrap_or_default());
+    for _ in 0..count {
+        if body.len() - at < BATCH_ENTRY_LEN {
+            return Err(bad("truncated entry"));
+        }
+        let kind = match body[at] {
+            2 => DataKind::Cell,
+            3 => DataKind::FrameEnd {
+                count: u32_at(at + 17),
+            },
+            4 => DataKind::Collective,
+            k => return Err(WireError::UnknownKind(k)),
+        };
+        let id = u64_at(at + 1);
+        let frame = u64_at(at + 9);
+        let len = u32_at(at + 21) as usize;
+        at += BATCH_ENTRY_LEN;
+        if body.len() - at < len {
+            return Err(bad("truncated payload"));
+        }
+        msgs.push(DataMsg {
+            id,
+            frame,
+            kind,
+            payload: body.slice(at..at + len),
+        });
+        at += len;
+    }
+    if at != body.len() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(msgs)
 }
 
 /// Encode a control message as `[header, body]`.
@@ -367,11 +464,7 @@ pub fn data_header(
     to_incarnation: Incarnation,
     msg: &DataMsg,
 ) -> [u8; HEADER_LEN] {
-    let (kind, aux) = match msg.kind {
-        DataKind::Cell => (MsgKind::Cell, 0),
-        DataKind::FrameEnd { count } => (MsgKind::FrameEnd, count),
-        DataKind::Collective => (MsgKind::Collective, 0),
-    };
+    let (kind, aux) = data_kind_aux(msg.kind);
     Header {
         kind,
         from,
@@ -404,6 +497,7 @@ pub fn decode_peer_msg(frames: Vec<Bytes>) -> Result<(Header, PeerMsg), WireErro
             }
             PeerMsg::Control(decode_body(&body)?)
         }
+        MsgKind::Batch => PeerMsg::Batch(decode_batch(body, header.aux)?),
         MsgKind::Cell | MsgKind::FrameEnd | MsgKind::Collective => PeerMsg::Data(DataMsg {
             id: header.id,
             frame: header.frame,
@@ -609,5 +703,56 @@ mod tests {
         assert!(decode_peer_msg(frames(&[&h, &[], &[]])).is_err());
         let [h, _] = encode_control(1, Incarnation(2), &Control::Ready);
         assert!(decode_peer_msg(frames(&[&h, b"\xff\xff\xff\xff"])).is_err());
+    }
+
+    #[test]
+    fn batches_round_trip_and_malformed_ones_are_errors_not_panics() {
+        let msgs = vec![
+            DataMsg {
+                id: 1,
+                frame: 3,
+                kind: DataKind::Cell,
+                payload: Bytes::from_static(b"first cell"),
+            },
+            DataMsg {
+                id: 2,
+                frame: 3,
+                kind: DataKind::Collective,
+                payload: Bytes::new(),
+            },
+            DataMsg {
+                id: 3,
+                frame: 3,
+                kind: DataKind::FrameEnd { count: 1 },
+                payload: Bytes::new(),
+            },
+        ];
+        let mut body = Vec::new();
+        for m in &msgs {
+            push_batch_entry(&mut body, m);
+        }
+        let h = batch_header(4, Incarnation(1), Incarnation(9), msgs.len() as u32);
+        let decode = |h: &[u8], body: &[u8]| {
+            decode_peer_msg(vec![
+                Bytes::copy_from_slice(h),
+                Bytes::copy_from_slice(body),
+            ])
+        };
+        let (header, msg) = decode(&h, &body).unwrap();
+        assert_eq!((header.from, header.to_incarnation), (4, Incarnation(9)));
+        assert_eq!(msg, PeerMsg::Batch(msgs.clone()));
+        // Every truncation, a trailing byte, a count too large and a bad kind
+        // are refused.
+        for cut in 0..body.len() {
+            assert!(decode(&h, &body[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = body.clone();
+        longer.push(0);
+        assert!(decode(&h, &longer).is_err());
+        let h_many = batch_header(4, Incarnation(1), Incarnation(9), u32::MAX);
+        assert!(decode(&h_many, &body).is_err());
+        let mut bad_kind = body.clone();
+        bad_kind[0] = 9;
+        assert!(decode(&h, &bad_kind).is_err());
     }
 }

@@ -42,7 +42,9 @@ pub(crate) struct Parts {
     pub transport: ZmqTransport,
     pub udp: UdpEndpoint,
     pub pool: rayon::ThreadPool,
-    pub handler: Handler,
+    /// `None`: no handler was given; cells are accepted by the I/O thread
+    /// itself (there is nothing to run on the pool).
+    pub handler: Option<Handler>,
     pub commands: Receiver<Command>,
     pub frames: Sender<Result<CompleteFrame, FrameMissing>>,
     pub events: Sender<PeerEvent>,
@@ -53,6 +55,37 @@ pub(crate) struct Parts {
     pub metrics: Arc<Metrics>,
     /// The first frame of this life (later than 0 when resuming a checkpoint).
     pub first_frame: u64,
+}
+
+/// How a spin before sleeping ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spin {
+    /// Not spun: there is work due now.
+    Skipped,
+    /// Something is ready (a socket, or a queue before the sockets were
+    /// fully checked).
+    Ready,
+    /// Only the command or handler queues have work; a full check of the
+    /// sockets during the spin found nothing.
+    QueuesOnly,
+    /// Nothing came within the spin time: sleep.
+    Idle,
+}
+
+/// Data messages with payloads up to this size are gathered into batches.
+const BATCH_PAYLOAD_MAX: usize = 4 * 1024;
+/// A batch is sent once its body reaches this size.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Small data messages for one peer, gathered during one round.
+#[derive(Default)]
+struct Batch {
+    /// The first message, until a second one comes (alone it is sent as is).
+    first: Option<DataMsg>,
+    /// Entries of the messages once there are two or more (`first`
+    /// included), `count` of them.
+    body: Vec<u8>,
+    count: u32,
 }
 
 /// A handler's verdict on a cell, on its way back to the I/O thread.
@@ -78,7 +111,7 @@ pub(crate) struct Driver {
     routes: HashMap<Rank, Vec<u8>>,
     /// Data for peers not resolved yet (bounded by the credit window).
     parked: HashMap<Rank, Vec<DataMsg>>,
-    tickets: HashMap<(Rank, u64), Sender<crate::proto::reliable::Outcome>>,
+    tickets: HashMap<(Rank, u64), super::shared::Resolver>,
     /// Cells sent per (peer, frame), for the frame-end count.
     frame_counts: HashMap<(Rank, u64), u32>,
     /// A complete (or missing) frame waiting for room in the application's channel.
@@ -106,6 +139,10 @@ pub(crate) struct Driver {
     shutdown_since: Option<Now>,
     /// Reused buffer of received messages.
     inbox: Vec<Inbound>,
+    /// Small data messages gathered per peer in this round.
+    outbox: HashMap<Rank, Batch>,
+    /// Credits of tickets resolved in this round, per peer.
+    freed_credits: HashMap<Rank, u32>,
 }
 
 impl Driver {
@@ -162,6 +199,8 @@ impl Driver {
             goodbyes: HashSet::default(),
             shutdown_since: None,
             inbox: Vec::new(),
+            outbox: HashMap::default(),
+            freed_credits: HashMap::default(),
         }
     }
 
@@ -177,7 +216,7 @@ impl Driver {
         let open = self.tickets.len() as u64;
         // Tickets still open resolve now: nothing waits forever.
         for ((to, _), tx) in self.tickets.drain() {
-            let _ = tx.send(Outcome::TimedOut);
+            tx.resolve(Outcome::TimedOut);
             self.p.credits.release(to);
         }
         let st = self.reliable.stats();
@@ -247,17 +286,32 @@ impl Driver {
                 let d = t.saturating_sub(self.now());
                 d.as_micros().div_ceil(1000).min(100) as i64
             });
+            let mut fds = vec![self.p.waker.fd(), self.p.udp.raw_fd()];
+            if let Some((_, udp)) = &self.coordinator {
+                fds.push(udp.raw_fd());
+            }
+            // Poll without sleeping for a while first: work that comes soon
+            // (the answer to what we just sent, the application's next
+            // send) is found without the cost of waking a sleeping core,
+            // and the application need not write the eventfd meanwhile.
+            let spun = if wait == 0 {
+                Spin::Skipped
+            } else {
+                self.spin_until_ready(&fds, wait)?
+            };
+            if spun == Spin::QueuesOnly {
+                // The sockets were found empty while spinning: serve the
+                // application (or the handlers) first, without polling them.
+                continue;
+            }
+            let wait = if spun == Spin::Idle { wait } else { 0 };
             self.p.waker.park();
             let wait = if self.p.commands.is_empty() && self.done_rx.is_empty() {
                 wait
             } else {
                 0
             };
-            let mut fds = vec![self.p.waker.fd(), self.p.udp.raw_fd()];
-            if let Some((_, udp)) = &self.coordinator {
-                fds.push(udp.raw_fd());
-            }
-            let readable = self
+            let (readable, _) = self
                 .p
                 .transport
                 .poll(&fds, wait)
@@ -275,6 +329,58 @@ impl Driver {
             }
             self.read_zmq(now)?;
         }
+    }
+
+    /// Poll the queues and sockets without sleeping, yielding the core
+    /// between checks, for up to the configured spin time (and never past
+    /// the next timer, `wait_ms` from now): whether something is ready.
+    fn spin_until_ready(&self, fds: &[std::os::fd::RawFd], wait_ms: i64) -> Result<Spin, String> {
+        let spin = self.p.config.spin;
+        // Not while starting: then many instances may share few cores, and
+        // the handshake does not need microseconds.
+        if spin.is_zero() || self.global.as_ref().and_then(|g| g.ready()).is_none() {
+            return Ok(Spin::Idle);
+        }
+        let start = Instant::now();
+        let budget = spin.min(Duration::from_millis(wait_ms.max(0) as u64));
+        // Mostly one poll(2) on the descriptors ZeroMQ signals arrivals on
+        // (cheap); every few rounds a full zmq::poll, which also sees
+        // messages whose signal a send on the same socket consumed.
+        let mut pfds: Vec<libc::pollfd> = fds
+            .iter()
+            .copied()
+            .chain(self.p.transport.signal_fds())
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        for round in 0u32.. {
+            if !self.p.commands.is_empty() || !self.done_rx.is_empty() {
+                // After a full check of the sockets found nothing.
+                return Ok(if round > 7 {
+                    Spin::QueuesOnly
+                } else {
+                    Spin::Ready
+                });
+            }
+            let ready = if round % 8 == 7 {
+                self.p.transport.ready_now(fds).map_err(|e| e.to_string())?
+            } else {
+                // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd
+                // structs; a zero timeout never blocks.
+                unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 0) > 0 }
+            };
+            if ready {
+                return Ok(Spin::Ready);
+            }
+            if start.elapsed() >= budget {
+                return Ok(Spin::Idle);
+            }
+            std::thread::yield_now();
+        }
+        Ok(Spin::Idle)
     }
 
     /// Put a message on the wire (through the fault injector when one is
@@ -395,7 +501,7 @@ impl Driver {
                         Err(_) => {
                             // The credit gate keeps this from happening; if it
                             // does, the ticket says so rather than hanging.
-                            let _ = ticket.send(Outcome::TimedOut);
+                            ticket.resolve(Outcome::TimedOut);
                             self.p.credits.release(to);
                         }
                     }
@@ -420,45 +526,48 @@ impl Driver {
 
     fn take_handler_results(&mut self, now: Now) {
         while let Ok(batch) = self.done_rx.try_recv() {
-            for HandlerDone { cell, life, result } in batch {
+            for done in batch {
                 self.handlers_running -= 1;
-                if self.incarnations.get(&cell.from) != Some(&life) {
-                    // From a life of the sender that has since restarted:
-                    // its id may now name a message of the new life.
-                    Metrics::add(&self.p.metrics.stale_messages, 1);
-                    continue;
-                }
-                match result {
-                    Ok(()) => {
-                        match self.assembler.handle_cell(
-                            cell.from,
-                            cell.id,
-                            cell.frame,
-                            cell.payload,
-                        ) {
-                            Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
-                            Err(e) => {
-                                Metrics::add(&self.p.metrics.cells_refused, 1);
-                                self.reliable.complete(
-                                    now,
-                                    cell.from,
-                                    cell.id,
-                                    Err((codes::for_frame_error(&e), e.to_string())),
-                                );
-                            }
-                        }
-                    }
-                    Err(HandlerError { code, text }) => {
-                        self.assembler
-                            .handle_rejected(cell.from, cell.id, cell.frame)
-                            .ok();
-                        self.reliable
-                            .complete(now, cell.from, cell.id, Err((code, text)));
-                    }
-                }
+                self.on_handled(now, done);
             }
         }
         self.pump_frames();
+    }
+
+    /// A cell's verdict: into its frame (or refused), and answered.
+    fn on_handled(&mut self, now: Now, HandlerDone { cell, life, result }: HandlerDone) {
+        if self.incarnations.get(&cell.from) != Some(&life) {
+            // From a life of the sender that has since restarted: its id
+            // may now name a message of the new life.
+            Metrics::add(&self.p.metrics.stale_messages, 1);
+            return;
+        }
+        match result {
+            Ok(()) => {
+                match self
+                    .assembler
+                    .handle_cell(cell.from, cell.id, cell.frame, cell.payload)
+                {
+                    Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
+                    Err(e) => {
+                        Metrics::add(&self.p.metrics.cells_refused, 1);
+                        self.reliable.complete(
+                            now,
+                            cell.from,
+                            cell.id,
+                            Err((codes::for_frame_error(&e), e.to_string())),
+                        );
+                    }
+                }
+            }
+            Err(HandlerError { code, text }) => {
+                self.assembler
+                    .handle_rejected(cell.from, cell.id, cell.frame)
+                    .ok();
+                self.reliable
+                    .complete(now, cell.from, cell.id, Err((code, text)));
+            }
+        }
     }
 
     /// Move complete frames to the application, one at a time, only while
@@ -586,18 +695,28 @@ impl Driver {
             while let Some(t) = self.reliable.poll_transmit(now) {
                 progressed = true;
                 match t {
-                    (to, ReliableTransmit::Data(msg)) => self.send_data(now, to, msg),
+                    (to, ReliableTransmit::Data(msg)) => self.queue_data(now, to, msg),
                     (to, ReliableTransmit::Feedback(fb)) => self.reply(to, &Control::Feedback(fb)),
                 }
             }
+            self.send_batches(now);
             while let Some(e) = self.reliable.poll_event() {
                 progressed = true;
                 self.on_reliable_event(now, e);
             }
-            self.dispatch_handlers();
+            // One wake-up of a sender blocked on the window per round, not
+            // one per answered cell.
+            for (to, n) in self.freed_credits.drain() {
+                self.p.credits.release_many(to, n);
+            }
+            self.dispatch_handlers(now);
             self.pump_frames();
             if !progressed {
-                break;
+                // Answers completed in this round go out now, together.
+                self.reliable.flush_feedback(now);
+                if !self.reliable.has_transmits() {
+                    break;
+                }
             }
         }
         Ok(())
@@ -772,19 +891,35 @@ impl Driver {
     /// Hand the cells delivered in this round to the pool, in as many
     /// batches as it has workers: one task and one wake-up per batch, not
     /// per cell.
-    fn dispatch_handlers(&mut self) {
+    fn dispatch_handlers(&mut self, now: Now) {
         if self.to_handle.is_empty() {
             return;
         }
-        let cells = std::mem::take(&mut self.to_handle);
-        self.handlers_running += cells.len();
+        let mut cells = std::mem::take(&mut self.to_handle);
         self.handled += cells.len() as u64;
+        let Some(handler) = self.p.handler.clone() else {
+            // No handler: every cell is accepted here, without a round trip
+            // through the pool (it would run nothing).
+            for (cell, life) in cells.drain(..) {
+                self.on_handled(
+                    now,
+                    HandlerDone {
+                        cell,
+                        life,
+                        result: Ok(()),
+                    },
+                );
+            }
+            self.to_handle = cells;
+            return;
+        };
+        self.handlers_running += cells.len();
         let workers = self.p.pool.current_num_threads().max(1);
         let chunk = cells.len().div_ceil(workers);
         let mut cells = cells.into_iter().peekable();
         while cells.peek().is_some() {
             let batch: Vec<(Cell, Incarnation)> = cells.by_ref().take(chunk).collect();
-            let handler = self.p.handler.clone();
+            let handler = handler.clone();
             let done = self.done_tx.clone();
             let waker = self.p.waker.clone();
             self.p.pool.spawn(move || {
@@ -864,8 +999,9 @@ impl Driver {
                 };
                 Metrics::add(counter, 1);
                 if let Some(tx) = self.tickets.remove(&(to, id)) {
-                    let _ = tx.send(outcome);
-                    self.p.credits.release(to);
+                    tx.resolve(outcome);
+                    // Returned together at the end of the round.
+                    *self.freed_credits.entry(to).or_insert(0) += 1;
                 }
             }
         }
@@ -916,6 +1052,70 @@ impl Driver {
         }
     }
 
+    /// Send `msg` to `to`, gathering small ones into one batch per peer
+    /// (sent by [`Self::send_batches`] at the end of the round): one
+    /// ZeroMQ message for many cells instead of two frames per cell.
+    fn queue_data(&mut self, now: Now, to: Rank, msg: DataMsg) {
+        if self.faults.is_some() || msg.payload.len() > BATCH_PAYLOAD_MAX || !self.route(now, to) {
+            if let Some(b) = self.outbox.remove(&to) {
+                self.send_batch(now, to, b);
+            }
+            return self.send_data(now, to, msg);
+        }
+        let b = self.outbox.entry(to).or_default();
+        if b.first.is_none() && b.count == 0 {
+            b.first = Some(msg);
+        } else {
+            if let Some(f) = b.first.take() {
+                wire::push_batch_entry(&mut b.body, &f);
+                b.count += 1;
+            }
+            wire::push_batch_entry(&mut b.body, &msg);
+            b.count += 1;
+        }
+        if b.body.len() >= BATCH_BYTES {
+            if let Some(b) = self.outbox.remove(&to) {
+                self.send_batch(now, to, b);
+            }
+        }
+    }
+
+    /// Send every batch gathered by [`Self::queue_data`].
+    fn send_batches(&mut self, now: Now) {
+        let outbox = std::mem::take(&mut self.outbox);
+        for (to, b) in outbox {
+            self.send_batch(now, to, b);
+        }
+    }
+
+    fn send_batch(&mut self, now: Now, to: Rank, b: Batch) {
+        if let Some(msg) = b.first {
+            // Alone: the plain two-frame message.
+            return self.send_data(now, to, msg);
+        }
+        if b.count == 0 {
+            return;
+        }
+        let to_incarnation = self
+            .peers
+            .get(&to)
+            .map_or(Incarnation(0), |p| p.incarnation);
+        let head = wire::batch_header(
+            self.p.me.rank,
+            self.p.me.incarnation,
+            to_incarnation,
+            b.count,
+        );
+        match self
+            .p
+            .transport
+            .send_data(to, &head, &bytes::Bytes::from(b.body))
+        {
+            Ok(()) | Err(NetError::WouldBlock(_)) => {}
+            Err(e) => tracing::debug!("data to rank {to} not sent: {e}"),
+        }
+    }
+
     fn send_data(&mut self, now: Now, to: Rank, msg: DataMsg) {
         if !self.route(now, to) {
             let parked = self.parked.entry(to).or_default();
@@ -929,7 +1129,12 @@ impl Driver {
             .get(&to)
             .map_or(Incarnation(0), |p| p.incarnation);
         let head = wire::data_header(self.p.me.rank, self.p.me.incarnation, to_incarnation, &msg);
-        match self.put(Dest::Peer(to), [&head, &msg.payload]) {
+        let sent = if self.faults.is_some() {
+            self.put(Dest::Peer(to), [&head, &msg.payload])
+        } else {
+            self.p.transport.send_data(to, &head, &msg.payload)
+        };
+        match sent {
             Ok(()) => {}
             // Lost like on a lossy wire: the reliable channel retransmits.
             Err(NetError::WouldBlock(_)) => {}
@@ -1034,6 +1239,26 @@ impl Driver {
         tracing::debug!("dropped datagram: {e}");
     }
 
+    /// A data message (alone or out of a batch) from `header.from`.
+    fn on_data(&mut self, now: Now, header: &wire::Header, data: DataMsg) {
+        let to = header.to_incarnation;
+        if to != Incarnation(0) && to != self.p.me.incarnation {
+            // Meant for an earlier life of this rank.
+            Metrics::add(&self.p.metrics.stale_messages, 1);
+            return;
+        }
+        if data.kind != DataKind::Collective
+            && data.frame >= self.assembler.next_frame()
+            && !self.assembler.accepts(data.frame)
+        {
+            // The frame buffer is full: withhold the answer (and so the
+            // sender's credit); it is resent later.
+            Metrics::add(&self.p.metrics.cells_deferred, 1);
+            return;
+        }
+        self.reliable.handle_data(now, header.from, data)
+    }
+
     fn read_zmq(&mut self, now: Now) -> Result<(), String> {
         let mut inbox = std::mem::take(&mut self.inbox);
         self.p
@@ -1045,7 +1270,6 @@ impl Driver {
                 Inbound::Router { routing_id, frames } => (Some(routing_id), frames),
                 Inbound::Dealer { frames, .. } => (None, frames),
             };
-            let frames = frames.into_iter().map(bytes::Bytes::from).collect();
             let (header, msg) = match wire::decode_peer_msg(frames) {
                 Ok(m) => m,
                 Err(e) => {
@@ -1069,23 +1293,11 @@ impl Driver {
                 }
             }
             match msg {
-                PeerMsg::Data(data) => {
-                    let to = header.to_incarnation;
-                    if to != Incarnation(0) && to != self.p.me.incarnation {
-                        // Meant for an earlier life of this rank.
-                        Metrics::add(&self.p.metrics.stale_messages, 1);
-                        continue;
+                PeerMsg::Data(data) => self.on_data(now, &header, data),
+                PeerMsg::Batch(batch) => {
+                    for data in batch {
+                        self.on_data(now, &header, data);
                     }
-                    if data.kind != DataKind::Collective
-                        && data.frame >= self.assembler.next_frame()
-                        && !self.assembler.accepts(data.frame)
-                    {
-                        // The frame buffer is full: withhold the answer (and
-                        // so the sender's credit); it is resent later.
-                        Metrics::add(&self.p.metrics.cells_deferred, 1);
-                        continue;
-                    }
-                    self.reliable.handle_data(now, header.from, data)
                 }
                 PeerMsg::Control(Control::FrameQuery { frame }) => {
                     let ended = self.ended.get(&header.from).is_some_and(|&e| e >= frame);

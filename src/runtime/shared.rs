@@ -3,11 +3,14 @@
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::proto::{PeerInfo, Rank};
+use crate::proto::{reliable::Outcome, PeerInfo, Rank};
 
 /// Lock a mutex, surviving a panicked holder (the data is plain counters
 /// and status that stay consistent at every await point).
@@ -76,21 +79,115 @@ impl Drop for Waker {
     }
 }
 
+/// The answer to one sent message, passed once from the I/O thread
+/// ([`Resolver`]) to the application's [`super::Ticket`]: one allocation,
+/// and no system call unless the ticket's owner is asleep waiting for it.
+pub(crate) struct Answer {
+    /// Set (release) once `state` holds the outcome or the resolver is gone.
+    ready: AtomicBool,
+    state: Mutex<AnswerState>,
+    answered: Condvar,
+}
+
+#[derive(Default)]
+struct AnswerState {
+    outcome: Option<Outcome>,
+    /// The resolver was dropped without an answer (the I/O thread stopped).
+    closed: bool,
+    /// The ticket's owner sleeps on `answered`.
+    waiting: bool,
+}
+
+/// The I/O thread's end of an [`Answer`]; dropping it unanswered tells the
+/// ticket that no answer will come.
+pub(crate) struct Resolver(Option<Arc<Answer>>);
+
+impl Answer {
+    pub fn new() -> (Resolver, Arc<Answer>) {
+        let a = Arc::new(Answer {
+            ready: AtomicBool::new(false),
+            state: Mutex::new(AnswerState::default()),
+            answered: Condvar::new(),
+        });
+        (Resolver(Some(a.clone())), a)
+    }
+
+    /// `None` until answered; `Some(None)` if no answer will come.
+    pub fn try_get(&self) -> Option<Option<Outcome>> {
+        if !self.ready.load(Acquire) {
+            return None;
+        }
+        let s = lock(&self.state);
+        Some(s.outcome.clone())
+    }
+
+    /// Wait for the answer, checking without sleeping for `spin` first;
+    /// `None` if no answer will come.
+    pub fn wait(&self, spin: Duration) -> Option<Outcome> {
+        let start = Instant::now();
+        while !self.ready.load(Acquire) && start.elapsed() < spin {
+            std::thread::yield_now();
+        }
+        let mut s = lock(&self.state);
+        while s.outcome.is_none() && !s.closed {
+            s.waiting = true;
+            s = self.answered.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.outcome.clone()
+    }
+
+    fn finish(&self, outcome: Option<Outcome>) {
+        let mut s = lock(&self.state);
+        match outcome {
+            Some(o) => s.outcome = Some(o),
+            None => s.closed = true,
+        }
+        self.ready.store(true, Release);
+        if s.waiting {
+            self.answered.notify_all();
+        }
+    }
+}
+
+impl Resolver {
+    /// Hand the ticket its outcome.
+    pub fn resolve(mut self, outcome: Outcome) {
+        if let Some(a) = self.0.take() {
+            a.finish(Some(outcome));
+        }
+    }
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.finish(None);
+        }
+    }
+}
+
 /// Per-peer send credits: at most `window` unanswered messages per peer.
 /// The application takes a credit before a message is queued; the I/O
 /// thread returns it when the ticket resolves. This is what bounds every
 /// queue between the user and the socket.
 pub(crate) struct CreditGate {
     window: u32,
-    in_use: Mutex<HashMap<Rank, u32>>,
+    in_use: Mutex<Credits>,
     freed: Condvar,
+}
+
+#[derive(Default)]
+struct Credits {
+    used: HashMap<Rank, u32>,
+    /// Senders asleep on `freed` (a release wakes them only if any).
+    waiting: usize,
 }
 
 impl CreditGate {
     pub fn new(window: u32) -> Self {
         Self {
             window: window.max(1),
-            in_use: Mutex::new(HashMap::new()),
+            in_use: Mutex::new(Credits::default()),
             freed: Condvar::new(),
         }
     }
@@ -103,7 +200,7 @@ impl CreditGate {
     pub fn acquire(&self, to: Rank, deadline: Option<Instant>) -> bool {
         let mut in_use = lock(&self.in_use);
         loop {
-            let used = in_use.entry(to).or_insert(0);
+            let used = in_use.used.entry(to).or_insert(0);
             if *used < self.window {
                 *used += 1;
                 return true;
@@ -115,21 +212,31 @@ impl CreditGate {
             if now >= deadline {
                 return false;
             }
+            in_use.waiting += 1;
             in_use = self
                 .freed
                 .wait_timeout(in_use, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            in_use.waiting -= 1;
         }
     }
 
     pub fn release(&self, to: Rank) {
+        self.release_many(to, 1);
+    }
+
+    /// Return `n` credits for `to` at once (one lock, at most one wake-up).
+    pub fn release_many(&self, to: Rank, n: u32) {
         let mut in_use = lock(&self.in_use);
-        if let Some(used) = in_use.get_mut(&to) {
-            *used = used.saturating_sub(1);
+        if let Some(used) = in_use.used.get_mut(&to) {
+            *used = used.saturating_sub(n);
         }
+        let wake = in_use.waiting > 0;
         drop(in_use);
-        self.freed.notify_all();
+        if wake {
+            self.freed.notify_all();
+        }
     }
 }
 

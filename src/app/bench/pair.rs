@@ -304,7 +304,8 @@ fn latency_notes() -> Vec<String> {
     vec![
         "round trip = payload one way, 8-byte answer back (the shape of SEND->ACK), for every transport".into(),
         "tcp = loopback on this host (CELLNET_IPC_DIR=none for cellnet); not across real nodes".into(),
-        "ZeroMQ, TCP and cellnet block in poll/recv (wake-up cost included); MPI busy-polls".into(),
+        "ZeroMQ and TCP block in poll/recv (wake-up cost included); cellnet polls for CELLNET_SPIN (default 50us) before it blocks; MPI busy-polls".into(),
+        "cellnet runs without a cell handler: the I/O thread accepts each cell (no trip through the rayon pool)".into(),
         "rtt_us = median/min/max over repetitions of each repetition's median; p50/p99/p99.9 over all samples".into(),
     ]
 }

@@ -248,6 +248,7 @@ pub fn run_in_place(name: BenchName, config: Config, opts: &BenchOpts) -> Result
         p => place::apply(p, info.local_rank, info.local_size),
     }
     .map_err(|e| BenchError::Failed(e.to_string()))?;
+    let _ipc_files = IpcFiles;
     let mut pair = Pair {
         world: mpi.world(),
         rank: info.rank as i32,
@@ -281,6 +282,24 @@ pub fn run_in_place(name: BenchName, config: Config, opts: &BenchOpts) -> Result
     drop(pair);
     drop(mpi);
     Ok(())
+}
+
+/// Removes the baselines' `ipc://` files of this process when dropped
+/// (ZeroMQ leaves one behind when a socket outlives its series).
+struct IpcFiles;
+
+impl Drop for IpcFiles {
+    fn drop(&mut self) {
+        let prefix = format!("cellnet-bench-{}-", std::process::id());
+        let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 fn report<P>(

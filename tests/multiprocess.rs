@@ -201,13 +201,12 @@ fn life_survives_injected_delay_jitter_and_duplicates() {
     assert!(outs[0].stdout.contains("verified"), "{}", outs[0].stdout);
 }
 
-#[test]
-fn a_killed_instance_restarted_from_its_checkpoint_completes_life() {
-    // 6 instances on one node: rank 4 (not the leader) is killed after
-    // frame 15 of 60 and started again with --resume.
+/// Six instances on one node run `run`; rank 4 (not the leader) is
+/// killed after frame 15 and started again with --resume, and the run is
+/// checked (`LifeRestart::check`).
+fn kill_rank_4_and_resume(run: &LifeRestart, extra: &[(&'static str, String)]) -> Vec<Output> {
     let layout: Vec<_> = (0..6).map(|r| (r, 0, r, 6)).collect();
-    let run = LifeRestart::new("mp", 60, 90, 60, 6);
-    let env = job_env(&layout, 1, &free_udp_port().to_string(), &[]);
+    let env = job_env(&layout, 1, &free_udp_port().to_string(), extra);
     let args = run.args(false);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let children = env.iter().map(|e| spawn(&args, e)).collect();
@@ -219,6 +218,14 @@ fn a_killed_instance_restarted_from_its_checkpoint_completes_life() {
         Duration::from_secs(90),
     );
     run.check(&outs, 4, 15);
+    outs
+}
+
+#[test]
+fn a_killed_instance_restarted_from_its_checkpoint_completes_life() {
+    // 6 instances on one node: rank 4 (not the leader) is killed after
+    // frame 15 of 60 and started again with --resume.
+    kill_rank_4_and_resume(&LifeRestart::new("mp", 60, 90, 60, 6), &[]);
 }
 
 #[test]
@@ -226,21 +233,9 @@ fn an_instance_restarted_after_it_was_declared_dead_completes_life() {
     // Failure detection declares rank 4 dead after 1 s; it comes back 2.5 s
     // after the kill: its node-mates dropped it from the node and must take
     // the new life back in.
-    let layout: Vec<_> = (0..6).map(|r| (r, 0, r, 6)).collect();
     let mut run = LifeRestart::new("mp-dead", 60, 90, 60, 6);
     run.down_for = Duration::from_millis(2500);
-    let env = job_env(&layout, 1, &free_udp_port().to_string(), &fast_liveness());
-    let args = run.args(false);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let children = env.iter().map(|e| spawn(&args, e)).collect();
-    let outs = run.kill_and_resume(
-        children,
-        4,
-        15,
-        |args| spawn(args, &env[4]),
-        Duration::from_secs(90),
-    );
-    run.check(&outs, 4, 15);
+    let outs = kill_rank_4_and_resume(&run, &fast_liveness());
     assert!(
         outs[0].stdout.contains("rank 0 lost rank 4"),
         "not declared dead before its restart: {}",

@@ -88,21 +88,7 @@ impl ZmqTransport {
         router
             .set_router_mandatory(true)
             .map_err(zerr("setsockopt", &tcp_wanted))?;
-        router
-            .set_sndhwm(HWM)
-            .map_err(zerr("setsockopt", &tcp_wanted))?;
-        router
-            .set_rcvhwm(HWM)
-            .map_err(zerr("setsockopt", &tcp_wanted))?;
-        router
-            .set_linger(LINGER_MS)
-            .map_err(zerr("setsockopt", &tcp_wanted))?;
-        router
-            .set_rcvbuf(SOCKET_BUFFER)
-            .map_err(zerr("setsockopt", &tcp_wanted))?;
-        router
-            .set_sndbuf(SOCKET_BUFFER)
-            .map_err(zerr("setsockopt", &tcp_wanted))?;
+        set_limits(&router).map_err(zerr("setsockopt", &tcp_wanted))?;
         router
             .bind(&tcp_wanted)
             .map_err(zerr("bind", &tcp_wanted))?;
@@ -167,26 +153,9 @@ impl ZmqTransport {
             .ctx
             .socket(zmq::DEALER)
             .map_err(zerr("socket", endpoint))?;
-        socket
-            .set_sndhwm(HWM)
-            .map_err(zerr("setsockopt", endpoint))?;
-        socket
-            .set_rcvhwm(HWM)
-            .map_err(zerr("setsockopt", endpoint))?;
-        socket
-            .set_linger(LINGER_MS)
-            .map_err(zerr("setsockopt", endpoint))?;
-        socket
-            .set_sndbuf(SOCKET_BUFFER)
-            .map_err(zerr("setsockopt", endpoint))?;
-        socket
-            .set_rcvbuf(SOCKET_BUFFER)
-            .map_err(zerr("setsockopt", endpoint))?;
-        socket
-            .set_reconnect_ivl(20)
-            .map_err(zerr("setsockopt", endpoint))?;
-        socket
-            .set_reconnect_ivl_max(500)
+        set_limits(&socket)
+            .and_then(|()| socket.set_reconnect_ivl(20))
+            .and_then(|()| socket.set_reconnect_ivl_max(500))
             .map_err(zerr("setsockopt", endpoint))?;
         socket
             .connect(endpoint)
@@ -339,6 +308,16 @@ fn send_parts(socket: &zmq::Socket, frames: &[&[u8]]) -> Result<(), zmq::Error> 
         socket.send(*f, more | zmq::DONTWAIT)?;
     }
     Ok(())
+}
+
+/// Options every socket gets: high-water marks, a short linger and large
+/// kernel buffers.
+fn set_limits(socket: &zmq::Socket) -> Result<(), zmq::Error> {
+    socket.set_sndhwm(HWM)?;
+    socket.set_rcvhwm(HWM)?;
+    socket.set_linger(LINGER_MS)?;
+    socket.set_sndbuf(SOCKET_BUFFER)?;
+    socket.set_rcvbuf(SOCKET_BUFFER)
 }
 
 /// The ZeroMQ message struct, aligned as libzmq declares it (the binding's

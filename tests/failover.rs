@@ -66,17 +66,28 @@ fn a_killed_node_leader_is_replaced_and_the_job_goes_on() {
     }
 }
 
+/// Each of the five survivors (`ranks`, in the order of `outs`) exited 0
+/// after a barrier and an all_reduce counting 5: its rank and final line.
+fn survivors_final_lines(outs: &[(Option<i32>, Vec<String>)], ranks: [u32; 5]) -> Vec<(u32, &str)> {
+    outs.iter()
+        .zip(ranks)
+        .map(|((code, lines), rank)| {
+            assert_eq!(*code, Some(0), "rank {rank}: {lines:?}");
+            let last = lines
+                .iter()
+                .find(|l| l.contains("after hold"))
+                .expect("final line");
+            assert!(last.contains("survivors 5"), "rank {rank}: {last}");
+            (rank, last.as_str())
+        })
+        .collect()
+}
+
 /// Rank 3 (node 1's leader) died: ranks 0, 1, 2, 4, 5 (in that order in
 /// `outs`) exit 0 after a barrier and an all_reduce over the 5 survivors,
 /// node 1 follows rank 4, and the leaders list rank 4 for node 1.
 fn assert_node_1_led_by_rank_4(outs: &[(Option<i32>, Vec<String>)]) {
-    for ((code, lines), rank) in outs.iter().zip([0, 1, 2, 4, 5]) {
-        assert_eq!(*code, Some(0), "rank {rank}: {lines:?}");
-        let last = lines
-            .iter()
-            .find(|l| l.contains("after hold"))
-            .expect("final line");
-        assert!(last.contains("survivors 5"), "rank {rank}: {last}");
+    for (rank, last) in survivors_final_lines(outs, [0, 1, 2, 4, 5]) {
         if rank >= 4 {
             assert!(last.contains("leader 4 "), "rank {rank}: {last}");
         }
@@ -89,14 +100,7 @@ fn assert_node_1_led_by_rank_4(outs: &[(Option<i32>, Vec<String>)]) {
 #[test]
 fn a_killed_coordinator_moves_to_node_zeros_next_leader() {
     let outs = run_killing(0);
-    let survivors = [1, 2, 3, 4, 5];
-    for ((code, lines), rank) in outs.iter().zip(survivors) {
-        assert_eq!(*code, Some(0), "rank {rank}: {lines:?}");
-        let last = lines
-            .iter()
-            .find(|l| l.contains("after hold"))
-            .expect("final line");
-        assert!(last.contains("survivors 5"), "rank {rank}: {last}");
+    for (rank, last) in survivors_final_lines(&outs, [1, 2, 3, 4, 5]) {
         if rank == 1 || rank == 3 {
             assert!(last.contains("node-leaders [1, 3]"), "rank {rank}: {last}");
         }

@@ -25,13 +25,7 @@ fn mpirun_four_ranks_probe_and_exchange() {
         &env(),
         Duration::from_secs(120),
     );
-    assert_eq!(
-        out.code,
-        Some(0),
-        "stdout: {}\nstderr: {}",
-        out.stdout,
-        out.stderr
-    );
+    out.assert_ok();
     let probes: Vec<&str> = out
         .stdout
         .lines()
@@ -54,13 +48,7 @@ fn mpirun_four_ranks_probe_and_exchange() {
 #[test]
 fn mpirun_four_ranks_life_is_verified() {
     let out = mpirun(4, &["life"], &env(), Duration::from_secs(240));
-    assert_eq!(
-        out.code,
-        Some(0),
-        "stdout: {}\nstderr: {}",
-        out.stdout,
-        out.stderr
-    );
+    out.assert_ok();
     assert!(
         out.stdout.contains("512x512 grid, 100 frames, 4 instances"),
         "{}",
@@ -79,13 +67,7 @@ fn mpirun_four_ranks_life_is_verified() {
 #[test]
 fn mpirun_eight_ranks_collectives_equal_mpi() {
     let out = mpirun(8, &["collectives"], &env(), Duration::from_secs(120));
-    assert_eq!(
-        out.code,
-        Some(0),
-        "stdout: {}\nstderr: {}",
-        out.stdout,
-        out.stderr
-    );
+    out.assert_ok();
     let ok = out
         .stdout
         .lines()

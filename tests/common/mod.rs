@@ -31,6 +31,19 @@ pub struct Output {
     pub stderr: String,
 }
 
+impl Output {
+    /// Fail the test, showing both streams, unless the process exited 0.
+    pub fn assert_ok(&self) {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "stdout: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
+    }
+}
+
 /// Wait for `child`, killing it (and failing the test) after `limit`.
 pub fn wait(mut child: Child, limit: Duration, what: &str) -> Output {
     let deadline = Instant::now() + limit;

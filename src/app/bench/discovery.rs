@@ -307,21 +307,19 @@ fn simulated(reps: u32) -> Result<Vec<serde_json::Value>> {
 
 fn print(r: &DiscoveryReport) {
     println!(
-        "\ndiscovery: one host, {} reps{} (ms; median [min–max])",
-        r.reps,
-        if r.quick { ", quick" } else { "" }
+        "\ndiscovery: one host, {} (ms; median [min–max])",
+        super::reps_label(r.reps, r.quick)
     );
     println!(
         "{:>9} {:>28} {:>28} {:>16}",
         "instances", "spawn → all ready", "last bound → all ready", "per instance"
     );
-    let f = |s: &Spread| format!("{:.1} [{:.1} – {:.1}]", s.median, s.min, s.max);
     for p in &r.points {
         println!(
             "{:>9} {:>28} {:>28} {:>16.1}",
             p.instances,
-            f(&p.spawn_to_all_ready_ms),
-            f(&p.bound_to_all_ready_ms),
+            p.spawn_to_all_ready_ms.label(1),
+            p.bound_to_all_ready_ms.label(1),
             p.instance_start_to_ready_ms.median
         );
     }

@@ -304,21 +304,19 @@ pub fn drive(opts: &BenchOpts) -> Result<HaloReport> {
     };
     super::write_json(&opts.out, "halo.json", &report)?;
     println!(
-        "\nhalo: frame time, {} reps{} (ms; median [min–max])",
-        report.reps,
-        if report.quick { ", quick" } else { "" }
+        "\nhalo: frame time, {} (ms; median [min–max])",
+        super::reps_label(report.reps, report.quick)
     );
     println!(
         "{:>9} {:>26} {:>26} {:>8}",
         "instances", "cellnet life", "MPI Isend/Irecv", "ratio"
     );
-    let f = |s: &Spread| format!("{:.3} [{:.3} – {:.3}]", s.median, s.min, s.max);
     for p in &report.points {
         println!(
             "{:>9} {:>26} {:>26} {:>8.2}",
             p.instances,
-            f(&p.cellnet_frame_ms),
-            f(&p.mpi_frame_ms),
+            p.cellnet_frame_ms.label(3),
+            p.mpi_frame_ms.label(3),
             p.cellnet_frame_ms.median / p.mpi_frame_ms.median.max(1e-12)
         );
     }

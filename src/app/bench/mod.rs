@@ -216,6 +216,17 @@ impl Spread {
             max: v[n - 1],
         }
     }
+
+    /// `median [min – max]` with `decimals` digits after the point.
+    pub fn label(&self, decimals: usize) -> String {
+        let d = decimals;
+        format!("{:.d$} [{:.d$} – {:.d$}]", self.median, self.min, self.max)
+    }
+}
+
+/// How a table header names the repetitions: `5 reps` or `5 reps, quick`.
+pub fn reps_label(reps: u32, quick: bool) -> String {
+    format!("{reps} reps{}", if quick { ", quick" } else { "" })
 }
 
 /// Median of a list of integers (0 when empty).

@@ -764,9 +764,8 @@ fn throughput(pair: &mut Pair) -> Result<Vec<Series<ThroughputPoint>>> {
 
 fn print_latency(r: &LatencyReport) {
     println!(
-        "\nlatency: round trip, payload one way + 8-byte answer, {} reps{} (µs; median of rep medians [min–max], p99, p99.9 over all samples)",
-        r.reps,
-        if r.quick { ", quick" } else { "" }
+        "\nlatency: round trip, payload one way + 8-byte answer, {} (µs; median of rep medians [min–max], p99, p99.9 over all samples)",
+        super::reps_label(r.reps, r.quick)
     );
     println!("placement: {}", r.placement.join("; "));
     println!(
@@ -790,9 +789,8 @@ fn print_latency(r: &LatencyReport) {
 
 fn print_throughput(r: &ThroughputReport) {
     println!(
-        "\nthroughput: sustained, {} reps{} (median [min–max])",
-        r.reps,
-        if r.quick { ", quick" } else { "" }
+        "\nthroughput: sustained, {} (median [min–max])",
+        super::reps_label(r.reps, r.quick)
     );
     println!("placement: {}", r.placement.join("; "));
     println!(

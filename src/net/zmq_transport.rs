@@ -68,6 +68,14 @@ pub struct ZmqTransport {
     endpoints: Endpoints,
     ipc_path: Option<PathBuf>,
     dealers: HashMap<Rank, Dealer>,
+    /// Changes whenever a socket is opened or closed (the set of
+    /// [`Self::signal_fds`] changed).
+    generation: u64,
+    /// Sockets sent on since the last [`Self::settle`]: `None` is the
+    /// receiving socket.
+    touched: Vec<Option<Rank>>,
+    /// [`Self::drain`] stopped at its budget with messages left.
+    input_left: bool,
 }
 
 fn zerr<'a>(op: &'static str, endpoint: &'a str) -> impl FnOnce(zmq::Error) -> NetError + 'a {
@@ -118,6 +126,9 @@ impl ZmqTransport {
             endpoints: Endpoints { ipc, tcp },
             ipc_path,
             dealers: HashMap::new(),
+            generation: 0,
+            touched: Vec::new(),
+            input_left: false,
         })
     }
 
@@ -167,6 +178,7 @@ impl ZmqTransport {
                 incarnation: inc,
             },
         );
+        self.generation += 1;
         Ok(())
     }
 
@@ -177,12 +189,20 @@ impl ZmqTransport {
 
     /// Close the sending socket to `rank` (peer gone or no longer needed).
     pub fn disconnect(&mut self, rank: Rank) {
-        self.dealers.remove(&rank);
+        if self.dealers.remove(&rank).is_some() {
+            self.generation += 1;
+        }
+    }
+
+    /// Changes whenever a socket is opened or closed.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Send a multipart message to `rank` through its sending socket.
-    pub fn send(&self, rank: Rank, frames: &[&[u8]]) -> Result<(), NetError> {
+    pub fn send(&mut self, rank: Rank, frames: &[&[u8]]) -> Result<(), NetError> {
         let dealer = self.dealers.get(&rank).ok_or(NetError::NoRoute(rank))?;
+        self.touched.push(Some(rank));
         send_parts(&dealer.socket, frames).map_err(|e| match e {
             zmq::Error::EAGAIN => NetError::WouldBlock(rank),
             source => NetError::Zmq {
@@ -197,6 +217,7 @@ impl ZmqTransport {
     /// large payload is lent to ZeroMQ, not copied.
     pub fn send_data(&mut self, rank: Rank, head: &[u8], payload: &Bytes) -> Result<(), NetError> {
         let dealer = self.dealers.get_mut(&rank).ok_or(NetError::NoRoute(rank))?;
+        self.touched.push(Some(rank));
         let socket = &mut dealer.socket;
         socket
             .send(head, zmq::SNDMORE | zmq::DONTWAIT)
@@ -212,7 +233,8 @@ impl ZmqTransport {
     }
 
     /// Reply on the receiving socket to whoever has `routing_id`.
-    pub fn reply(&self, routing_id: &[u8], frames: &[&[u8]]) -> Result<(), NetError> {
+    pub fn reply(&mut self, routing_id: &[u8], frames: &[&[u8]]) -> Result<(), NetError> {
+        self.touched.push(None);
         let res = self
             .router
             .send(routing_id, zmq::SNDMORE | zmq::DONTWAIT)
@@ -261,13 +283,37 @@ impl ZmqTransport {
             .collect()
     }
 
-    /// Whether any socket or any of `fds` is readable right now (no waiting).
-    pub fn ready_now(&self, fds: &[RawFd]) -> Result<bool, NetError> {
-        Ok(self.poll(fds, 0)?.1)
+    /// Whether a message waits that no signal fd will announce: on a
+    /// socket sent on since the last call (a send may take in the signal of
+    /// an arrival, so its fd stays quiet), or left by a [`Self::drain`]
+    /// that hit its budget. When this is false, every socket was read
+    /// until empty or its fd becomes readable on the next arrival: a thread
+    /// may sleep in `poll(2)` on [`Self::signal_fds`].
+    pub fn settle(&mut self) -> Result<bool, NetError> {
+        let mut pending = std::mem::take(&mut self.input_left);
+        self.touched.sort_unstable();
+        self.touched.dedup();
+        for which in self.touched.drain(..) {
+            let socket = match which {
+                None => &self.router,
+                Some(rank) => match self.dealers.get(&rank) {
+                    Some(d) => &d.socket,
+                    None => continue,
+                },
+            };
+            let events = socket.get_events().map_err(|source| NetError::Zmq {
+                op: "getsockopt(ZMQ_EVENTS)",
+                endpoint: which.map_or("ROUTER".into(), |r| format!("rank {r}")),
+                source,
+            })?;
+            pending |= events.contains(zmq::POLLIN);
+        }
+        Ok(pending)
     }
 
-    /// Everything that is waiting on any socket, up to `budget` messages.
-    pub fn drain(&self, budget: usize, out: &mut Vec<Inbound>) -> Result<(), NetError> {
+    /// Everything that is waiting on any socket, up to `budget` messages
+    /// (each socket is read until empty, unless the budget ends first).
+    pub fn drain(&mut self, budget: usize, out: &mut Vec<Inbound>) -> Result<(), NetError> {
         let start = out.len();
         while out.len() - start < budget {
             match recv_frames(&self.router) {
@@ -297,6 +343,7 @@ impl ZmqTransport {
                 }
             }
         }
+        self.input_left = out.len() - start >= budget;
         Ok(())
     }
 }
@@ -411,7 +458,7 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    fn recv_one(t: &ZmqTransport) -> Inbound {
+    fn recv_one(t: &mut ZmqTransport) -> Inbound {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut out = Vec::new();
         while out.is_empty() {
@@ -425,7 +472,7 @@ mod tests {
     #[test]
     fn dealer_to_router_and_reply_over_ipc_and_tcp() {
         let dir = std::env::temp_dir();
-        let a = ZmqTransport::bind(
+        let mut a = ZmqTransport::bind(
             "127.0.0.1".parse().unwrap(),
             Some(&dir),
             &format!("cellnet-test-a-{}", std::process::id()),
@@ -440,12 +487,12 @@ mod tests {
             b.disconnect(0);
             b.connect(0, Incarnation(1), &endpoint).unwrap();
             b.send(0, &[b"hello", b"world"]).unwrap();
-            let Inbound::Router { routing_id, frames } = recv_one(&a) else {
+            let Inbound::Router { routing_id, frames } = recv_one(&mut a) else {
                 panic!("expected a router message")
             };
             assert_eq!(frames, vec![&b"hello"[..], &b"world"[..]]);
             a.reply(&routing_id, &[b"ack"]).unwrap();
-            let Inbound::Dealer { rank, frames } = recv_one(&b) else {
+            let Inbound::Dealer { rank, frames } = recv_one(&mut b) else {
                 panic!("expected a dealer message")
             };
             assert_eq!(rank, 0);
@@ -457,10 +504,33 @@ mod tests {
         b.send_data(0, b"head", &big.clone()).unwrap();
         let sent = big.clone();
         drop(big);
-        let Inbound::Router { frames, .. } = recv_one(&a) else {
+        let Inbound::Router { frames, .. } = recv_one(&mut a) else {
             panic!("expected a router message")
         };
         assert_eq!(frames, vec![Bytes::from_static(b"head"), sent]);
+        // A reply waiting on a socket sent on since is reported by settle
+        // (its signal may have been taken in by the send); once read, the
+        // sockets are settled.
+        b.send(0, &[b"ping"]).unwrap();
+        let Inbound::Router { routing_id, .. } = recv_one(&mut a) else {
+            panic!("expected a router message")
+        };
+        assert!(!a.settle().unwrap(), "nothing more came to the router");
+        a.reply(&routing_id, &[b"pong"]).unwrap();
+        b.send(0, &[b"again"]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !b.settle().unwrap() {
+            assert!(Instant::now() < deadline, "settle never saw the reply");
+            b.send(0, &[b"again"]).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut out = Vec::new();
+        b.drain(16, &mut out).unwrap();
+        assert!(matches!(&out[0], Inbound::Dealer { rank: 0, frames } if frames[0] == b"pong"[..]));
+        assert!(
+            !b.settle().unwrap(),
+            "read until empty and not sent on since"
+        );
         // A reply to a routing id nobody has is an error, not a silent drop.
         assert!(a.reply(b"nobody", &[b"x"]).is_err());
         assert!(matches!(b.send(9, &[b"x"]), Err(NetError::NoRoute(9))));

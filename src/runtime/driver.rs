@@ -1,20 +1,25 @@
-//! The I/O thread: runs every `proto` state machine over the sockets.
+//! The engine: every `proto` state machine over the sockets, run by
+//! whichever thread holds its lock.
 //!
-//! One loop: take commands and handler outcomes, fire timers, flush what
-//! the state machines want to send, then sleep in `zmq::poll` until a
-//! socket, the wake-up eventfd or the next timer.
+//! The I/O thread runs rounds: take commands and handler outcomes, fire
+//! timers, read the sockets, flush what the state machines want to send;
+//! then it lets go of the lock and sleeps in `poll(2)` until a socket's
+//! signal fd, the wake-up eventfd or the next timer. An application thread
+//! that finds the lock free after queueing a send runs a short round itself
+//! ([`Engine::assist`]): the cell goes out and answers already there are
+//! taken in without a hand-off to the I/O thread and back.
 
 // Keys are ranks (validated against the job size): a fast hash is safe.
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::net::SocketAddrV4;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use super::faults::{Dest, FaultInjector};
-use super::shared::{CreditGate, Metrics, StatusCell, Waker};
+use super::shared::{lock, CreditGate, Metrics, StatusCell, Waker};
 use super::{codes, Cell, Command, Handler, HandlerError, PeerEvent, ShutdownReport};
 use crate::config::Config;
 use crate::launch::LaunchInfo;
@@ -55,21 +60,6 @@ pub(crate) struct Parts {
     pub metrics: Arc<Metrics>,
     /// The first frame of this life (later than 0 when resuming a checkpoint).
     pub first_frame: u64,
-}
-
-/// How a spin before sleeping ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Spin {
-    /// Not spun: there is work due now.
-    Skipped,
-    /// Something is ready (a socket, or a queue before the sockets were
-    /// fully checked).
-    Ready,
-    /// Only the command or handler queues have work; a full check of the
-    /// sockets during the spin found nothing.
-    QueuesOnly,
-    /// Nothing came within the spin time: sleep.
-    Idle,
 }
 
 /// Data messages with payloads up to this size are gathered into batches.
@@ -143,6 +133,204 @@ pub(crate) struct Driver {
     outbox: HashMap<Rank, Batch>,
     /// Credits of tickets resolved in this round, per peer.
     freed_credits: HashMap<Rank, u32>,
+    /// When the I/O thread, sleeping, wakes next for a timer.
+    io_wake_at: Now,
+    /// The transport's socket generation the I/O thread sleeps on.
+    io_generation: u64,
+    /// An error met by an application thread's round, for the I/O thread
+    /// to stop on.
+    failure: Option<String>,
+}
+
+/// The [`Driver`] shared by the I/O thread and the application's threads.
+pub(crate) struct Engine {
+    driver: Mutex<Driver>,
+    waker: Arc<Waker>,
+    /// The I/O thread has finished; nothing runs the driver any more.
+    stopped: AtomicBool,
+}
+
+impl Engine {
+    pub fn new(driver: Driver) -> Arc<Self> {
+        let waker = driver.p.waker.clone();
+        Arc::new(Self {
+            driver: Mutex::new(driver),
+            waker,
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the I/O thread has finished (sends are refused).
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(SeqCst)
+    }
+
+    /// On an application thread, after queueing a command: run a round
+    /// right here when no other thread is in one, else wake the I/O thread.
+    pub fn assist(&self) {
+        match self.driver.try_lock() {
+            Ok(mut d) => {
+                if self.is_stopped() {
+                    return d.discard_commands();
+                }
+                let kick = d.assist(false);
+                drop(d);
+                if kick {
+                    self.waker.wake();
+                }
+            }
+            Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => {
+                self.waker.wake();
+                // Stopped meanwhile: nobody else will take the command.
+                if self.is_stopped() {
+                    lock(&self.driver).discard_commands();
+                }
+            }
+        }
+    }
+
+    /// While an application thread waits for an answer: take in what the
+    /// sockets hold, if no other thread is at it.
+    pub fn poll_input(&self) {
+        let Ok(mut d) = self.driver.try_lock() else {
+            return;
+        };
+        if self.is_stopped() {
+            return;
+        }
+        let kick = d.assist(true);
+        drop(d);
+        if kick {
+            self.waker.wake();
+        }
+    }
+
+    /// The I/O thread's life: rounds, and sleeps without the lock between
+    /// them; then the books.
+    pub fn run(&self) -> ShutdownReport {
+        let result = self.io_loop();
+        let mut d = lock(&self.driver);
+        self.stopped.store(true, SeqCst);
+        let report = d.finish(result);
+        d.discard_commands();
+        report
+    }
+
+    fn io_loop(&self) -> Result<(), String> {
+        let mut sleeper = Sleeper::new(&lock(&self.driver));
+        let mut woke = Woke::default();
+        loop {
+            let (wait_ms, spin) = {
+                let mut d = lock(&self.driver);
+                if d.round(woke)? {
+                    return Ok(());
+                }
+                d.plan_sleep(&mut sleeper)?
+            };
+            woke = sleeper.sleep(wait_ms, spin)?;
+        }
+    }
+}
+
+/// Which of the I/O thread's UDP sockets woke it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Woke {
+    udp: bool,
+    coordinator: bool,
+}
+
+/// What the I/O thread sleeps on, and how.
+struct Sleeper {
+    waker: Arc<Waker>,
+    commands: Receiver<Command>,
+    done: Receiver<Vec<HandlerDone>>,
+    /// The eventfd, the discovery socket, the coordinator's socket if this
+    /// instance runs it, then every ZeroMQ socket's signal fd.
+    fds: Vec<libc::pollfd>,
+    /// `(socket generation, coordinator)` `fds` was built for.
+    built_for: Option<(u64, bool)>,
+}
+
+impl Sleeper {
+    fn new(d: &Driver) -> Self {
+        Self {
+            waker: d.p.waker.clone(),
+            commands: d.p.commands.clone(),
+            done: d.done_rx.clone(),
+            fds: Vec::new(),
+            built_for: None,
+        }
+    }
+
+    fn queues_busy(&self) -> bool {
+        !self.commands.is_empty() || !self.done.is_empty()
+    }
+
+    /// `poll(2)` on every fd for up to `timeout_ms`; whether any is ready.
+    fn poll(&mut self, timeout_ms: i64) -> Result<bool, String> {
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
+        let n = unsafe {
+            libc::poll(
+                self.fds.as_mut_ptr(),
+                self.fds.len() as libc::nfds_t,
+                timeout_ms.clamp(-1, i32::MAX as i64) as i32,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(format!("poll: {e}"));
+            }
+        }
+        Ok(n != 0)
+    }
+
+    fn woke(&self) -> Woke {
+        let readable = |i: usize| self.fds.get(i).is_some_and(|f| f.revents != 0);
+        if readable(0) {
+            self.waker.clear();
+        }
+        Woke {
+            udp: readable(1),
+            coordinator: self.fds.len() > 2 && readable(2),
+        }
+    }
+
+    /// Wait for work: first polling without sleeping for up to `spin`
+    /// (work that comes soon, such as the answer to what was just sent, is
+    /// found without the cost of waking a sleeping core), then asleep for
+    /// up to `wait_ms`.
+    fn sleep(&mut self, wait_ms: i64, spin: Duration) -> Result<Woke, String> {
+        if wait_ms == 0 {
+            return Ok(Woke::default());
+        }
+        if !spin.is_zero() {
+            let start = Instant::now();
+            let budget = spin.min(Duration::from_millis(wait_ms as u64));
+            loop {
+                if self.queues_busy() {
+                    return Ok(Woke::default());
+                }
+                if self.poll(0)? {
+                    return Ok(self.woke());
+                }
+                if start.elapsed() >= budget {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+        self.waker.park();
+        let wait_ms = if self.waker.take_kick() || self.queues_busy() {
+            0
+        } else {
+            wait_ms
+        };
+        let polled = self.poll(wait_ms);
+        self.waker.unpark();
+        polled?;
+        Ok(self.woke())
+    }
 }
 
 impl Driver {
@@ -201,6 +389,9 @@ impl Driver {
             inbox: Vec::new(),
             outbox: HashMap::default(),
             freed_credits: HashMap::default(),
+            io_wake_at: Duration::MAX,
+            io_generation: 0,
+            failure: None,
         }
     }
 
@@ -208,8 +399,9 @@ impl Driver {
         self.epoch.elapsed()
     }
 
-    pub fn run(mut self) -> ShutdownReport {
-        let result = self.run_loop();
+    /// The books once the I/O thread's loop ended with `result`; open
+    /// tickets resolve as timed out.
+    fn finish(&mut self, result: Result<(), String>) -> ShutdownReport {
         if result.is_ok() && self.drained_at.is_none() {
             self.say_goodbye();
         }
@@ -239,148 +431,145 @@ impl Driver {
         report
     }
 
-    fn run_loop(&mut self) -> Result<(), String> {
-        let join_deadline = self.p.config.join_timeout;
-        loop {
-            let now = self.now();
-            self.take_commands(now);
-            self.take_handler_results(now);
-            self.fire_timers(now);
-            self.flush(now)?;
-            if let Some(since) = self.shutdown_since {
-                // Drain: our messages answered, then goodbye ("no more from
-                // me"), then stay until every peer that sent to us has said
-                // goodbye too (answering it meanwhile), or the deadline.
-                let drained = self.reliable.unanswered() == 0
-                    && self.reliable.pending_answers() == 0
-                    && self.handlers_running == 0;
-                if drained && self.drained_at.is_none() {
-                    self.drained_at = Some(now);
-                    self.say_goodbye();
-                }
-                let peers_done = self.incarnations.keys().all(|r| self.goodbyes.contains(r));
-                // A leader serves its node (resolutions, collectives): it
-                // waits for its members' goodbyes up to the send deadline,
-                // for everybody else's up to the linger time.
-                let status = self.p.status.get();
-                let me = self.p.me.rank;
-                let members_done = status.leader != Some(me)
-                    || status.members.iter().all(|m| {
-                        m.rank == me
-                            || self.goodbyes.contains(&m.rank)
-                            || self.dead.contains(&m.rank)
-                    });
-                let lingered = members_done
-                    && self
-                        .drained_at
-                        .is_some_and(|t| now >= t + self.p.config.linger);
-                let deadline = since + self.p.config.reliable.deadline + self.p.config.linger;
-                if (drained && (peers_done || lingered)) || now >= deadline {
-                    return Ok(());
-                }
+    /// Drop queued commands: their tickets learn that no answer will come.
+    fn discard_commands(&mut self) {
+        while self.p.commands.try_recv().is_ok() {}
+    }
+
+    /// One round of the I/O thread; true once the shutdown is complete.
+    fn round(&mut self, woke: Woke) -> Result<bool, String> {
+        if let Some(e) = self.failure.take() {
+            return Err(e);
+        }
+        let now = self.now();
+        if woke.udp {
+            self.read_datagrams(now, false)?;
+        }
+        if woke.coordinator {
+            self.read_datagrams(now, true)?;
+        }
+        self.take_commands(now);
+        self.take_handler_results(now);
+        self.fire_timers(now);
+        self.read_zmq(now)?;
+        self.flush(now)?;
+        if let Some(since) = self.shutdown_since {
+            // Drain: our messages answered, then goodbye ("no more from
+            // me"), then stay until every peer that sent to us has said
+            // goodbye too (answering it meanwhile), or the deadline.
+            let drained = self.reliable.unanswered() == 0
+                && self.reliable.pending_answers() == 0
+                && self.handlers_running == 0;
+            if drained && self.drained_at.is_none() {
+                self.drained_at = Some(now);
+                self.say_goodbye();
             }
-            if self.global.as_ref().and_then(|g| g.ready()).is_none() && now >= join_deadline {
-                return Err(self.join_failure());
+            let peers_done = self.incarnations.keys().all(|r| self.goodbyes.contains(r));
+            // A leader serves its node (resolutions, collectives): it
+            // waits for its members' goodbyes up to the send deadline,
+            // for everybody else's up to the linger time.
+            let status = self.p.status.get();
+            let me = self.p.me.rank;
+            let members_done = status.leader != Some(me)
+                || status.members.iter().all(|m| {
+                    m.rank == me || self.goodbyes.contains(&m.rank) || self.dead.contains(&m.rank)
+                });
+            let lingered = members_done
+                && self
+                    .drained_at
+                    .is_some_and(|t| now >= t + self.p.config.linger);
+            let deadline = since + self.p.config.reliable.deadline + self.p.config.linger;
+            if (drained && (peers_done || lingered)) || now >= deadline {
+                return Ok(true);
             }
-            let wait = self.next_deadline().map_or(100, |t| {
-                let d = t.saturating_sub(self.now());
+        }
+        if self.global.as_ref().and_then(|g| g.ready()).is_none()
+            && now >= self.p.config.join_timeout
+        {
+            return Err(self.join_failure());
+        }
+        Ok(false)
+    }
+
+    /// Before the I/O thread lets go of the lock to sleep: how long it may
+    /// sleep (0 when input waits that no fd would announce) and spin, with
+    /// `sleeper`'s fds brought up to date.
+    fn plan_sleep(&mut self, sleeper: &mut Sleeper) -> Result<(i64, Duration), String> {
+        let pending = self.p.transport.settle().map_err(|e| e.to_string())?;
+        let now = self.now();
+        let wait = if pending {
+            0
+        } else {
+            self.next_deadline().map_or(100, |t| {
+                let d = t.saturating_sub(now);
                 d.as_micros().div_ceil(1000).min(100) as i64
-            });
+            })
+        };
+        let generation = self.p.transport.generation();
+        let built_for = Some((generation, self.coordinator.is_some()));
+        if sleeper.built_for != built_for {
             let mut fds = vec![self.p.waker.fd(), self.p.udp.raw_fd()];
             if let Some((_, udp)) = &self.coordinator {
                 fds.push(udp.raw_fd());
             }
-            // Poll without sleeping for a while first: work that comes soon
-            // (the answer to what we just sent, the application's next
-            // send) is found without the cost of waking a sleeping core,
-            // and the application need not write the eventfd meanwhile.
-            let spun = if wait == 0 {
-                Spin::Skipped
-            } else {
-                self.spin_until_ready(&fds, wait)?
-            };
-            if spun == Spin::QueuesOnly {
-                // The sockets were found empty while spinning: serve the
-                // application (or the handlers) first, without polling them.
-                continue;
-            }
-            let wait = if spun == Spin::Idle { wait } else { 0 };
-            self.p.waker.park();
-            let wait = if self.p.commands.is_empty() && self.done_rx.is_empty() {
-                wait
-            } else {
-                0
-            };
-            let (readable, _) = self
-                .p
-                .transport
-                .poll(&fds, wait)
-                .map_err(|e| e.to_string())?;
-            self.p.waker.unpark();
-            if readable[0] {
-                self.p.waker.clear();
-            }
-            let now = self.now();
-            if readable[1] {
-                self.read_datagrams(now, false)?;
-            }
-            if readable.get(2) == Some(&true) {
-                self.read_datagrams(now, true)?;
-            }
-            self.read_zmq(now)?;
+            fds.extend(self.p.transport.signal_fds());
+            sleeper.fds = fds
+                .into_iter()
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            sleeper.built_for = built_for;
         }
-    }
-
-    /// Poll the queues and sockets without sleeping, yielding the core
-    /// between checks, for up to the configured spin time (and never past
-    /// the next timer, `wait_ms` from now): whether something is ready.
-    fn spin_until_ready(&self, fds: &[std::os::fd::RawFd], wait_ms: i64) -> Result<Spin, String> {
-        let spin = self.p.config.spin;
+        self.io_generation = generation;
+        self.io_wake_at = now + Duration::from_millis(wait as u64);
         // Not while starting: then many instances may share few cores, and
         // the handshake does not need microseconds.
-        if spin.is_zero() || self.global.as_ref().and_then(|g| g.ready()).is_none() {
-            return Ok(Spin::Idle);
+        let spin = if self.global.as_ref().and_then(|g| g.ready()).is_some() {
+            self.p.config.spin
+        } else {
+            Duration::ZERO
+        };
+        Ok((wait, spin))
+    }
+
+    /// A round on an application thread that just queued a command (or
+    /// waits for an answer: `read` every socket first): send what is
+    /// queued, take in what came on the sockets it sent on, and
+    /// tell whether the I/O thread must wake (input left, new sockets to
+    /// watch, or a timer earlier than it planned for).
+    fn assist(&mut self, read: bool) -> bool {
+        let now = self.now();
+        self.take_commands(now);
+        self.take_handler_results(now);
+        let mut result = if read {
+            self.read_zmq(now).and_then(|()| self.flush(now))
+        } else {
+            self.flush(now)
+        };
+        let mut pending = false;
+        for _ in 0..4 {
+            if result.is_err() {
+                break;
+            }
+            match self.p.transport.settle() {
+                Ok(p) => pending = p,
+                Err(e) => result = Err(e.to_string()),
+            }
+            if !pending || result.is_err() {
+                break;
+            }
+            result = self.read_zmq(now).and_then(|()| self.flush(now));
         }
-        let start = Instant::now();
-        let budget = spin.min(Duration::from_millis(wait_ms.max(0) as u64));
-        // Mostly one poll(2) on the descriptors ZeroMQ signals arrivals on
-        // (cheap); every few rounds a full zmq::poll, which also sees
-        // messages whose signal a send on the same socket consumed.
-        let mut pfds: Vec<libc::pollfd> = fds
-            .iter()
-            .copied()
-            .chain(self.p.transport.signal_fds())
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        for round in 0u32.. {
-            if !self.p.commands.is_empty() || !self.done_rx.is_empty() {
-                // After a full check of the sockets found nothing.
-                return Ok(if round > 7 {
-                    Spin::QueuesOnly
-                } else {
-                    Spin::Ready
-                });
-            }
-            let ready = if round % 8 == 7 {
-                self.p.transport.ready_now(fds).map_err(|e| e.to_string())?
-            } else {
-                // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd
-                // structs; a zero timeout never blocks.
-                unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 0) > 0 }
-            };
-            if ready {
-                return Ok(Spin::Ready);
-            }
-            if start.elapsed() >= budget {
-                return Ok(Spin::Idle);
-            }
-            std::thread::yield_now();
+        if let Err(e) = result {
+            self.failure.get_or_insert(e);
+            return true;
         }
-        Ok(Spin::Idle)
+        pending
+            || self.p.transport.generation() != self.io_generation
+            || self.next_deadline().is_some_and(|t| t < self.io_wake_at)
     }
 
     /// Put a message on the wire (through the fault injector when one is

@@ -2,10 +2,12 @@
 //! [`Communicator`].
 //!
 //! Owns the threads and the clock: one I/O thread per instance runs every
-//! state machine and every socket (ZeroMQ sockets are single-threaded), a
-//! rayon pool bound inside the instance's cpuset runs the cell handler, and
-//! the application's threads talk to the I/O thread through bounded
-//! channels plus an eventfd that wakes it.
+//! state machine and every socket, a rayon pool bound inside the instance's
+//! cpuset runs the cell handler, and the application's threads talk to the
+//! I/O thread through bounded channels plus an eventfd that wakes it. The
+//! state machines and sockets sit behind one lock (ZeroMQ sockets may be
+//! used by one thread at a time): a thread that sends while the I/O thread
+//! sleeps takes the lock and puts the cell on the wire itself.
 //!
 //! Latency: an idle I/O thread polls for up to `CELLNET_SPIN` before it
 //! sleeps, and so does [`Ticket::wait`]; without a handler
@@ -236,11 +238,24 @@ pub struct Ticket {
     answer: Arc<shared::Answer>,
     /// How long [`Self::wait`] checks before it sleeps (`CELLNET_SPIN`).
     spin: Duration,
+    /// Where the answer comes in: [`Self::wait`] takes it in itself while
+    /// it checks, when no other thread is at it.
+    engine: Arc<driver::Engine>,
 }
 
 impl Ticket {
-    fn new(to: Rank, answer: Arc<shared::Answer>, spin: Duration) -> Self {
-        Self { to, answer, spin }
+    fn new(
+        to: Rank,
+        answer: Arc<shared::Answer>,
+        spin: Duration,
+        engine: Arc<driver::Engine>,
+    ) -> Self {
+        Self {
+            to,
+            answer,
+            spin,
+            engine,
+        }
     }
 
     /// The rank the cell was sent to.
@@ -253,7 +268,9 @@ impl Ticket {
     /// without sleeping (and so without the I/O thread having to wake a
     /// sleeping core to deliver it).
     pub fn wait(&self) -> Result<Outcome, SendError> {
-        self.answer.wait(self.spin).ok_or(SendError::Closed)
+        self.answer
+            .wait(self.spin, || self.engine.poll_input())
+            .ok_or(SendError::Closed)
     }
 
     /// The answer if it is there already.
@@ -385,6 +402,8 @@ pub struct Communicator {
     me: PeerInfo,
     coordinator: SocketAddrV4,
     commands: Sender<Command>,
+    /// The I/O state; a sending thread runs a round itself when it is free.
+    engine: Arc<driver::Engine>,
     frames: Receiver<Result<CompleteFrame, FrameMissing>>,
     events: Receiver<PeerEvent>,
     mailbox: collective::Mailbox,
@@ -474,9 +493,11 @@ impl Communicator {
             metrics: metrics.clone(),
             first_frame,
         });
+        let engine = driver::Engine::new(driver);
+        let io_engine = engine.clone();
         let io = std::thread::Builder::new()
             .name(format!("cellnet-io-{}", info.rank))
-            .spawn(move || driver.run())
+            .spawn(move || io_engine.run())
             .map_err(RuntimeError::Thread)?;
         let comm = Communicator {
             info,
@@ -484,6 +505,7 @@ impl Communicator {
             me,
             coordinator,
             commands: cmd_tx,
+            engine,
             frames: frame_rx,
             events: event_rx,
             mailbox: collective::Mailbox::new(coll_rx),
@@ -603,13 +625,22 @@ impl Communicator {
         Ok(())
     }
 
+    /// Queue the message. `alone`: nothing else is on its way to `to`, so
+    /// it goes out at once on this thread if the I/O thread is not busy (no
+    /// hand-off); behind others it waits for the I/O thread, which sends
+    /// whatever has gathered in one batch.
     fn submit(
         &self,
         to: Rank,
         frame: u64,
         kind: DataKind,
         payload: Bytes,
+        alone: bool,
     ) -> Result<Ticket, SendError> {
+        if self.engine.is_stopped() {
+            self.credits.release(to);
+            return Err(SendError::Closed);
+        }
         let (tx, rx) = shared::Answer::new();
         let cmd = Command::Send {
             to,
@@ -622,8 +653,12 @@ impl Communicator {
             self.credits.release(to);
             return Err(SendError::Closed);
         }
-        self.waker.wake();
-        Ok(Ticket::new(to, rx, self.config.spin))
+        if alone {
+            self.engine.assist();
+        } else {
+            self.waker.wake();
+        }
+        Ok(Ticket::new(to, rx, self.config.spin, self.engine.clone()))
     }
 
     /// A step of a collective (sequence `seq`), over the reliable channel.
@@ -687,21 +722,22 @@ impl Communicator {
         deadline: Option<Instant>,
     ) -> Result<Ticket, SendError> {
         self.check_target(to)?;
-        self.acquire(to, deadline)?;
-        self.submit(to, frame, kind, payload)
+        let in_flight = self.acquire(to, deadline)?;
+        self.submit(to, frame, kind, payload, in_flight == 1)
     }
 
-    fn acquire(&self, to: Rank, deadline: Option<Instant>) -> Result<(), SendError> {
+    /// Take a credit for `to`: how many are in use now, this one included.
+    fn acquire(&self, to: Rank, deadline: Option<Instant>) -> Result<u32, SendError> {
         // A free credit is taken without reading the clock.
-        if self.credits.acquire(to, None) {
-            return Ok(());
+        if let Some(n) = self.credits.acquire(to, None) {
+            return Ok(n);
         }
         // Without a deadline, wait in slices so a stopped I/O thread is noticed.
         loop {
             let slice = Instant::now() + Duration::from_millis(200);
             let until = deadline.map_or(slice, |d| d.min(slice));
-            if self.credits.acquire(to, Some(until)) {
-                return Ok(());
+            if let Some(n) = self.credits.acquire(to, Some(until)) {
+                return Ok(n);
             }
             if self.status.get().stopped {
                 return Err(SendError::Closed);

@@ -18,12 +18,15 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// An eventfd that wakes the I/O thread out of `zmq::poll`. It is written
+/// An eventfd that wakes the I/O thread out of `poll(2)`. It is written
 /// only while the I/O thread is parked (about to sleep or sleeping): a busy
 /// I/O thread finds new work in its queues without a syscall per message.
 pub(crate) struct Waker {
     fd: RawFd,
     parked: std::sync::atomic::AtomicBool,
+    /// Set by every [`Self::wake`]: the I/O thread must run a round before
+    /// it sleeps (new work, or its plan for the sleep is out of date).
+    kicked: std::sync::atomic::AtomicBool,
 }
 
 impl Waker {
@@ -36,6 +39,7 @@ impl Waker {
         Ok(Self {
             fd,
             parked: std::sync::atomic::AtomicBool::new(false),
+            kicked: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -50,8 +54,10 @@ impl Waker {
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Call after queueing work for the I/O thread.
+    /// Call after queueing work for the I/O thread (or changing what it
+    /// must wait for).
     pub fn wake(&self) {
+        self.kicked.store(true, std::sync::atomic::Ordering::SeqCst);
         if !self.parked.swap(false, std::sync::atomic::Ordering::SeqCst) {
             return;
         }
@@ -59,6 +65,11 @@ impl Waker {
         // SAFETY: writes 8 bytes from a valid u64 to our own eventfd. A full
         // counter (EAGAIN) means a wake-up is pending anyway.
         unsafe { libc::write(self.fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+
+    /// Whether [`Self::wake`] was called since the last time this was asked.
+    pub fn take_kick(&self) -> bool {
+        self.kicked.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn clear(&self) {
@@ -121,11 +132,15 @@ impl Answer {
         Some(s.outcome.clone())
     }
 
-    /// Wait for the answer, checking without sleeping for `spin` first;
-    /// `None` if no answer will come.
-    pub fn wait(&self, spin: Duration) -> Option<Outcome> {
+    /// Wait for the answer, checking without sleeping for `spin` first
+    /// (calling `check` between looks); `None` if no answer will come.
+    pub fn wait(&self, spin: Duration, check: impl Fn()) -> Option<Outcome> {
         let start = Instant::now();
         while !self.ready.load(Acquire) && start.elapsed() < spin {
+            check();
+            if self.ready.load(Acquire) {
+                break;
+            }
             std::thread::yield_now();
         }
         let mut s = lock(&self.state);
@@ -196,21 +211,20 @@ impl CreditGate {
         self.window
     }
 
-    /// Take a credit for `to`, waiting until `deadline` (`None`: don't wait).
-    pub fn acquire(&self, to: Rank, deadline: Option<Instant>) -> bool {
+    /// Take a credit for `to`, waiting until `deadline` (`None`: don't
+    /// wait): the credits now in use for `to`, this one included.
+    pub fn acquire(&self, to: Rank, deadline: Option<Instant>) -> Option<u32> {
         let mut in_use = lock(&self.in_use);
         loop {
             let used = in_use.used.entry(to).or_insert(0);
             if *used < self.window {
                 *used += 1;
-                return true;
+                return Some(*used);
             }
-            let Some(deadline) = deadline else {
-                return false;
-            };
+            let deadline = deadline?;
             let now = Instant::now();
             if now >= deadline {
-                return false;
+                return None;
             }
             in_use.waiting += 1;
             in_use = self

@@ -142,6 +142,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "2s",
         "after a drained shutdown, how long to answer peers that have not said goodbye",
     ),
+    (
+        "CELLNET_MALLOC_TUNE",
+        "1",
+        "1: keep freed memory for reuse (glibc mmap/trim thresholds) so large cells do not page-fault in; 0: leave malloc alone",
+    ),
     ("CELLNET_LOG", "warn", "log filter (debug, cellnet=trace, ...)"),
 ];
 
@@ -190,6 +195,9 @@ pub struct Config {
     /// ticket keeps checking for its answer, before going to sleep: waking
     /// a sleeping thread on an idle core costs tens of microseconds.
     pub spin: Duration,
+    /// Tune glibc's malloc for large cells when a communicator starts
+    /// ([`crate::runtime::tune_malloc`]).
+    pub malloc_tune: bool,
     /// Injected wire faults (tests); `None` in production.
     pub faults: Option<crate::runtime::faults::FaultConfig>,
 }
@@ -215,6 +223,7 @@ impl Default for Config {
             liveness: LivenessConfig::default(),
             reliable: ReliableConfig::default(),
             spin: Duration::from_micros(50),
+            malloc_tune: true,
             faults: None,
         }
     }
@@ -380,6 +389,13 @@ impl Config {
             }
             c.spin = v;
         }
+        if let Some(v) = get(vars, "CELLNET_MALLOC_TUNE", |s| match s.trim() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err("must be 1 or 0".into()),
+        })? {
+            c.malloc_tune = v;
+        }
         if let Some(v) = get(vars, "CELLNET_LINGER", parse_duration)? {
             c.linger = v;
         }
@@ -427,8 +443,10 @@ mod tests {
             ("CELLNET_SEND_DEADLINE", "1500ms"),
             ("CELLNET_IPC_DIR", "none"),
             ("CELLNET_PLACEMENT", "none"),
+            ("CELLNET_MALLOC_TUNE", "0"),
         ]))
         .unwrap();
+        assert!(!c.malloc_tune && Config::default().malloc_tune);
         assert_eq!(c.discovery_port, 5000);
         assert_eq!(c.coordinator.as_deref(), Some("n001:6000"));
         assert_eq!(c.reliable.window, 8);
@@ -446,6 +464,7 @@ mod tests {
             ("CELLNET_JOIN_TIMEOUT", "soon"),
             ("CELLNET_BROADCAST", "1.2.3"),
             ("CELLNET_PLACEMENT", "sideways"),
+            ("CELLNET_MALLOC_TUNE", "maybe"),
         ] {
             let err = Config::from_vars(&vars(&[(var, value)])).unwrap_err();
             assert_eq!(err.var, var);

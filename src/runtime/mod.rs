@@ -436,6 +436,9 @@ impl Communicator {
             policy => place::apply(policy, info.local_rank, info.local_size)?,
         };
         let pool = place::build_pool(config.threads, &binding)?;
+        if config.malloc_tune {
+            tune_malloc();
+        }
         let incarnation = crate::proto::Incarnation(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -870,6 +873,29 @@ impl Drop for Communicator {
     fn drop(&mut self) {
         let _ = self.stop();
     }
+}
+
+/// Keep freed memory in the process for reuse: the mmap threshold at
+/// glibc's maximum (32 MiB) and no trimming below 1 GiB free.
+///
+/// Large received cells live in buffers ZeroMQ allocates per message and
+/// are freed when their frame is handed over. With glibc's defaults such a
+/// buffer is often fresh memory (a new mapping, or heap trimmed back since),
+/// whose pages fault in one at a time, each a trip through the kernel: for
+/// 1 MiB cells that costs more than the copy from the socket. MPI libraries
+/// make the same choice. Called once by [`Communicator`]s started with
+/// `CELLNET_MALLOC_TUNE=1` (the default); process-wide, so opt out with 0.
+pub fn tune_malloc() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only changes allocator parameters; it is
+        // thread-safe and these values are within glibc's documented range.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
+    });
 }
 
 /// 127.0.0.1 when the whole job is on one node; otherwise the first IPv4

@@ -175,6 +175,10 @@ pub fn worker(config: Config, opts: &BenchOpts) -> Result<()> {
         p => place::apply(p, info.local_rank, info.local_size),
     }
     .map_err(failed)?;
+    // Both versions run with the allocator settings cellnet runs with.
+    if config.malloc_tune {
+        crate::runtime::tune_malloc();
+    }
     let world = mpi.world();
     let rank = info.rank;
     let part = Partition2d::new([opts.grid, opts.grid], info.size)

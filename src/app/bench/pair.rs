@@ -248,6 +248,10 @@ pub fn run_in_place(name: BenchName, config: Config, opts: &BenchOpts) -> Result
         p => place::apply(p, info.local_rank, info.local_size),
     }
     .map_err(|e| BenchError::Failed(e.to_string()))?;
+    // Every series runs with the allocator settings cellnet runs with.
+    if config.malloc_tune {
+        crate::runtime::tune_malloc();
+    }
     let _ipc_files = IpcFiles;
     let mut pair = Pair {
         world: mpi.world(),
@@ -323,6 +327,7 @@ fn latency_notes() -> Vec<String> {
     vec![
         "round trip = payload one way, 8-byte answer back (the shape of SEND->ACK), for every transport".into(),
         "tcp = loopback on this host (CELLNET_IPC_DIR=none for cellnet); not across real nodes".into(),
+        "every series runs in the same processes with the same malloc settings (CELLNET_MALLOC_TUNE)".into(),
         "ZeroMQ and TCP block in poll/recv (wake-up cost included); cellnet polls for CELLNET_SPIN (default 50us) before it blocks; MPI busy-polls".into(),
         "cellnet runs without a cell handler: the I/O thread accepts each cell (no trip through the rayon pool)".into(),
         "rtt_us = median/min/max over repetitions of each repetition's median; p50/p99/p99.9 over all samples".into(),
@@ -334,6 +339,7 @@ fn throughput_notes() -> Vec<String> {
         "cellnet: every cell acknowledged (sender waits for all tickets); window = credits per peer".into(),
         "ZeroMQ PUSH/PULL and raw TCP: one-way, receiver answers once at the end".into(),
         "tcp = loopback on this host".into(),
+        "every series runs in the same processes with the same malloc settings (CELLNET_MALLOC_TUNE)".into(),
     ]
 }
 

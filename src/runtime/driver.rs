@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqC
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender};
 
 use super::faults::{Dest, FaultInjector};
-use super::shared::{lock, CreditGate, Metrics, StatusCell, Waker};
+use super::shared::{lock, Commands, CreditGate, Metrics, StatusCell, Waker};
 use super::{codes, Cell, Command, Handler, HandlerError, PeerEvent, ShutdownReport};
 use crate::config::Config;
 use crate::launch::LaunchInfo;
@@ -50,7 +50,7 @@ pub(crate) struct Parts {
     /// `None`: no handler was given; cells are accepted by the I/O thread
     /// itself (there is nothing to run on the pool).
     pub handler: Option<Handler>,
-    pub commands: Receiver<Command>,
+    pub commands: Arc<Commands>,
     pub frames: Sender<Result<CompleteFrame, FrameMissing>>,
     pub events: Sender<PeerEvent>,
     pub collectives: Sender<(Rank, u64, bytes::Bytes)>,
@@ -140,6 +140,8 @@ pub(crate) struct Driver {
     /// An error met by an application thread's round, for the I/O thread
     /// to stop on.
     failure: Option<String>,
+    /// Reused buffer of commands taken in one round.
+    command_buf: Vec<Command>,
 }
 
 /// The [`Driver`] shared by the I/O thread and the application's threads.
@@ -171,7 +173,7 @@ impl Engine {
         match self.driver.try_lock() {
             Ok(mut d) => {
                 if self.is_stopped() {
-                    return d.discard_commands();
+                    return;
                 }
                 let kick = d.assist(false);
                 drop(d);
@@ -179,13 +181,7 @@ impl Engine {
                     self.waker.wake();
                 }
             }
-            Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => {
-                self.waker.wake();
-                // Stopped meanwhile: nobody else will take the command.
-                if self.is_stopped() {
-                    lock(&self.driver).discard_commands();
-                }
-            }
+            Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => self.waker.wake(),
         }
     }
 
@@ -211,9 +207,7 @@ impl Engine {
         let result = self.io_loop();
         let mut d = lock(&self.driver);
         self.stopped.store(true, SeqCst);
-        let report = d.finish(result);
-        d.discard_commands();
-        report
+        d.finish(result)
     }
 
     fn io_loop(&self) -> Result<(), String> {
@@ -242,7 +236,7 @@ struct Woke {
 /// What the I/O thread sleeps on, and how.
 struct Sleeper {
     waker: Arc<Waker>,
-    commands: Receiver<Command>,
+    commands: Arc<Commands>,
     done: Receiver<Vec<HandlerDone>>,
     /// The eventfd, the discovery socket, the coordinator's socket if this
     /// instance runs it, then every ZeroMQ socket's signal fd.
@@ -392,6 +386,7 @@ impl Driver {
             io_wake_at: Duration::MAX,
             io_generation: 0,
             failure: None,
+            command_buf: Vec::new(),
         }
     }
 
@@ -405,6 +400,12 @@ impl Driver {
         if result.is_ok() && self.drained_at.is_none() {
             self.say_goodbye();
         }
+        // Nothing more will be taken or delivered: the application's ends
+        // see the channels disconnected (once drained) instead of waiting.
+        self.p.commands.close();
+        self.p.frames = crossbeam_channel::bounded(1).0;
+        self.p.events = crossbeam_channel::bounded(1).0;
+        self.p.collectives = crossbeam_channel::bounded(1).0;
         let open = self.tickets.len() as u64;
         // Tickets still open resolve now: nothing waits forever.
         for ((to, _), tx) in self.tickets.drain() {
@@ -429,11 +430,6 @@ impl Driver {
             }
         });
         report
-    }
-
-    /// Drop queued commands: their tickets learn that no answer will come.
-    fn discard_commands(&mut self) {
-        while self.p.commands.try_recv().is_ok() {}
     }
 
     /// One round of the I/O thread; true once the shutdown is complete.
@@ -659,15 +655,17 @@ impl Driver {
     }
 
     fn take_commands(&mut self, now: Now) {
-        loop {
-            match self.p.commands.try_recv() {
-                Ok(Command::Send {
+        let mut commands = std::mem::take(&mut self.command_buf);
+        self.p.commands.take_into(&mut commands);
+        for command in commands.drain(..) {
+            match command {
+                Command::Send {
                     to,
                     frame,
                     kind,
                     payload,
                     ticket,
-                }) => {
+                } => {
                     let kind = match kind {
                         DataKind::Collective => DataKind::Collective,
                         DataKind::Cell => {
@@ -695,22 +693,19 @@ impl Driver {
                         }
                     }
                 }
-                Ok(Command::Expect { from_frame, peers }) => {
+                Command::Expect { from_frame, peers } => {
                     let from = from_frame.unwrap_or_else(|| self.assembler.next_frame());
                     self.assembler.set_expected_from(from, peers);
                 }
-                Ok(Command::Await { frame, timeout }) => {
+                Command::Await { frame, timeout } => {
                     self.assembler.await_frame(now, frame, now + timeout)
                 }
-                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
-                    if self.shutdown_since.is_none() {
-                        self.shutdown_since = Some(now);
-                    }
-                    break;
+                Command::Shutdown => {
+                    self.shutdown_since.get_or_insert(now);
                 }
-                Err(TryRecvError::Empty) => break,
             }
         }
+        self.command_buf = commands;
     }
 
     fn take_handler_results(&mut self, now: Now) {

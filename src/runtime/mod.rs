@@ -42,7 +42,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
 
 use self::shared::{CreditGate, Metrics, StatusCell, Waker};
 pub use self::shared::{MetricsSnapshot, Status};
@@ -401,7 +401,7 @@ pub struct Communicator {
     binding: Binding,
     me: PeerInfo,
     coordinator: SocketAddrV4,
-    commands: Sender<Command>,
+    commands: Arc<shared::Commands>,
     /// The I/O state; a sending thread runs a round itself when it is free.
     engine: Arc<driver::Engine>,
     frames: Receiver<Result<CompleteFrame, FrameMissing>>,
@@ -470,8 +470,8 @@ impl Communicator {
             ..Status::default()
         }));
         let metrics = Arc::new(Metrics::default());
-        // Bounded: the credit window bounds what the application can queue.
-        let (cmd_tx, cmd_rx) = bounded(1024);
+        // Bounded by the credit window: every queued send holds a credit.
+        let commands = Arc::new(shared::Commands::new());
         let (frame_tx, frame_rx) = bounded(config.frames_ahead as usize);
         let (event_tx, event_rx) = bounded(1024);
         // Collective messages: bounded by the participants of the calls in
@@ -486,7 +486,7 @@ impl Communicator {
             udp,
             pool,
             handler,
-            commands: cmd_rx,
+            commands: commands.clone(),
             frames: frame_tx,
             events: event_tx,
             collectives: coll_tx,
@@ -507,7 +507,7 @@ impl Communicator {
             binding,
             me,
             coordinator,
-            commands: cmd_tx,
+            commands,
             engine,
             frames: frame_rx,
             events: event_rx,
@@ -652,7 +652,7 @@ impl Communicator {
             payload,
             ticket: tx,
         };
-        if self.commands.send(cmd).is_err() {
+        if self.commands.push(cmd).is_err() {
             self.credits.release(to);
             return Err(SendError::Closed);
         }
@@ -800,7 +800,7 @@ impl Communicator {
             return self.check_target(bad);
         }
         self.commands
-            .send(Command::Expect { from_frame, peers })
+            .push(Command::Expect { from_frame, peers })
             .map_err(|_| SendError::Closed)?;
         self.waker.wake();
         Ok(())
@@ -812,7 +812,7 @@ impl Communicator {
     pub fn recv_frame(&self, timeout: Duration) -> Result<BTreeMap<Rank, Vec<Bytes>>, RecvError> {
         let frame = self.next_frame.load(std::sync::atomic::Ordering::Relaxed);
         self.commands
-            .send(Command::Await { frame, timeout })
+            .push(Command::Await { frame, timeout })
             .map_err(|_| RecvError::Closed)?;
         self.waker.wake();
         // The I/O thread reports a missing frame at the deadline; the grace
@@ -857,7 +857,7 @@ impl Communicator {
         let Some(io) = self.io.take() else {
             return Ok(ShutdownReport::default());
         };
-        let _ = self.commands.send(Command::Shutdown);
+        let _ = self.commands.push(Command::Shutdown);
         self.waker.wake();
         let report = io
             .join()

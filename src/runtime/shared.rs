@@ -1,12 +1,14 @@
 //! State shared between the I/O thread and the application's threads: the
 //! wake-up fd, the credit gate (backpressure), status and counters.
 
-use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::atomic::{
-    AtomicBool, AtomicU64,
+    AtomicBool, AtomicU64, AtomicUsize,
     Ordering::{Acquire, Relaxed, Release},
 };
+
+// Keys are ranks (validated against the job size): a fast hash is safe.
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -87,6 +89,62 @@ impl Drop for Waker {
     fn drop(&mut self) {
         // SAFETY: closing the fd we own, once.
         unsafe { libc::close(self.fd) };
+    }
+}
+
+/// The application's commands to the I/O state: pushed under a short lock
+/// and taken all at once by whichever thread runs a round. Bounded by the
+/// credit window (every queued send holds a credit).
+pub(crate) struct Commands {
+    queue: Mutex<Vec<super::Command>>,
+    /// Commands queued (read without the lock by a polling I/O thread).
+    queued: AtomicUsize,
+    /// The I/O thread has finished: nothing will take commands any more.
+    closed: AtomicBool,
+}
+
+impl Commands {
+    pub fn new() -> Self {
+        Self {
+            queue: Mutex::new(Vec::new()),
+            queued: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Queue `command`; given back if the I/O thread has finished.
+    pub fn push(&self, command: super::Command) -> Result<(), super::Command> {
+        let mut q = lock(&self.queue);
+        if self.closed.load(Acquire) {
+            return Err(command);
+        }
+        q.push(command);
+        self.queued.store(q.len(), Release);
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queued.load(Acquire) == 0
+    }
+
+    /// Swap everything queued, oldest first, into `out` (which is empty,
+    /// and whose buffer the queue keeps for reuse).
+    pub fn take_into(&self, out: &mut Vec<super::Command>) {
+        if self.is_empty() {
+            return;
+        }
+        let mut q = lock(&self.queue);
+        std::mem::swap(&mut *q, out);
+        self.queued.store(0, Release);
+    }
+
+    /// Refuse further commands and drop the queued ones (their tickets
+    /// learn that no answer will come).
+    pub fn close(&self) {
+        let mut q = lock(&self.queue);
+        self.closed.store(true, Release);
+        q.clear();
+        self.queued.store(0, Release);
     }
 }
 
@@ -191,7 +249,6 @@ pub(crate) struct CreditGate {
     freed: Condvar,
 }
 
-#[derive(Default)]
 struct Credits {
     used: HashMap<Rank, u32>,
     /// Senders asleep on `freed` (a release wakes them only if any).
@@ -202,7 +259,10 @@ impl CreditGate {
     pub fn new(window: u32) -> Self {
         Self {
             window: window.max(1),
-            in_use: Mutex::new(Credits::default()),
+            in_use: Mutex::new(Credits {
+                used: HashMap::default(),
+                waiting: 0,
+            }),
             freed: Condvar::new(),
         }
     }

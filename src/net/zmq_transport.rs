@@ -76,6 +76,10 @@ pub struct ZmqTransport {
     touched: Vec<Option<Rank>>,
     /// [`Self::drain`] stopped at its budget with messages left.
     input_left: bool,
+    /// Sockets [`Self::settle`] found readable (their signal taken in).
+    must_read: Vec<Option<Rank>>,
+    /// Reused buffers of [`Self::drain`].
+    scan: Vec<(Option<Rank>, libc::pollfd)>,
 }
 
 fn zerr<'a>(op: &'static str, endpoint: &'a str) -> impl FnOnce(zmq::Error) -> NetError + 'a {
@@ -129,6 +133,8 @@ impl ZmqTransport {
             generation: 0,
             touched: Vec::new(),
             input_left: false,
+            must_read: Vec::new(),
+            scan: Vec::new(),
         })
     }
 
@@ -201,8 +207,11 @@ impl ZmqTransport {
 
     /// Send a multipart message to `rank` through its sending socket.
     pub fn send(&mut self, rank: Rank, frames: &[&[u8]]) -> Result<(), NetError> {
-        let dealer = self.dealers.get(&rank).ok_or(NetError::NoRoute(rank))?;
-        self.touched.push(Some(rank));
+        if !self.dealers.contains_key(&rank) {
+            return Err(NetError::NoRoute(rank));
+        }
+        self.touch(Some(rank));
+        let dealer = &self.dealers[&rank];
         send_parts(&dealer.socket, frames).map_err(|e| match e {
             zmq::Error::EAGAIN => NetError::WouldBlock(rank),
             source => NetError::Zmq {
@@ -216,8 +225,11 @@ impl ZmqTransport {
     /// Send `[head, payload]` to `rank` through its sending socket; a
     /// large payload is lent to ZeroMQ, not copied.
     pub fn send_data(&mut self, rank: Rank, head: &[u8], payload: &Bytes) -> Result<(), NetError> {
+        if !self.dealers.contains_key(&rank) {
+            return Err(NetError::NoRoute(rank));
+        }
+        self.touch(Some(rank));
         let dealer = self.dealers.get_mut(&rank).ok_or(NetError::NoRoute(rank))?;
-        self.touched.push(Some(rank));
         let socket = &mut dealer.socket;
         socket
             .send(head, zmq::SNDMORE | zmq::DONTWAIT)
@@ -234,7 +246,7 @@ impl ZmqTransport {
 
     /// Reply on the receiving socket to whoever has `routing_id`.
     pub fn reply(&mut self, routing_id: &[u8], frames: &[&[u8]]) -> Result<(), NetError> {
-        self.touched.push(None);
+        self.touch(None);
         let res = self
             .router
             .send(routing_id, zmq::SNDMORE | zmq::DONTWAIT)
@@ -249,7 +261,7 @@ impl ZmqTransport {
     /// Wait up to `timeout_ms` (-1: forever) for any socket or any of
     /// `fds` to become readable; returns which of `fds` are readable, and
     /// whether anything (socket or fd) is.
-    pub fn poll(&self, fds: &[RawFd], timeout_ms: i64) -> Result<(Vec<bool>, bool), NetError> {
+    pub fn poll(&mut self, fds: &[RawFd], timeout_ms: i64) -> Result<(Vec<bool>, bool), NetError> {
         let mut items = Vec::with_capacity(1 + self.dealers.len() + fds.len());
         for fd in fds {
             items.push(zmq::PollItem::from_fd(*fd, zmq::POLLIN));
@@ -269,6 +281,15 @@ impl ZmqTransport {
                 })
             }
         };
+        // zmq_poll took in the sockets' signals: what it found readable
+        // must be read without waiting for one.
+        let sockets = std::iter::once(None).chain(self.dealers.keys().map(|&r| Some(r)));
+        let readable: Vec<Option<Rank>> = sockets
+            .zip(&items[fds.len()..])
+            .filter(|(_, i)| i.is_readable())
+            .map(|(w, _)| w)
+            .collect();
+        self.must_read.extend(readable);
         let fds = items[..fds.len()].iter().map(|i| i.is_readable()).collect();
         Ok((fds, ready))
     }
@@ -283,6 +304,19 @@ impl ZmqTransport {
             .collect()
     }
 
+    fn touch(&mut self, which: Option<Rank>) {
+        if self.touched.last() != Some(&which) {
+            self.touched.push(which);
+        }
+    }
+
+    fn socket(&self, which: Option<Rank>) -> Option<&zmq::Socket> {
+        match which {
+            None => Some(&self.router),
+            Some(rank) => self.dealers.get(&rank).map(|d| &d.socket),
+        }
+    }
+
     /// Whether a message waits that no signal fd will announce: on a
     /// socket sent on since the last call (a send may take in the signal of
     /// an arrival, so its fd stays quiet), or left by a [`Self::drain`]
@@ -293,57 +327,100 @@ impl ZmqTransport {
         let mut pending = std::mem::take(&mut self.input_left);
         self.touched.sort_unstable();
         self.touched.dedup();
-        for which in self.touched.drain(..) {
-            let socket = match which {
-                None => &self.router,
-                Some(rank) => match self.dealers.get(&rank) {
-                    Some(d) => &d.socket,
-                    None => continue,
-                },
+        for which in std::mem::take(&mut self.touched) {
+            let Some(socket) = self.socket(which) else {
+                continue;
             };
             let events = socket.get_events().map_err(|source| NetError::Zmq {
                 op: "getsockopt(ZMQ_EVENTS)",
                 endpoint: which.map_or("ROUTER".into(), |r| format!("rank {r}")),
                 source,
             })?;
-            pending |= events.contains(zmq::POLLIN);
+            if events.contains(zmq::POLLIN) {
+                pending = true;
+                self.must_read.push(which);
+            }
         }
         Ok(pending)
     }
 
     /// Everything that is waiting on any socket, up to `budget` messages
     /// (each socket is read until empty, unless the budget ends first).
+    ///
+    /// Only sockets that may hold messages are read (reading an empty one
+    /// costs a system call): those whose signal fd is readable, those sent
+    /// on or found readable by [`Self::settle`] since, and all of them after
+    /// a drain that hit its budget.
     pub fn drain(&mut self, budget: usize, out: &mut Vec<Inbound>) -> Result<(), NetError> {
         let start = out.len();
-        while out.len() - start < budget {
-            match recv_frames(&self.router) {
-                Ok(mut frames) if !frames.is_empty() => {
+        let mut scan = std::mem::take(&mut self.scan);
+        scan.clear();
+        let every = std::iter::once(None).chain(self.dealers.keys().map(|&r| Some(r)));
+        for which in every {
+            let fd = self
+                .socket(which)
+                .and_then(|s| s.get_fd().ok())
+                .unwrap_or(-1);
+            let pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                // Without a signal fd: read it anyway.
+                revents: if fd < 0 { libc::POLLIN } else { 0 },
+            };
+            scan.push((which, pfd));
+        }
+        let mut fds: Vec<libc::pollfd> = scan.iter().map(|(_, p)| *p).collect();
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs; a
+        // zero timeout never blocks.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+        let read_all = std::mem::take(&mut self.input_left) || n < 0;
+        let must_read = std::mem::take(&mut self.must_read);
+        for ((which, pfd), polled) in scan.iter().zip(&fds) {
+            let may_hold = read_all
+                || polled.revents != 0
+                || pfd.revents != 0
+                || must_read.contains(which)
+                || self.touched.contains(which);
+            if may_hold {
+                self.read_socket(*which, start + budget, out)?;
+            }
+        }
+        self.scan = scan;
+        self.input_left = out.len() - start >= budget;
+        Ok(())
+    }
+
+    /// Read `which` until it is empty or `out` holds `limit` messages.
+    fn read_socket(
+        &self,
+        which: Option<Rank>,
+        limit: usize,
+        out: &mut Vec<Inbound>,
+    ) -> Result<(), NetError> {
+        let Some(socket) = self.socket(which) else {
+            return Ok(());
+        };
+        while out.len() < limit {
+            match (recv_frames(socket), which) {
+                (Ok(mut frames), None) if !frames.is_empty() => {
                     let routing_id = frames.remove(0).to_vec();
                     out.push(Inbound::Router { routing_id, frames });
                 }
-                Ok(_) => {}
-                Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR) => break,
-                Err(source) => {
+                (Ok(_), None) => {}
+                (Ok(frames), Some(rank)) => out.push(Inbound::Dealer { rank, frames }),
+                (Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR), _) => break,
+                (Err(source), None) => {
                     return Err(NetError::Zmq {
                         op: "recv",
                         endpoint: "ROUTER".into(),
                         source,
                     })
                 }
+                // A sending socket that fails is closed or replaced by the
+                // driver; nothing more to read from it now.
+                (Err(_), Some(_)) => break,
             }
         }
-        for (rank, d) in &self.dealers {
-            while out.len() - start < budget {
-                match recv_frames(&d.socket) {
-                    Ok(frames) => out.push(Inbound::Dealer {
-                        rank: *rank,
-                        frames,
-                    }),
-                    Err(_) => break,
-                }
-            }
-        }
-        self.input_left = out.len() - start >= budget;
         Ok(())
     }
 }

@@ -12,8 +12,10 @@
 //! buffer of its ZeroMQ message. Smaller ones are copied, which is cheaper
 //! than the bookkeeping.
 
-use std::collections::HashMap;
 use std::os::raw::c_void;
+
+// Keys are ranks: a fast hash is safe (the map is looked up per message).
+use rustc_hash::FxHashMap as HashMap;
 
 use bytes::Bytes;
 use std::net::IpAddr;
@@ -129,7 +131,7 @@ impl ZmqTransport {
             router,
             endpoints: Endpoints { ipc, tcp },
             ipc_path,
-            dealers: HashMap::new(),
+            dealers: HashMap::default(),
             generation: 0,
             touched: Vec::new(),
             input_left: false,

@@ -35,15 +35,21 @@ impl BackoffPolicy {
 
     /// The delay before retry number `attempt` (0 = the first retry).
     pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
-        let base = self.initial.as_secs_f64() * self.factor.max(1.0).powi(attempt.min(64) as i32);
-        let capped = base.min(self.ceiling.as_secs_f64());
+        // In nanoseconds: this runs once per cell sent, and Duration's
+        // float conversions are slow.
+        let initial = self.initial.as_nanos() as f64;
+        let base = match attempt {
+            0 => initial,
+            a => initial * self.factor.max(1.0).powi(a.min(64) as i32),
+        };
+        let capped = base.min(self.ceiling.as_nanos() as f64);
         let jitter = self.jitter.clamp(0.0, 0.99);
         let scale = if jitter > 0.0 {
             rng.gen_range(1.0 - jitter..=1.0 + jitter)
         } else {
             1.0
         };
-        Duration::from_secs_f64((capped * scale).max(0.0))
+        Duration::from_nanos((capped * scale).max(0.0) as u64)
     }
 }
 

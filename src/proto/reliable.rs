@@ -654,13 +654,14 @@ impl ReliableEndpoint {
             let Some(o) = out.inflight.remove(id) else {
                 continue; // listed twice
             };
+            let replay = o.replay;
             if keep > 0
                 && replayable(&o.msg)
                 && o.msg.frame.saturating_add(keep) > out.top_frame.unwrap_or(0)
             {
-                out.recent.push_back((o.ticket, o.msg.clone()));
+                out.recent.push_back((o.ticket, o.msg));
             }
-            if o.replay {
+            if replay {
                 out.replaying -= 1;
                 continue;
             }

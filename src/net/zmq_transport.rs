@@ -224,9 +224,49 @@ impl ZmqTransport {
         })
     }
 
-    /// Send `[head, payload]` to `rank` through its sending socket; a
-    /// large payload is lent to ZeroMQ, not copied.
+    /// Send the message `head` + `body` to `rank` through its sending
+    /// socket, as one frame when it is small (see [`send_pair`]).
+    pub fn send_pair(&mut self, rank: Rank, head: &[u8], body: &[u8]) -> Result<(), NetError> {
+        if !self.dealers.contains_key(&rank) {
+            return Err(NetError::NoRoute(rank));
+        }
+        self.touch(Some(rank));
+        send_pair(&self.dealers[&rank].socket, head, body, zmq::DONTWAIT).map_err(|e| match e {
+            zmq::Error::EAGAIN => NetError::WouldBlock(rank),
+            source => NetError::Zmq {
+                op: "send",
+                endpoint: format!("rank {rank}"),
+                source,
+            },
+        })
+    }
+
+    /// Reply `head` + `body` on the receiving socket to whoever has
+    /// `routing_id`, as one frame when it is small.
+    pub fn reply_pair(
+        &mut self,
+        routing_id: &[u8],
+        head: &[u8],
+        body: &[u8],
+    ) -> Result<(), NetError> {
+        self.touch(None);
+        self.router
+            .send(routing_id, zmq::SNDMORE | zmq::DONTWAIT)
+            .and_then(|()| send_pair(&self.router, head, body, zmq::DONTWAIT))
+            .map_err(|source| NetError::Zmq {
+                op: "reply",
+                endpoint: "ROUTER".into(),
+                source,
+            })
+    }
+
+    /// Send `head` + `payload` to `rank` through its sending socket; a
+    /// large payload is lent to ZeroMQ, not copied (a small one travels in
+    /// one frame with its header).
     pub fn send_data(&mut self, rank: Rank, head: &[u8], payload: &Bytes) -> Result<(), NetError> {
+        if payload.len() < ZERO_COPY_MIN {
+            return self.send_pair(rank, head, payload);
+        }
         if !self.dealers.contains_key(&rank) {
             return Err(NetError::NoRoute(rank));
         }
@@ -427,6 +467,24 @@ impl ZmqTransport {
     }
 }
 
+/// Messages whose header and body together are smaller than this travel
+/// as one ZeroMQ frame (the receiver splits it at
+/// [`crate::proto::wire::HEADER_LEN`]): one allocation, one queue slot and
+/// one copy out instead of two of each.
+const JOIN_MAX: usize = ZERO_COPY_MIN;
+
+/// Send `head` and `body` as one message: one frame if small, else two.
+fn send_pair(socket: &zmq::Socket, head: &[u8], body: &[u8], flags: i32) -> Result<(), zmq::Error> {
+    if head.len() + body.len() > JOIN_MAX {
+        socket.send(head, zmq::SNDMORE | flags)?;
+        return socket.send(body, flags);
+    }
+    let mut msg = zmq::Message::with_size(head.len() + body.len());
+    msg[..head.len()].copy_from_slice(head);
+    msg[head.len()..].copy_from_slice(body);
+    socket.send(msg, flags)
+}
+
 fn send_parts(socket: &zmq::Socket, frames: &[&[u8]]) -> Result<(), zmq::Error> {
     let last = frames.len().saturating_sub(1);
     for (i, f) in frames.iter().enumerate() {
@@ -577,6 +635,12 @@ mod tests {
             assert_eq!(rank, 0);
             assert_eq!(frames, vec![&b"ack"[..]]);
         }
+        // A small header and body travel as one frame.
+        b.send_pair(0, b"head", b"body").unwrap();
+        let Inbound::Router { frames, .. } = recv_one(&mut a) else {
+            panic!("expected a router message")
+        };
+        assert_eq!(frames, vec![&b"headbody"[..]]);
         // Large payloads are lent to ZeroMQ and received without a copy:
         // the bytes arrive intact, also after the sender dropped its copy.
         let big: Bytes = (0..ZERO_COPY_MIN * 3).map(|i| (i % 251) as u8).collect();

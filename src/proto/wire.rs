@@ -481,8 +481,15 @@ pub fn data_header(
 ///
 /// Takes the frames by value: a cell's payload becomes the `Bytes` of its
 /// frame without another copy.
-pub fn decode_peer_msg(frames: Vec<Bytes>) -> Result<(Header, PeerMsg), WireError> {
+///
+/// A message is `[header, body]`, or one frame holding both (small
+/// messages travel so): split after [`HEADER_LEN`] bytes.
+pub fn decode_peer_msg(mut frames: Vec<Bytes>) -> Result<(Header, PeerMsg), WireError> {
     let count = frames.len();
+    if count == 1 && frames[0].len() >= HEADER_LEN {
+        let body = frames[0].split_off(HEADER_LEN);
+        frames.push(body);
+    }
     let Ok([head, body]) = <[Bytes; 2]>::try_from(frames) else {
         return Err(WireError::FrameCount(count));
     };
@@ -689,6 +696,15 @@ mod tests {
         let (header, msg) = decode_peer_msg(frames(&[&h, &b])).unwrap();
         assert_eq!(header.from, 1);
         assert_eq!(msg, PeerMsg::Control(Control::Pong(info(1))));
+        // The same message joined into one frame (how small ones travel).
+        let joined = [h.as_slice(), b.as_slice()].concat();
+        let (one_header, one_msg) = decode_peer_msg(frames(&[&joined])).unwrap();
+        assert_eq!((one_header, one_msg), (header, msg));
+        // One frame shorter than a header is not a message.
+        assert!(matches!(
+            decode_peer_msg(frames(&[&joined[..HEADER_LEN - 1]])),
+            Err(WireError::FrameCount(1))
+        ));
 
         let data = DataMsg {
             id: 5,

@@ -577,8 +577,8 @@ impl Driver {
             return Ok(());
         }
         match dest {
-            Dest::Peer(rank) => self.p.transport.send(rank, &frames),
-            Dest::Back(route) => self.p.transport.reply(&route, &frames),
+            Dest::Peer(rank) => self.p.transport.send_pair(rank, frames[0], frames[1]),
+            Dest::Back(route) => self.p.transport.reply_pair(&route, frames[0], frames[1]),
         }
     }
 
@@ -587,8 +587,8 @@ impl Driver {
         let Some(f) = &mut self.faults else { return };
         while let Some((dest, [head, body])) = f.pop_due(now) {
             let sent = match dest {
-                Dest::Peer(rank) => self.p.transport.send(rank, &[&head, &body]),
-                Dest::Back(route) => self.p.transport.reply(&route, &[&head, &body]),
+                Dest::Peer(rank) => self.p.transport.send_pair(rank, &head, &body),
+                Dest::Back(route) => self.p.transport.reply_pair(&route, &head, &body),
             };
             if sent.is_err() {
                 Metrics::add(&self.p.metrics.replies_failed, 1);

@@ -225,7 +225,7 @@ impl ZmqTransport {
     }
 
     /// Send the message `head` + `body` to `rank` through its sending
-    /// socket, as one frame when it is small (see [`send_pair`]).
+    /// socket, as one frame when the two are under 8 KiB together.
     pub fn send_pair(&mut self, rank: Rank, head: &[u8], body: &[u8]) -> Result<(), NetError> {
         if !self.dealers.contains_key(&rank) {
             return Err(NetError::NoRoute(rank));

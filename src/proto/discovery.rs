@@ -46,16 +46,22 @@ pub struct DiscoveryConfig {
 }
 
 impl Default for DiscoveryConfig {
+    /// Pings start at 20 ms and Pong repeats at 100 ms: with many
+    /// instances on few cores a handshake round trip takes tens of
+    /// milliseconds, and faster repeats (10 ms, 50 ms before) mostly
+    /// duplicated messages still in flight, each one waking an instance.
+    /// Pong repeats stop growing at 250 ms so that a live node-mate is
+    /// asked often enough within `give_up_after` even under heavy loss.
     fn default() -> Self {
         Self {
             ping: BackoffPolicy::new(
-                Duration::from_millis(10),
+                Duration::from_millis(20),
                 1.5,
                 Duration::from_millis(500),
                 0.2,
             ),
             pong: BackoffPolicy::new(
-                Duration::from_millis(50),
+                Duration::from_millis(100),
                 2.0,
                 Duration::from_millis(250),
                 0.2,
@@ -726,7 +732,8 @@ mod tests {
         a.handle_ping(ms(25), ping.clone());
         assert_eq!(pongs(&mut a), 0);
         // Once the timer is due, a ping (or the timer) repeats it.
-        a.handle_ping(ms(100), ping);
+        let due = a.peers[&1].pong.next();
+        a.handle_ping(due, ping);
         assert_eq!(pongs(&mut a), 1);
     }
 

@@ -13,7 +13,6 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
 
 use hwloc2::{CpuBindFlags, CpuSet, ObjectType, Topology};
 
@@ -260,9 +259,34 @@ pub fn apply(
 }
 
 /// Reports the current binding of this process without changing it.
+///
+/// Read from the OS (the union of every thread's affinity, as hwloc's
+/// process binding reads it on Linux), not through an hwloc topology:
+/// loading one costs milliseconds of CPU (hwloc opens its GPU and X11
+/// plugins), which an instance starting among many on a few cores pays
+/// before it can bind its sockets.
 pub fn current_binding(policy: PlacementPolicy) -> Result<Binding, PlaceError> {
-    let topology = Topology::new().ok_or(PlaceError::Topology)?;
-    read_binding(&topology, policy)
+    Ok(Binding::from_pus(policy, process_pus()?))
+}
+
+/// The PUs any thread of this process may run on (the union over its
+/// threads; just the calling thread's if `/proc/self/task` is unreadable).
+pub fn process_pus() -> Result<Vec<u32>, PlaceError> {
+    let mut pus = current_thread_pus()?;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for tid in tasks
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        {
+            // A thread that ended meanwhile has no affinity to add.
+            if let Ok(more) = thread_pus(tid) {
+                pus.extend(more);
+            }
+        }
+    }
+    pus.sort_unstable();
+    pus.dedup();
+    Ok(pus)
 }
 
 fn read_binding(topology: &Topology, policy: PlacementPolicy) -> Result<Binding, PlaceError> {
@@ -279,9 +303,13 @@ fn read_binding(topology: &Topology, policy: PlacementPolicy) -> Result<Binding,
 /// least 1), worker `i` bound to PU `binding.cpuset[i % n]`.
 ///
 /// The thread count is always explicit: a pool built from a thread bound to
-/// one PU would otherwise size itself to one worker. A worker that fails to
-/// bind makes this return [`PlaceError::BindThread`].
+/// one PU would otherwise size itself to one worker. Each worker is bound
+/// by the building thread right after it is spawned (not by the worker
+/// itself), so this returns without waiting for the workers to be
+/// scheduled: on a busy node that wait can take many milliseconds. A
+/// worker that fails to bind makes this return [`PlaceError::BindThread`].
 pub fn build_pool(threads: usize, binding: &Binding) -> Result<rayon::ThreadPool, PlaceError> {
+    use std::os::unix::thread::JoinHandleExt;
     let pus = binding.cpuset.clone();
     let threads = if threads == 0 {
         pus.len().max(1)
@@ -294,33 +322,50 @@ pub fn build_pool(threads: usize, binding: &Binding) -> Result<rayon::ThreadPool
     {
         return Err(PlaceError::PuOutOfRange(pu));
     }
-    let failures: Arc<Mutex<Vec<PlaceError>>> = Arc::default();
-    let worker_failures = Arc::clone(&failures);
+    let mut failure = None;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
-        .thread_name(|i| format!("cellnet-worker-{i}"))
-        .start_handler(move |i| {
-            if pus.is_empty() {
-                return;
+        .spawn_handler(|worker| {
+            let i = worker.index();
+            let mut builder = std::thread::Builder::new().name(format!("cellnet-worker-{i}"));
+            if let Some(size) = worker.stack_size() {
+                builder = builder.stack_size(size);
             }
-            if let Err(e) = bind_current_thread(&[pus[i % pus.len()]]) {
-                if let Ok(mut f) = worker_failures.lock() {
-                    f.push(e);
+            // Detached, as rayon's own spawn does: the pool ends its workers.
+            let handle = builder.spawn(move || worker.run())?;
+            if !pus.is_empty() && failure.is_none() {
+                if let Err(e) = bind_thread(handle.as_pthread_t(), &[pus[i % pus.len()]]) {
+                    failure = Some(e);
                 }
             }
+            Ok(())
         })
         .build()?;
-    // Every worker has run its start handler once it runs a broadcast.
-    pool.broadcast(|_| ());
-    let first_failure = failures.lock().ok().and_then(|mut f| f.drain(..).next());
-    match first_failure {
+    match failure {
         Some(e) => Err(e),
         None => Ok(pool),
     }
 }
 
-/// Binds the calling thread (only) to `pus`.
-pub fn bind_current_thread(pus: &[u32]) -> Result<(), PlaceError> {
+/// Binds thread `thread` of this process (only) to `pus`.
+fn bind_thread(thread: libc::pthread_t, pus: &[u32]) -> Result<(), PlaceError> {
+    let set = cpu_set(pus)?;
+    // SAFETY: `thread` is a live thread of this process (just spawned; a
+    // rayon worker only ends when its pool is dropped); the set is
+    // initialized and sized.
+    let rc = unsafe {
+        libc::pthread_setaffinity_np(thread, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(PlaceError::BindThread {
+            cpuset: format_cpu_list(pus),
+            reason: std::io::Error::from_raw_os_error(rc).to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn cpu_set(pus: &[u32]) -> Result<libc::cpu_set_t, PlaceError> {
     // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &pu in pus {
@@ -330,6 +375,12 @@ pub fn bind_current_thread(pus: &[u32]) -> Result<(), PlaceError> {
         // SAFETY: `pu` was checked to be below CPU_SETSIZE.
         unsafe { libc::CPU_SET(pu as usize, &mut set) };
     }
+    Ok(set)
+}
+
+/// Binds the calling thread (only) to `pus`.
+pub fn bind_current_thread(pus: &[u32]) -> Result<(), PlaceError> {
+    let set = cpu_set(pus)?;
     // SAFETY: pid 0 is the calling thread; the set is initialized and sized.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
@@ -343,10 +394,16 @@ pub fn bind_current_thread(pus: &[u32]) -> Result<(), PlaceError> {
 
 /// The PUs the calling thread may run on.
 pub fn current_thread_pus() -> Result<Vec<u32>, PlaceError> {
+    thread_pus(0)
+}
+
+/// The PUs thread `tid` of this process may run on (0: the calling thread).
+fn thread_pus(tid: i32) -> Result<Vec<u32>, PlaceError> {
     // SAFETY: as in `bind_current_thread`.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the set is initialized and sized; an unknown tid is an error.
     let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if rc != 0 {
         return Err(PlaceError::ReadBinding {
             what: "calling thread",
@@ -510,6 +567,13 @@ mod tests {
         assert!(t.pu_count() >= 1);
         let binding = current_binding(PlacementPolicy::None).unwrap();
         assert!(!binding.cpuset.is_empty());
+    }
+
+    #[test]
+    fn the_binding_read_from_the_os_is_what_hwloc_reads() {
+        let topology = Topology::new().unwrap();
+        let hwloc = read_binding(&topology, PlacementPolicy::None).unwrap();
+        assert_eq!(current_binding(PlacementPolicy::None).unwrap(), hwloc);
     }
 
     #[test]

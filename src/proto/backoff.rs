@@ -42,7 +42,16 @@ impl BackoffPolicy {
             0 => initial,
             a => initial * self.factor.max(1.0).powi(a.min(64) as i32),
         };
-        let capped = base.min(self.ceiling.as_nanos() as f64);
+        self.jittered(base.min(self.ceiling.as_nanos() as f64), rng)
+    }
+
+    /// The ceiling, jittered: the slowest spacing of this policy.
+    pub fn ceiling_delay(&self, rng: &mut impl Rng) -> Duration {
+        self.jittered(self.ceiling.as_nanos() as f64, rng)
+    }
+
+    /// `capped` nanoseconds, scaled by the jitter.
+    fn jittered(&self, capped: f64, rng: &mut impl Rng) -> Duration {
         let jitter = self.jitter.clamp(0.0, 0.99);
         let scale = if jitter > 0.0 {
             rng.gen_range(1.0 - jitter..=1.0 + jitter)
@@ -89,6 +98,14 @@ impl Backoff {
     /// Record a try made at `now` and schedule the next one.
     pub fn fire(&mut self, now: Now, rng: &mut impl Rng) {
         self.next = now + self.policy.delay(self.attempt, rng);
+        self.attempt = self.attempt.saturating_add(1);
+    }
+
+    /// Record a try made at `now` and schedule the next one at the
+    /// ceiling's spacing, whatever the attempt (for a timer whose tries
+    /// are now only a safety net).
+    pub fn fire_at_ceiling(&mut self, now: Now, rng: &mut impl Rng) {
+        self.next = now + self.policy.ceiling_delay(rng);
         self.attempt = self.attempt.saturating_add(1);
     }
 

@@ -46,15 +46,26 @@ pub struct DiscoveryConfig {
 }
 
 impl Default for DiscoveryConfig {
+    /// Pings start at 20 ms and Pong repeats at 100 ms: with many
+    /// instances on few cores a handshake round trip takes tens of
+    /// milliseconds, and faster repeats (10 ms, 50 ms before) mostly
+    /// duplicated messages still in flight, each one waking an instance.
+    /// Pong repeats stop growing at 250 ms so that a live node-mate is
+    /// asked often enough within `give_up_after` even under heavy loss.
     fn default() -> Self {
         Self {
             ping: BackoffPolicy::new(
-                Duration::from_millis(10),
+                Duration::from_millis(20),
                 1.5,
                 Duration::from_millis(500),
                 0.2,
             ),
-            pong: BackoffPolicy::new(Duration::from_millis(50), 2.0, Duration::from_secs(1), 0.2),
+            pong: BackoffPolicy::new(
+                Duration::from_millis(100),
+                2.0,
+                Duration::from_millis(250),
+                0.2,
+            ),
             give_up_after: Duration::from_secs(5),
         }
     }
@@ -145,6 +156,9 @@ pub struct LocalDiscovery {
     members_version: u64,
     unacked: BTreeMap<Rank, Backoff>,
     ping: Backoff,
+    /// Every node-mate was known when the ping timer last fired: it now
+    /// runs at the ceiling, and its next firing sends.
+    ping_net: bool,
     complete: bool,
     rng: SmallRng,
     transmits: VecDeque<DiscoveryTransmit>,
@@ -170,6 +184,7 @@ impl LocalDiscovery {
             members_version: 0,
             unacked: BTreeMap::new(),
             ping: Backoff::start(config.ping, now),
+            ping_net: false,
             complete: false,
             rng: SmallRng::seed_from_u64(seed),
             transmits: VecDeque::new(),
@@ -260,7 +275,13 @@ impl LocalDiscovery {
         };
         let peer = &self.peers[&rank];
         if !peer.ready {
-            self.send_pong(now, rank);
+            // The first Pong at once; repeats on the Pong timer only. A
+            // peer pings again before our Pong (still connecting) can have
+            // arrived, and with many instances on few cores answering
+            // every ping multiplies the handshake's work.
+            if peer.pong.attempts() == 0 || peer.pong.is_due(now) {
+                self.send_pong(now, rank);
+            }
         } else if self.complete && !self.removed.is_empty() {
             // A ready node-mate still pings: it may be waiting for one
             // that died. Tell it who is left (its pings pace this).
@@ -465,6 +486,12 @@ impl LocalDiscovery {
         }
     }
 
+    /// Whether every expected node-mate is known (ready or still in the
+    /// handshake).
+    fn knows_all(&self) -> bool {
+        self.peers.len() as u32 + 1 >= self.local_size
+    }
+
     /// Earliest time at which [`Self::handle_timeout`] has something to do.
     pub fn poll_timeout(&self) -> Option<Now> {
         let ping = (!self.complete).then(|| self.ping.next());
@@ -493,12 +520,27 @@ impl LocalDiscovery {
             self.remove_life(rank, life);
         }
         if !self.complete && self.ping.is_due(now) {
-            self.ping.fire(now, &mut self.rng);
-            self.stats.pings_sent += 1;
-            self.transmits.push_back(DiscoveryTransmit::Broadcast(Ping {
-                info: self.me.clone(),
-                local_size: self.local_size,
-            }));
+            let send = if self.knows_all() {
+                // Every node-mate is known: our repeated Pongs reach those
+                // not ready yet directly, so a ping (which wakes every
+                // instance of the node) is only a slow safety net, sent
+                // once per ceiling of the ping policy.
+                let armed = self.ping_net;
+                self.ping_net = true;
+                self.ping.fire_at_ceiling(now, &mut self.rng);
+                armed
+            } else {
+                self.ping_net = false;
+                self.ping.fire(now, &mut self.rng);
+                true
+            };
+            if send {
+                self.stats.pings_sent += 1;
+                self.transmits.push_back(DiscoveryTransmit::Broadcast(Ping {
+                    info: self.me.clone(),
+                    local_size: self.local_size,
+                }));
+            }
         }
         let due: Vec<Rank> = self
             .peers
@@ -661,6 +703,65 @@ mod tests {
                 assert_eq!(n.leader(), Some(0), "seed {seed}");
             }
         }
+    }
+
+    #[test]
+    fn pings_of_a_peer_waiting_for_our_pong_do_not_multiply_pongs() {
+        let mut a = LocalDiscovery::new(info(0, 1), 3, DiscoveryConfig::default(), ms(0), 1);
+        let ping = Ping {
+            info: info(1, 1),
+            local_size: 3,
+        };
+        let pongs = |a: &mut LocalDiscovery| {
+            std::iter::from_fn(|| a.poll_transmit())
+                .filter(|t| {
+                    matches!(
+                        t,
+                        DiscoveryTransmit::ToPeer {
+                            msg: Control::Pong(_),
+                            ..
+                        }
+                    )
+                })
+                .count()
+        };
+        a.handle_ping(ms(0), ping.clone());
+        assert_eq!(pongs(&mut a), 1);
+        // Its next pings cross our Pong: no new one before the Pong timer.
+        a.handle_ping(ms(10), ping.clone());
+        a.handle_ping(ms(25), ping.clone());
+        assert_eq!(pongs(&mut a), 0);
+        // Once the timer is due, a ping (or the timer) repeats it.
+        let due = a.peers[&1].pong.next();
+        a.handle_ping(due, ping);
+        assert_eq!(pongs(&mut a), 1);
+    }
+
+    #[test]
+    fn pings_slow_to_the_ceiling_once_every_node_mate_is_known() {
+        let cfg = DiscoveryConfig::default();
+        let mut a = LocalDiscovery::new(info(0, 1), 2, cfg, ms(0), 1);
+        a.handle_timeout(ms(0));
+        assert!(matches!(
+            a.poll_transmit(),
+            Some(DiscoveryTransmit::Broadcast(_))
+        ));
+        // B is known (its Pong came) but not ready yet.
+        a.handle_control(ms(1), 1, Incarnation(1), &Control::Pong(info(1, 1)));
+        while a.poll_transmit().is_some() {}
+        assert!(!a.is_complete());
+        // The ping timer that falls due now only re-arms, at the ceiling…
+        let due = a.ping.next();
+        a.handle_timeout(due);
+        assert!(std::iter::from_fn(|| a.poll_transmit())
+            .all(|t| !matches!(t, DiscoveryTransmit::Broadcast(_))));
+        let slow = cfg.ping.ceiling.mul_f64(1.0 - cfg.ping.jitter);
+        assert!(a.ping.next() >= due + slow);
+        // …and the next one sends, as a safety net.
+        let next = a.ping.next();
+        a.handle_timeout(next);
+        assert!(std::iter::from_fn(|| a.poll_transmit())
+            .any(|t| matches!(t, DiscoveryTransmit::Broadcast(_))));
     }
 
     #[test]

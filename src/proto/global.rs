@@ -334,6 +334,7 @@ impl GlobalJoin {
                 timer: Backoff::start(config.register, now),
             },
             config,
+            now,
             seed,
         )
     }
@@ -347,12 +348,16 @@ impl GlobalJoin {
                 timer: Backoff::start(config.request, now),
             },
             config,
+            now,
             seed,
         )
     }
 
-    fn with_role(me: Rank, role: Role, config: GlobalConfig, seed: u64) -> Self {
-        Self {
+    /// The first registration (leader) or AwaitGlobal (member) is queued
+    /// at once: the driver sends it with the discovery output that made
+    /// this instance take its role, not one timer round later.
+    fn with_role(me: Rank, role: Role, config: GlobalConfig, now: Now, seed: u64) -> Self {
+        let mut join = Self {
             me,
             role,
             config,
@@ -366,7 +371,9 @@ impl GlobalJoin {
             rng: SmallRng::seed_from_u64(seed),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
-        }
+        };
+        join.handle_timeout(now);
+        join
     }
 
     /// Forget what is known about `rank` (it restarted elsewhere): the next
@@ -963,6 +970,14 @@ mod tests {
     fn member_resolving_through_a_restarted_leader_asks_its_new_life() {
         let old = info(0, 0);
         let mut m = GlobalJoin::member(1, old.clone(), GlobalConfig::default(), ms(0), 1);
+        // The first AwaitGlobal is queued at creation.
+        assert_eq!(
+            m.poll_transmit(),
+            Some(GlobalTransmit::ToPeer {
+                to: old.clone(),
+                msg: Control::AwaitGlobal
+            })
+        );
         m.handle_control(
             ms(1),
             &Control::GlobalReady {

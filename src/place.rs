@@ -300,7 +300,8 @@ fn read_binding(topology: &Topology, policy: PlacementPolicy) -> Result<Binding,
 }
 
 /// Builds a rayon pool of `threads` workers (0: one per PU of `binding`, at
-/// least 1), worker `i` bound to PU `binding.cpuset[i % n]`.
+/// least 1), worker `i` bound to PU `binding.cpuset[i % n]` if `pin` (else
+/// the workers keep the process's affinity).
 ///
 /// The thread count is always explicit: a pool built from a thread bound to
 /// one PU would otherwise size itself to one worker. Each worker is bound
@@ -308,7 +309,11 @@ fn read_binding(topology: &Topology, policy: PlacementPolicy) -> Result<Binding,
 /// itself), so this returns without waiting for the workers to be
 /// scheduled: on a busy node that wait can take many milliseconds. A
 /// worker that fails to bind makes this return [`PlaceError::BindThread`].
-pub fn build_pool(threads: usize, binding: &Binding) -> Result<rayon::ThreadPool, PlaceError> {
+pub fn build_pool(
+    threads: usize,
+    binding: &Binding,
+    pin: bool,
+) -> Result<rayon::ThreadPool, PlaceError> {
     use std::os::unix::thread::JoinHandleExt;
     let pus = binding.cpuset.clone();
     let threads = if threads == 0 {
@@ -333,7 +338,7 @@ pub fn build_pool(threads: usize, binding: &Binding) -> Result<rayon::ThreadPool
             }
             // Detached, as rayon's own spawn does: the pool ends its workers.
             let handle = builder.spawn(move || worker.run())?;
-            if !pus.is_empty() && failure.is_none() {
+            if pin && !pus.is_empty() && failure.is_none() {
                 if let Err(e) = bind_thread(handle.as_pthread_t(), &[pus[i % pus.len()]]) {
                     failure = Some(e);
                 }
@@ -600,7 +605,7 @@ mod tests {
     fn pool_workers_are_pinned_inside_the_binding() {
         let binding = current_binding(PlacementPolicy::None).unwrap();
         let threads = binding.cpuset.len() + 1; // one more than PUs: wraps
-        let pool = build_pool(threads, &binding).unwrap();
+        let pool = build_pool(threads, &binding, true).unwrap();
         assert_eq!(pool.current_num_threads(), threads);
         let seen = pool.broadcast(|ctx| (ctx.index(), current_thread_pus().unwrap()));
         for (i, pus) in seen {
@@ -615,10 +620,13 @@ mod tests {
     #[test]
     fn pool_of_zero_threads_means_one_per_pu() {
         let binding = Binding::from_pus(PlacementPolicy::None, vec![]);
-        assert_eq!(build_pool(0, &binding).unwrap().current_num_threads(), 1);
+        assert_eq!(
+            build_pool(0, &binding, true).unwrap().current_num_threads(),
+            1
+        );
         let binding = current_binding(PlacementPolicy::None).unwrap();
         assert_eq!(
-            build_pool(0, &binding).unwrap().current_num_threads(),
+            build_pool(0, &binding, true).unwrap().current_num_threads(),
             binding.cpuset.len()
         );
     }
@@ -627,7 +635,7 @@ mod tests {
     fn binding_to_a_pu_that_does_not_exist_is_an_error() {
         let binding = Binding::from_pus(PlacementPolicy::Compact, vec![1000]);
         assert!(matches!(
-            build_pool(1, &binding),
+            build_pool(1, &binding, true),
             Err(PlaceError::BindThread { .. })
         ));
         assert!(matches!(

@@ -435,7 +435,10 @@ impl Communicator {
             PlacementPolicy::None => place::current_binding(PlacementPolicy::None)?,
             policy => place::apply(policy, info.local_rank, info.local_size)?,
         };
-        let pool = place::build_pool(config.threads, &binding)?;
+        // Without placement the workers keep the inherited affinity: pinned
+        // one per PU, every instance's first worker would share the first PU.
+        let pin = config.placement != PlacementPolicy::None;
+        let pool = place::build_pool(config.threads, &binding, pin)?;
         if config.malloc_tune {
             tune_malloc();
         }

@@ -13,7 +13,7 @@
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -172,35 +172,31 @@ impl Engine {
     /// On an application thread, after queueing a command: run a round
     /// right here when no other thread is in one, else wake the I/O thread.
     pub fn assist(&self) {
-        match self.driver.try_lock() {
-            Ok(mut d) => {
-                if self.is_stopped() {
-                    return;
-                }
-                let kick = d.assist(false);
-                drop(d);
-                if kick {
-                    self.waker.wake();
-                }
-            }
-            Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => self.waker.wake(),
+        if !self.try_round(false) {
+            self.waker.wake();
         }
     }
 
     /// While an application thread waits for an answer: take in what the
     /// sockets hold, if no other thread is at it.
     pub fn poll_input(&self) {
+        self.try_round(true);
+    }
+
+    /// A short round on this thread (`read`: every socket first) unless
+    /// another thread is in one (then false).
+    fn try_round(&self, read: bool) -> bool {
         let Ok(mut d) = self.driver.try_lock() else {
-            return;
+            return false;
         };
-        if self.is_stopped() {
-            return;
+        if !self.is_stopped() {
+            let kick = d.assist(read);
+            drop(d);
+            if kick {
+                self.waker.wake();
+            }
         }
-        let kick = d.assist(true);
-        drop(d);
-        if kick {
-            self.waker.wake();
-        }
+        true
     }
 
     /// The I/O thread's life: rounds, and sleeps without the lock between

@@ -28,17 +28,12 @@ fn start(
 }
 
 /// Two nodes of three instances: ranks 0-2 on node 0, 3-5 on node 1.
-const LAYOUT: [(u32, u32, u32, u32); 6] = [
-    (0, 0, 0, 3),
-    (1, 0, 1, 3),
-    (2, 0, 2, 3),
-    (3, 1, 0, 3),
-    (4, 1, 1, 3),
-    (5, 1, 2, 3),
-];
+fn layout() -> Vec<(u32, u32, u32, u32)> {
+    even_layout(2, 3)
+}
 
 fn run_killing(victim: usize) -> Vec<(Option<i32>, Vec<String>)> {
-    let mut all = start(&LAYOUT, 2, &free_udp_port().to_string(), &[]);
+    let mut all = start(&layout(), 2, &free_udp_port().to_string(), &[]);
     for i in &all {
         i.wait_for_line("cellnet probe: rank", Duration::from_secs(30));
     }
@@ -125,7 +120,7 @@ fn a_node_leader_killed_before_global_ready_is_replaced_and_the_job_becomes_read
             format!("127.0.0.1:{}", free_udp_port()),
         ),
     ];
-    let mut node1 = start(&LAYOUT[3..], 2, &port, &job);
+    let mut node1 = start(&layout()[3..], 2, &port, &job);
     // Node 1's handshake takes milliseconds; node 0 is not there, so
     // nobody can be globally ready yet.
     std::thread::sleep(Duration::from_millis(1500));
@@ -135,7 +130,7 @@ fn a_node_leader_killed_before_global_ready_is_replaced_and_the_job_becomes_read
         !victim.lines().iter().any(|l| l.contains("probe: rank")),
         "rank 3 was globally ready before it was killed"
     );
-    let node0 = start(&LAYOUT[..3], 2, &port, &job);
+    let node0 = start(&layout()[..3], 2, &port, &job);
     let outs: Vec<_> = node0
         .into_iter()
         .chain(node1)

@@ -64,8 +64,7 @@ fn two_nodes_on_one_host_join_through_the_coordinator() {
     // Nodes 0 and 1 share the loopback broadcast domain here; discovery
     // must keep them apart by node index, and cells between nodes go
     // over tcp:// through the directory their leaders hold.
-    let layout = [(0, 0, 0, 2), (1, 0, 1, 2), (2, 1, 0, 2), (3, 1, 1, 2)];
-    let outs = launch(&layout, 2, &["probe", "--exchange", "10"]);
+    let outs = launch(&even_layout(2, 2), 2, &["probe", "--exchange", "10"]);
     let mut leaders = Vec::new();
     for (rank, out) in outs.iter().enumerate() {
         assert_eq!(out.code, Some(0), "rank {rank} failed: {}", out.stderr);
@@ -114,9 +113,8 @@ fn life_across_four_plain_processes_is_verified() {
 
 #[test]
 fn stress_100k_cells_each_way_every_ticket_right_and_handled_once() {
-    let layout = [(0, 0, 0, 2), (1, 0, 1, 2)];
     let outs = launch(
-        &layout,
+        &even_layout(1, 2),
         1,
         &["stress", "--cells", "100000", "--err-every", "97"],
     );
@@ -132,15 +130,7 @@ fn stress_100k_cells_each_way_every_ticket_right_and_handled_once() {
 
 #[test]
 fn collectives_across_three_nodes_through_leaders_and_coordinator() {
-    let layout = [
-        (0, 0, 0, 2),
-        (1, 0, 1, 2),
-        (2, 1, 0, 2),
-        (3, 1, 1, 2),
-        (4, 2, 0, 2),
-        (5, 2, 1, 2),
-    ];
-    let outs = launch(&layout, 3, &["collectives", "--timeout", "20s"]);
+    let outs = launch(&even_layout(3, 2), 3, &["collectives", "--timeout", "20s"]);
     for (rank, out) in outs.iter().enumerate() {
         assert_eq!(out.code, Some(0), "rank {rank} failed: {}", out.stderr);
         assert!(

@@ -80,8 +80,12 @@ pub struct ZmqTransport {
     input_left: bool,
     /// Sockets [`Self::settle`] found readable (their signal taken in).
     must_read: Vec<Option<Rank>>,
-    /// Reused buffers of [`Self::drain`].
-    scan: Vec<(Option<Rank>, libc::pollfd)>,
+    /// Every socket, and its signal fd (-1: none) at the same index, for
+    /// [`Self::drain`]; rebuilt when `generation` moves past
+    /// `scan_generation`.
+    scan: Vec<Option<Rank>>,
+    scan_fds: Vec<libc::pollfd>,
+    scan_generation: Option<u64>,
 }
 
 fn zerr<'a>(op: &'static str, endpoint: &'a str) -> impl FnOnce(zmq::Error) -> NetError + 'a {
@@ -137,6 +141,8 @@ impl ZmqTransport {
             input_left: false,
             must_read: Vec::new(),
             scan: Vec::new(),
+            scan_fds: Vec::new(),
+            scan_generation: None,
         })
     }
 
@@ -300,42 +306,6 @@ impl ZmqTransport {
         })
     }
 
-    /// Wait up to `timeout_ms` (-1: forever) for any socket or any of
-    /// `fds` to become readable; returns which of `fds` are readable, and
-    /// whether anything (socket or fd) is.
-    pub fn poll(&mut self, fds: &[RawFd], timeout_ms: i64) -> Result<(Vec<bool>, bool), NetError> {
-        let mut items = Vec::with_capacity(1 + self.dealers.len() + fds.len());
-        for fd in fds {
-            items.push(zmq::PollItem::from_fd(*fd, zmq::POLLIN));
-        }
-        items.push(self.router.as_poll_item(zmq::POLLIN));
-        for d in self.dealers.values() {
-            items.push(d.socket.as_poll_item(zmq::POLLIN));
-        }
-        let ready = match zmq::poll(&mut items, timeout_ms) {
-            Ok(n) => n > 0,
-            Err(zmq::Error::EINTR) => false,
-            Err(source) => {
-                return Err(NetError::Zmq {
-                    op: "poll",
-                    endpoint: "all sockets".into(),
-                    source,
-                })
-            }
-        };
-        // zmq_poll took in the sockets' signals: what it found readable
-        // must be read without waiting for one.
-        let sockets = std::iter::once(None).chain(self.dealers.keys().map(|&r| Some(r)));
-        let readable: Vec<Option<Rank>> = sockets
-            .zip(&items[fds.len()..])
-            .filter(|(_, i)| i.is_readable())
-            .map(|(w, _)| w)
-            .collect();
-        self.must_read.extend(readable);
-        let fds = items[..fds.len()].iter().map(|i| i.is_readable()).collect();
-        Ok((fds, ready))
-    }
-
     /// The file descriptors ZeroMQ signals its sockets' activity on (they
     /// become readable when a message arrives at a socket that was read
     /// until empty; see `ZMQ_FD`).
@@ -395,31 +365,34 @@ impl ZmqTransport {
     /// a drain that hit its budget.
     pub fn drain(&mut self, budget: usize, out: &mut Vec<Inbound>) -> Result<(), NetError> {
         let start = out.len();
-        let mut scan = std::mem::take(&mut self.scan);
-        scan.clear();
-        let every = std::iter::once(None).chain(self.dealers.keys().map(|&r| Some(r)));
-        for which in every {
-            let fd = self
-                .socket(which)
-                .and_then(|s| s.get_fd().ok())
-                .unwrap_or(-1);
-            let pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                // Without a signal fd: read it anyway.
-                revents: if fd < 0 { libc::POLLIN } else { 0 },
-            };
-            scan.push((which, pfd));
+        if self.scan_generation != Some(self.generation) {
+            self.scan = std::iter::once(None)
+                .chain(self.dealers.keys().map(|&r| Some(r)))
+                .collect();
+            self.scan_fds = self
+                .scan
+                .iter()
+                .map(|&which| libc::pollfd {
+                    fd: self
+                        .socket(which)
+                        .and_then(|s| s.get_fd().ok())
+                        .unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            self.scan_generation = Some(self.generation);
         }
-        let mut fds: Vec<libc::pollfd> = scan.iter().map(|(_, p)| *p).collect();
+        let fds = &mut self.scan_fds;
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs; a
         // zero timeout never blocks.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
         let read_all = std::mem::take(&mut self.input_left) || n < 0;
         let must_read = std::mem::take(&mut self.must_read);
-        for ((which, pfd), polled) in scan.iter().zip(&fds) {
+        for (which, pfd) in self.scan.iter().zip(&self.scan_fds) {
             let may_hold = read_all
-                || polled.revents != 0
+                // Without a signal fd: read it anyway.
+                || pfd.fd < 0
                 || pfd.revents != 0
                 || must_read.contains(which)
                 || self.touched.contains(which);
@@ -427,7 +400,6 @@ impl ZmqTransport {
                 self.read_socket(*which, start + budget, out)?;
             }
         }
-        self.scan = scan;
         self.input_left = out.len() - start >= budget;
         Ok(())
     }
@@ -600,7 +572,7 @@ mod tests {
         let mut out = Vec::new();
         while out.is_empty() {
             assert!(Instant::now() < deadline, "nothing arrived");
-            t.poll(&[], 100).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
             t.drain(16, &mut out).unwrap();
         }
         out.remove(0)

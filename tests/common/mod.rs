@@ -200,6 +200,14 @@ pub fn shutdown_all(
     })
 }
 
+/// `(rank, node_index, local_rank, local_size)` of `nodes` nodes with
+/// `per_node` instances each, ranks filling node 0 first.
+pub fn even_layout(nodes: u32, per_node: u32) -> Vec<(u32, u32, u32, u32)> {
+    (0..nodes * per_node)
+        .map(|r| (r, r / per_node, r % per_node, per_node))
+        .collect()
+}
+
 /// The `CELLNET_*` variables of one job, per `(rank, node_index,
 /// local_rank, local_size)` of `layout`: explicit identity, all on loopback
 /// with the given discovery port, a fresh coordinator port and job key;

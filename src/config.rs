@@ -109,7 +109,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "CELLNET_WINDOW",
         "256",
-        "unanswered cells in flight per peer before send blocks",
+        "unanswered cells in flight per peer before send blocks (1-4096)",
     ),
     (
         "CELLNET_SPIN",
@@ -330,9 +330,17 @@ impl Config {
             c.reliable.retransmit.ceiling = v;
         }
         if let Some(v) = get(vars, "CELLNET_WINDOW", |s| {
+            // More in flight than the receiver tracks for duplicates could
+            // never be used: the channel holds a message back until the
+            // span of unanswered ids fits that.
+            let most = ReliableConfig::default().dedup_window;
             from_str::<u32>(s).and_then(|w| {
                 if w == 0 {
                     Err("must be at least 1".into())
+                } else if u64::from(w) > most {
+                    Err(format!(
+                        "at most {most} (the ids a receiver tracks for duplicates)"
+                    ))
                 } else {
                     Ok(w)
                 }
@@ -461,6 +469,7 @@ mod tests {
             ("CELLNET_DISCOVERY_PORT", "70000"),
             ("CELLNET_COORDINATOR", "nohostport"),
             ("CELLNET_WINDOW", "0"),
+            ("CELLNET_WINDOW", "4097"),
             ("CELLNET_JOIN_TIMEOUT", "soon"),
             ("CELLNET_BROADCAST", "1.2.3"),
             ("CELLNET_PLACEMENT", "sideways"),

@@ -98,3 +98,72 @@ fn a_frame_never_sent_is_reported_missing_with_the_laggard() {
     assert!(frame[&2].is_empty());
     shutdown_all(comms);
 }
+
+/// The receiver tracks a bounded span of ids for duplicates; an old cell
+/// still unanswered (here: a slow handler) while later ones are answered
+/// uses that span up before the credit window. A send then waits for room
+/// instead of failing, and everything is delivered once, in order.
+#[test]
+fn an_old_unanswered_cell_holds_later_sends_back_instead_of_failing_them() {
+    let mut config = test_config();
+    config.threads = 2;
+    config.reliable.window = 8;
+    config.reliable.dedup_window = 8;
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let g = gate.clone();
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let started_tx = Mutex::new(started_tx);
+    // Cell 0 waits for the gate; every other cell passes at once.
+    let handler: Handler = Arc::new(move |cell| {
+        if cell.payload[0] == 0 {
+            started_tx.lock().unwrap().send(()).unwrap();
+            let (open, cv) = &*g;
+            let mut o = open.lock().unwrap();
+            while !*o {
+                o = cv.wait(o).unwrap();
+            }
+        }
+        Ok(())
+    });
+    let comms = start_local(2, &config, |r| (r == 1).then(|| handler.clone()));
+    let (a, b) = (&comms[0], &comms[1]);
+    b.expect_from([0]).unwrap();
+
+    let mut tickets = vec![a.send(1, 0, vec![0u8]).unwrap()];
+    started.recv_timeout(Duration::from_secs(10)).unwrap();
+    tickets.extend((1..8u8).map(|i| a.send(1, 0, vec![i]).unwrap()));
+    for t in &tickets[1..] {
+        assert!(t.wait().unwrap().is_ack());
+    }
+    assert_eq!(
+        tickets[0].try_outcome(),
+        None,
+        "cell 0 is still in its handler"
+    );
+    // Seven credits are free, but the receiver tracks ids 1..=8 only.
+    let later: Vec<_> = (8..12u8).map(|i| a.send(1, 0, vec![i]).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        later.iter().all(|t| t.try_outcome().is_none()),
+        "held back, not answered: {:?}",
+        later.iter().map(|t| t.try_outcome()).collect::<Vec<_>>()
+    );
+    {
+        let (open, cv) = &*gate;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+    tickets.extend(later);
+    for t in &tickets {
+        assert!(t.wait().unwrap().is_ack());
+    }
+    a.end_frame(0, &[1]).unwrap();
+    let frame = b.recv_frame(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        frame[&0].iter().map(|c| c[0]).collect::<Vec<_>>(),
+        (0..12).collect::<Vec<u8>>()
+    );
+    let reports = shutdown_all(comms);
+    assert_eq!(reports[0].acknowledged, 13, "12 cells and a frame end");
+    assert_eq!(reports[0].timed_out, 0);
+}

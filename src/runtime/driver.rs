@@ -102,6 +102,11 @@ pub(crate) struct Driver {
     /// Data for peers not resolved yet (bounded by the credit window).
     parked: HashMap<Rank, Vec<DataMsg>>,
     tickets: HashMap<(Rank, u64), super::shared::Resolver>,
+    /// Messages the reliable channel cannot take yet, per peer, in order:
+    /// the receiver tracks at most `dedup_window` ids above the oldest
+    /// unanswered one, so an old cell still unanswered (a slow handler, a
+    /// loss) stops later ones even while the credit window has room.
+    backlog: HashMap<Rank, std::collections::VecDeque<Queued>>,
     /// Cells sent per (peer, frame), for the frame-end count.
     frame_counts: HashMap<(Rank, u64), u32>,
     /// A complete (or missing) frame waiting for room in the application's channel.
@@ -144,6 +149,14 @@ pub(crate) struct Driver {
     command_buf: Vec<Command>,
     /// Reused buffer of received datagrams.
     datagram_buf: Vec<u8>,
+}
+
+/// A message waiting for room in the reliable channel.
+struct Queued {
+    frame: u64,
+    kind: DataKind,
+    payload: bytes::Bytes,
+    ticket: super::shared::Resolver,
 }
 
 /// The [`Driver`] shared by the I/O thread and the application's threads.
@@ -363,6 +376,7 @@ impl Driver {
             routes: HashMap::default(),
             parked: HashMap::default(),
             tickets: HashMap::default(),
+            backlog: HashMap::default(),
             frame_counts: HashMap::default(),
             ready_frame: None,
             incarnations: HashMap::default(),
@@ -405,9 +419,19 @@ impl Driver {
         self.p.frames = crossbeam_channel::bounded(1).0;
         self.p.events = crossbeam_channel::bounded(1).0;
         self.p.collectives = crossbeam_channel::bounded(1).0;
-        let open = self.tickets.len() as u64;
+        let backlog = self
+            .backlog
+            .drain()
+            .flat_map(|(to, q)| q.into_iter().map(move |m| (to, m.ticket)));
+        let open: Vec<_> = self
+            .tickets
+            .drain()
+            .map(|((to, _), tx)| (to, tx))
+            .chain(backlog)
+            .collect();
+        let open_count = open.len() as u64;
         // Tickets still open resolve now: nothing waits forever.
-        for ((to, _), tx) in self.tickets.drain() {
+        for (to, tx) in open {
             tx.resolve(Outcome::TimedOut);
             self.p.credits.release(to);
         }
@@ -416,7 +440,7 @@ impl Driver {
             sent: st.sent,
             acknowledged: st.acks_received,
             refused: st.errs_received,
-            timed_out: st.timeouts + open,
+            timed_out: st.timeouts + open_count,
             delivered: st.delivered,
             handled: self.handled,
             unanswered: self.reliable.unanswered(),
@@ -453,6 +477,7 @@ impl Driver {
             // me"), then stay until every peer that sent to us has said
             // goodbye too (answering it meanwhile), or the deadline.
             let drained = self.reliable.unanswered() == 0
+                && self.backlog.is_empty()
                 && self.reliable.pending_answers() == 0
                 && self.handlers_running == 0;
             if drained && self.drained_at.is_none() {
@@ -680,15 +705,19 @@ impl Driver {
                             }
                         }
                     };
-                    match self.reliable.send(now, to, frame, kind, payload) {
-                        Ok(id) => {
-                            self.tickets.insert((to, id), ticket);
-                        }
-                        Err(_) => {
-                            // The credit gate keeps this from happening; if it
-                            // does, the ticket says so rather than hanging.
-                            ticket.resolve(Outcome::TimedOut);
-                            self.p.credits.release(to);
+                    let msg = Queued {
+                        frame,
+                        kind,
+                        payload,
+                        ticket,
+                    };
+                    match self.backlog.get_mut(&to) {
+                        // Behind a backlog: in order, after it.
+                        Some(q) if !q.is_empty() => q.push_back(msg),
+                        _ => {
+                            if let Some(msg) = self.try_send(now, to, msg) {
+                                self.backlog.entry(to).or_default().push_back(msg);
+                            }
                         }
                     }
                 }
@@ -705,6 +734,51 @@ impl Driver {
             }
         }
         self.command_buf = commands;
+    }
+
+    /// Hand `msg` to the reliable channel; gives it back if the channel
+    /// has no room towards `to` yet.
+    fn try_send(&mut self, now: Now, to: Rank, msg: Queued) -> Option<Queued> {
+        if self.reliable.credits(to) == 0 {
+            return Some(msg);
+        }
+        let Queued {
+            frame,
+            kind,
+            payload,
+            ticket,
+        } = msg;
+        match self.reliable.send(now, to, frame, kind, payload) {
+            Ok(id) => {
+                self.tickets.insert((to, id), ticket);
+                None
+            }
+            Err(e) => {
+                // `credits` said there was room; resolve rather than hang.
+                tracing::warn!("message to rank {to} refused by the reliable channel: {e}");
+                ticket.resolve(Outcome::TimedOut);
+                self.p.credits.release(to);
+                None
+            }
+        }
+    }
+
+    /// Send what the backlog has room for now in the reliable channel.
+    fn send_backlog(&mut self, now: Now) {
+        if self.backlog.is_empty() {
+            return;
+        }
+        let mut backlog = std::mem::take(&mut self.backlog);
+        for (&to, q) in backlog.iter_mut() {
+            while let Some(msg) = q.pop_front() {
+                if let Some(msg) = self.try_send(now, to, msg) {
+                    q.push_front(msg);
+                    break;
+                }
+            }
+        }
+        backlog.retain(|_, q| !q.is_empty());
+        self.backlog = backlog;
     }
 
     fn take_handler_results(&mut self, now: Now) {
@@ -809,6 +883,8 @@ impl Driver {
 
     /// Send everything the state machines queued and act on their events.
     fn flush(&mut self, now: Now) -> Result<(), String> {
+        // Answers taken in since may have made room for the backlog.
+        self.send_backlog(now);
         for _ in 0..4 {
             let mut progressed = false;
             while let Some(t) = self.discovery.poll_transmit() {

@@ -37,17 +37,17 @@ impl BackoffPolicy {
     pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
         // In nanoseconds: this runs once per cell sent, and Duration's
         // float conversions are slow.
-        let initial = self.initial.as_nanos() as f64;
+        let initial = nanos(self.initial);
         let base = match attempt {
             0 => initial,
             a => initial * self.factor.max(1.0).powi(a.min(64) as i32),
         };
-        self.jittered(base.min(self.ceiling.as_nanos() as f64), rng)
+        self.jittered(base.min(nanos(self.ceiling)), rng)
     }
 
     /// The ceiling, jittered: the slowest spacing of this policy.
     pub fn ceiling_delay(&self, rng: &mut impl Rng) -> Duration {
-        self.jittered(self.ceiling.as_nanos() as f64, rng)
+        self.jittered(nanos(self.ceiling), rng)
     }
 
     /// `capped` nanoseconds, scaled by the jitter.
@@ -60,6 +60,11 @@ impl BackoffPolicy {
         };
         Duration::from_nanos((capped * scale).max(0.0) as u64)
     }
+}
+
+/// `d` in nanoseconds, as a float (through u64: u128 to float is slow).
+fn nanos(d: Duration) -> f64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX) as f64
 }
 
 /// A retry timer driven by [`BackoffPolicy`].

@@ -18,6 +18,7 @@ pub mod frames;
 pub mod global;
 pub mod liveness;
 pub mod reliable;
+pub(crate) mod ring;
 pub mod wire;
 
 /// Global index of an instance in the job (MPI world rank / Slurm task id).

@@ -29,6 +29,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::{rngs::SmallRng, SeedableRng};
+
+use super::ring::IdRing;
 use serde::{Deserialize, Serialize};
 
 use super::backoff::{Backoff, BackoffPolicy};
@@ -214,85 +216,9 @@ struct Outgoing {
     deadline: Now,
 }
 
-/// Unresolved messages by wire id. Ids are handed out in sequence, so this
-/// is a ring from the oldest unresolved id (at most a dedup window long);
-/// ids resolved out of order are empty slots until the older ones go.
-#[derive(Default)]
-struct Inflight {
-    /// Wire id of `slots[0]`; when not empty, `slots[0]` is occupied.
-    base: u64,
-    slots: VecDeque<Option<Outgoing>>,
-    len: usize,
-}
-
-impl Inflight {
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    /// The oldest unresolved id.
-    fn first_id(&self) -> Option<u64> {
-        (self.len > 0).then_some(self.base)
-    }
-
-    /// Add `id`, which must be above every id present.
-    fn insert(&mut self, id: u64, o: Outgoing) {
-        if self.slots.is_empty() {
-            self.base = id;
-        }
-        let i = (id - self.base) as usize;
-        self.slots.resize_with(i, || None);
-        self.slots.push_back(Some(o));
-        self.len += 1;
-    }
-
-    fn remove(&mut self, id: u64) -> Option<Outgoing> {
-        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
-        let o = self.slots.get_mut(i)?.take()?;
-        self.len -= 1;
-        while self.slots.front().is_some_and(|s| s.is_none()) {
-            self.slots.pop_front();
-            self.base += 1;
-        }
-        Some(o)
-    }
-
-    /// Present ids in `lo..=hi`, ascending.
-    fn ids_in(&self, lo: u64, hi: u64) -> impl Iterator<Item = u64> + '_ {
-        let from = lo.saturating_sub(self.base) as usize;
-        let to = (hi.saturating_sub(self.base) as usize).min(self.slots.len().saturating_sub(1));
-        let base = self.base;
-        let empty = hi < self.base || self.slots.is_empty();
-        self.slots
-            .iter()
-            .enumerate()
-            .skip(if empty { usize::MAX } else { from })
-            .take_while(move |(i, _)| *i <= to)
-            .filter(|(_, s)| s.is_some())
-            .map(move |(i, _)| base + i as u64)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (u64, &Outgoing)> {
-        let base = self.base;
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(move |(i, s)| s.as_ref().map(|o| (base + i as u64, o)))
-    }
-
-    fn values_mut(&mut self) -> impl Iterator<Item = &mut Outgoing> {
-        self.slots.iter_mut().flatten()
-    }
-
-    /// Everything, oldest first; leaves the ring empty.
-    fn take_all(&mut self) -> Vec<Outgoing> {
-        self.len = 0;
-        std::mem::take(&mut self.slots)
-            .into_iter()
-            .flatten()
-            .collect()
-    }
-}
+/// Unresolved messages by wire id: ids are handed out in sequence, so a
+/// ring from the oldest unresolved id (at most a dedup window long).
+type Inflight = IdRing<Outgoing>;
 
 /// Sending half towards one peer.
 struct Outbound {
@@ -329,10 +255,30 @@ fn replayable(msg: &DataMsg) -> bool {
 
 impl Outbound {
     /// Forget answered messages older than the latest `keep` frames.
+    /// Drop kept messages older than the latest `keep` frames from the
+    /// front (they are kept in the order they were answered, which is by
+    /// frame but for stragglers: [`Self::take_recent`] filters those).
     fn prune_recent(&mut self, keep: u64) {
-        let top = self.top_frame.unwrap_or(0);
-        self.recent
-            .retain(|(_, m)| keep > 0 && m.frame.saturating_add(keep) > top);
+        while self
+            .recent
+            .front()
+            .is_some_and(|(_, m)| !self.is_recent(m, keep))
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    fn is_recent(&self, m: &DataMsg, keep: u64) -> bool {
+        keep > 0 && m.frame.saturating_add(keep) > self.top_frame.unwrap_or(0)
+    }
+
+    /// The kept messages of the latest `keep` frames, for a replay.
+    fn take_recent(&mut self, keep: u64) -> Vec<(u64, DataMsg)> {
+        let recent = std::mem::take(&mut self.recent);
+        recent
+            .into_iter()
+            .filter(|(_, m)| self.is_recent(m, keep))
+            .collect()
     }
 }
 
@@ -655,10 +601,7 @@ impl ReliableEndpoint {
                 continue; // listed twice
             };
             let replay = o.replay;
-            if keep > 0
-                && replayable(&o.msg)
-                && o.msg.frame.saturating_add(keep) > out.top_frame.unwrap_or(0)
-            {
+            if replayable(&o.msg) && out.is_recent(&o.msg, keep) {
                 out.recent.push_back((o.ticket, o.msg));
             }
             if replay {
@@ -830,7 +773,8 @@ impl ReliableEndpoint {
         state.inb = Inbound::default();
         let deadline = now + self.config.deadline;
         let mut all: Vec<Outgoing> = state.out.inflight.take_all();
-        all.extend(state.out.recent.drain(..).map(|(ticket, msg)| Outgoing {
+        let recent = state.out.take_recent(self.config.replay_frames);
+        all.extend(recent.into_iter().map(|(ticket, msg)| Outgoing {
             ticket,
             replay: true,
             msg,

@@ -34,6 +34,7 @@ use crate::proto::{
     global::{Coordinator, GlobalEvent, GlobalJoin, GlobalTransmit},
     liveness::{Liveness, LivenessEvent},
     reliable::{Outcome, ReliableEndpoint, ReliableEvent, ReliableTransmit},
+    ring::IdRing,
     wire::{self, Control, DataKind, DataMsg, Datagram, JobSecret, PeerMsg, WireError},
     Incarnation, Now, PeerInfo, Rank,
 };
@@ -101,7 +102,8 @@ pub(crate) struct Driver {
     routes: HashMap<Rank, Vec<u8>>,
     /// Data for peers not resolved yet (bounded by the credit window).
     parked: HashMap<Rank, Vec<DataMsg>>,
-    tickets: HashMap<(Rank, u64), super::shared::Resolver>,
+    /// Open tickets per peer, by ticket id (handed out in sequence).
+    tickets: HashMap<Rank, IdRing<super::shared::Resolver>>,
     /// Messages the reliable channel cannot take yet, per peer, in order:
     /// the receiver tracks at most `dedup_window` ids above the oldest
     /// unanswered one, so an old cell still unanswered (a slow handler, a
@@ -426,7 +428,7 @@ impl Driver {
         let open: Vec<_> = self
             .tickets
             .drain()
-            .map(|((to, _), tx)| (to, tx))
+            .flat_map(|(to, mut ring)| ring.take_all().into_iter().map(move |tx| (to, tx)))
             .chain(backlog)
             .collect();
         let open_count = open.len() as u64;
@@ -750,7 +752,7 @@ impl Driver {
         } = msg;
         match self.reliable.send(now, to, frame, kind, payload) {
             Ok(id) => {
-                self.tickets.insert((to, id), ticket);
+                self.tickets.entry(to).or_default().insert(id, ticket);
                 None
             }
             Err(e) => {
@@ -1268,7 +1270,7 @@ impl Driver {
                     Outcome::TimedOut => &self.p.metrics.timeouts,
                 };
                 Metrics::add(counter, 1);
-                if let Some(tx) = self.tickets.remove(&(to, id)) {
+                if let Some(tx) = self.tickets.get_mut(&to).and_then(|r| r.remove(id)) {
                     tx.resolve(outcome);
                     // Returned together at the end of the round.
                     *self.freed_credits.entry(to).or_insert(0) += 1;

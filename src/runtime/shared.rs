@@ -3,13 +3,13 @@
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{
-    AtomicBool, AtomicU64, AtomicUsize,
-    Ordering::{Acquire, Relaxed, Release},
+    AtomicBool, AtomicU64, AtomicU8, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release, SeqCst},
 };
 
 // Keys are ranks (validated against the job size): a fast hash is safe.
 use rustc_hash::FxHashMap as HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::proto::{reliable::Outcome, PeerInfo, Rank};
@@ -152,20 +152,22 @@ impl Commands {
 /// ([`Resolver`]) to the application's [`super::Ticket`]: one allocation,
 /// and no system call unless the ticket's owner is asleep waiting for it.
 pub(crate) struct Answer {
-    /// Set (release) once `state` holds the outcome or the resolver is gone.
-    ready: AtomicBool,
-    state: Mutex<AnswerState>,
+    /// `PENDING`, then `ACK`, `OTHER` (the outcome is in `other`) or
+    /// `CLOSED` (the resolver is gone without an answer); set once.
+    state: AtomicU8,
+    /// An outcome other than ACK (an ACK needs no more than `state`).
+    other: OnceLock<Outcome>,
+    /// The ticket's owner sleeps on `answered` (the resolver then takes
+    /// `sleep` to wake it; otherwise it takes no lock at all).
+    waiting: AtomicBool,
+    sleep: Mutex<()>,
     answered: Condvar,
 }
 
-#[derive(Default)]
-struct AnswerState {
-    outcome: Option<Outcome>,
-    /// The resolver was dropped without an answer (the I/O thread stopped).
-    closed: bool,
-    /// The ticket's owner sleeps on `answered`.
-    waiting: bool,
-}
+const PENDING: u8 = 0;
+const ACK: u8 = 1;
+const OTHER: u8 = 2;
+const CLOSED: u8 = 3;
 
 /// The I/O thread's end of an [`Answer`]; dropping it unanswered tells the
 /// ticket that no answer will come.
@@ -174,8 +176,10 @@ pub(crate) struct Resolver(Option<Arc<Answer>>);
 impl Answer {
     pub fn new() -> (Resolver, Arc<Answer>) {
         let a = Arc::new(Answer {
-            ready: AtomicBool::new(false),
-            state: Mutex::new(AnswerState::default()),
+            state: AtomicU8::new(PENDING),
+            other: OnceLock::new(),
+            waiting: AtomicBool::new(false),
+            sleep: Mutex::new(()),
             answered: Condvar::new(),
         });
         (Resolver(Some(a.clone())), a)
@@ -183,40 +187,53 @@ impl Answer {
 
     /// `None` until answered; `Some(None)` if no answer will come.
     pub fn try_get(&self) -> Option<Option<Outcome>> {
-        if !self.ready.load(Acquire) {
-            return None;
+        match self.state.load(Acquire) {
+            PENDING => None,
+            ACK => Some(Some(Outcome::Ack)),
+            OTHER => Some(self.other.get().cloned()),
+            _ => Some(None),
         }
-        let s = lock(&self.state);
-        Some(s.outcome.clone())
     }
 
     /// Wait for the answer, checking without sleeping for `spin` first
     /// (calling `check` between looks); `None` if no answer will come.
     pub fn wait(&self, spin: Duration, check: impl Fn()) -> Option<Outcome> {
         let start = Instant::now();
-        while !self.ready.load(Acquire) && start.elapsed() < spin {
+        while self.state.load(Acquire) == PENDING && start.elapsed() < spin {
             check();
-            if self.ready.load(Acquire) {
+            if self.state.load(Acquire) != PENDING {
                 break;
             }
             std::thread::yield_now();
         }
-        let mut s = lock(&self.state);
-        while s.outcome.is_none() && !s.closed {
-            s.waiting = true;
-            s = self.answered.wait(s).unwrap_or_else(|p| p.into_inner());
+        if let Some(answer) = self.try_get() {
+            return answer;
         }
-        s.outcome.clone()
+        let mut g = lock(&self.sleep);
+        // SeqCst with `finish`: either it sees `waiting` and wakes us, or
+        // we see its state.
+        self.waiting.store(true, SeqCst);
+        while self.state.load(SeqCst) == PENDING {
+            g = self.answered.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(g);
+        self.try_get().flatten()
     }
 
     fn finish(&self, outcome: Option<Outcome>) {
-        let mut s = lock(&self.state);
-        match outcome {
-            Some(o) => s.outcome = Some(o),
-            None => s.closed = true,
-        }
-        self.ready.store(true, Release);
-        if s.waiting {
+        let state = match outcome {
+            Some(Outcome::Ack) => ACK,
+            Some(o) => {
+                let _ = self.other.set(o);
+                OTHER
+            }
+            None => CLOSED,
+        };
+        self.state.store(state, SeqCst);
+        if self.waiting.load(SeqCst) {
+            // The waiter holds `sleep` from its last look at `state` until
+            // it sleeps: taking it here means the wake-up cannot be lost.
+            drop(lock(&self.sleep));
             self.answered.notify_all();
         }
     }

@@ -108,8 +108,13 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ),
     (
         "CELLNET_WINDOW",
-        "256",
-        "unanswered cells in flight per peer before send blocks (1-4096)",
+        "4096",
+        "unanswered cells in flight per peer before send blocks (1-16384)",
+    ),
+    (
+        "CELLNET_WINDOW_BYTES",
+        "16MiB",
+        "unanswered payload bytes per peer before send blocks (a larger cell goes alone); B, KiB, MiB, GiB",
     ),
     (
         "CELLNET_SPIN",
@@ -190,6 +195,9 @@ pub struct Config {
     pub liveness: LivenessConfig,
     /// Tuning of the reliable channel (retransmission, deadline, window).
     pub reliable: ReliableConfig,
+    /// Payload bytes unanswered per peer before a send waits, besides the
+    /// count `reliable.window` (a larger message goes when none is out).
+    pub window_bytes: u64,
     /// How long the I/O thread keeps polling after its last work (once the
     /// job is globally ready; not during start-up), and a
     /// ticket keeps checking for its answer, before going to sleep: waking
@@ -222,11 +230,32 @@ impl Default for Config {
             global: GlobalConfig::default(),
             liveness: LivenessConfig::default(),
             reliable: ReliableConfig::default(),
+            window_bytes: 16 << 20,
             spin: Duration::from_micros(50),
             malloc_tune: true,
             faults: None,
         }
     }
+}
+
+/// Parse a size in bytes: `4096`, `512B`, `64KiB`, `16MiB`, `1GiB`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, scale) = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ]
+    .into_iter()
+    .find_map(|(unit, scale)| s.strip_suffix(unit).map(|n| (n, scale)))
+    .unwrap_or((s, 1));
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size in bytes (e.g. 16MiB): {s:?}"))?;
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("too large: {s:?}"))
 }
 
 /// Parse a duration: `50us`, `250ms`, `2s`, `1.5s`, `3m`, or plain seconds.
@@ -387,6 +416,17 @@ impl Config {
                 dup: dup.unwrap_or(0.0),
             });
         }
+        if let Some(v) = get(vars, "CELLNET_WINDOW_BYTES", |s| {
+            parse_bytes(s).and_then(|b| {
+                if b == 0 {
+                    Err("must be at least 1 byte".into())
+                } else {
+                    Ok(b)
+                }
+            })
+        })? {
+            c.window_bytes = v;
+        }
         if let Some(v) = get(vars, "CELLNET_SPIN", parse_duration)? {
             if v > Duration::from_millis(10) {
                 return Err(ConfigError {
@@ -448,6 +488,7 @@ mod tests {
             ("CELLNET_DISCOVERY_PORT", "5000"),
             ("CELLNET_COORDINATOR", "n001:6000"),
             ("CELLNET_WINDOW", "8"),
+            ("CELLNET_WINDOW_BYTES", "64KiB"),
             ("CELLNET_SEND_DEADLINE", "1500ms"),
             ("CELLNET_IPC_DIR", "none"),
             ("CELLNET_PLACEMENT", "none"),
@@ -458,6 +499,7 @@ mod tests {
         assert_eq!(c.discovery_port, 5000);
         assert_eq!(c.coordinator.as_deref(), Some("n001:6000"));
         assert_eq!(c.reliable.window, 8);
+        assert_eq!(c.window_bytes, 64 << 10);
         assert_eq!(c.reliable.deadline, Duration::from_millis(1500));
         assert_eq!(c.ipc_dir, None);
         assert_eq!(c.placement, PlacementPolicy::None);
@@ -469,7 +511,10 @@ mod tests {
             ("CELLNET_DISCOVERY_PORT", "70000"),
             ("CELLNET_COORDINATOR", "nohostport"),
             ("CELLNET_WINDOW", "0"),
-            ("CELLNET_WINDOW", "4097"),
+            ("CELLNET_WINDOW", "16385"),
+            ("CELLNET_WINDOW_BYTES", "0"),
+            ("CELLNET_WINDOW_BYTES", "16 MB"),
+            ("CELLNET_WINDOW_BYTES", "99999999999GiB"),
             ("CELLNET_JOIN_TIMEOUT", "soon"),
             ("CELLNET_BROADCAST", "1.2.3"),
             ("CELLNET_PLACEMENT", "sideways"),
@@ -479,6 +524,19 @@ mod tests {
             assert_eq!(err.var, var);
             assert!(err.to_string().contains(value), "{err}");
         }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("512B"), Ok(512));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_bytes(" 16MiB "), Ok(16 << 20));
+        assert_eq!(parse_bytes("1 GiB"), Ok(1 << 30));
+        assert!(parse_bytes("16MB").is_err());
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("99999999999GiB").is_err());
     }
 
     #[test]

@@ -33,7 +33,11 @@ fn window_full_blocks_then_resumes_after_acks() {
     let first: Vec<_> = (0..4u8).map(|i| a.send(1, 0, vec![i]).unwrap()).collect();
     assert_eq!(
         a.try_send(1, 0, vec![9u8]).err(),
-        Some(SendError::WouldBlock { to: 1, window: 4 })
+        Some(SendError::WouldBlock {
+            to: 1,
+            window: 4,
+            window_bytes: config.window_bytes
+        })
     );
     assert!(matches!(
         a.send_timeout(1, 0, vec![9u8], Duration::from_millis(100)),
@@ -166,4 +170,62 @@ fn an_old_unanswered_cell_holds_later_sends_back_instead_of_failing_them() {
     let reports = shutdown_all(comms);
     assert_eq!(reports[0].acknowledged, 13, "12 cells and a frame end");
     assert_eq!(reports[0].timed_out, 0);
+}
+
+/// The window also bounds unanswered payload bytes per peer
+/// (`CELLNET_WINDOW_BYTES`); a cell larger than that goes alone.
+#[test]
+fn the_byte_window_blocks_until_answers_return_and_a_large_cell_goes_alone() {
+    let mut config = test_config();
+    config.window_bytes = 100;
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let g = gate.clone();
+    let handler: Handler = Arc::new(move |_cell| {
+        let (open, cv) = &*g;
+        let mut o = open.lock().unwrap();
+        while !*o {
+            o = cv.wait(o).unwrap();
+        }
+        Ok(())
+    });
+    let comms = start_local(2, &config, |r| (r == 1).then(|| handler.clone()));
+    let (a, b) = (&comms[0], &comms[1]);
+    b.expect_from([0]).unwrap();
+
+    let first = a.send(1, 0, vec![1u8; 60]).unwrap();
+    let full = SendError::WouldBlock {
+        to: 1,
+        window: config.reliable.window,
+        window_bytes: 100,
+    };
+    assert_eq!(a.try_send(1, 0, vec![2u8; 60]).err(), Some(full.clone()));
+    assert!(
+        a.try_send(1, 0, vec![2u8; 40]).is_ok(),
+        "60 + 40 fit in 100"
+    );
+    assert_eq!(a.try_send(1, 0, vec![3u8; 1]).err(), Some(full.clone()));
+    {
+        let (open, cv) = &*gate;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+    assert!(first.wait().unwrap().is_ack());
+    // Once nothing is unanswered, a cell above the byte window goes alone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let big = loop {
+        match a.try_send(1, 0, vec![4u8; 1000]) {
+            Ok(t) => break t,
+            Err(e) => {
+                assert_eq!(e, full);
+                assert!(std::time::Instant::now() < deadline, "window never emptied");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    assert!(big.wait().unwrap().is_ack());
+    a.end_frame(0, &[1]).unwrap();
+    let frame = b.recv_frame(Duration::from_secs(10)).unwrap();
+    let sizes: Vec<usize> = frame[&0].iter().map(|c| c.len()).collect();
+    assert_eq!(sizes, vec![60, 40, 1000]);
+    shutdown_all(comms);
 }

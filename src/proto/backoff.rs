@@ -85,6 +85,16 @@ impl Backoff {
         }
     }
 
+    /// A timer whose first try was made, the next due at `next` (drawn
+    /// by the caller with [`BackoffPolicy::delay`] for attempt 0).
+    pub fn tried_once(policy: BackoffPolicy, next: Now) -> Self {
+        Self {
+            policy,
+            attempt: 1,
+            next,
+        }
+    }
+
     /// When the next try is due.
     pub fn next(&self) -> Now {
         self.next

@@ -70,10 +70,11 @@ impl Default for ReliableConfig {
                 0.1,
             ),
             deadline: Duration::from_secs(30),
-            window: 256,
+            window: 4096,
             ack_delay: Duration::ZERO,
             ack_batch: 64,
-            dedup_window: 4096,
+            // Room above the window for answers that come out of order.
+            dedup_window: 16384,
             replay_frames: 2,
         }
     }
@@ -417,6 +418,11 @@ pub struct ReliableEndpoint {
     /// before this (a lower bound, exact after each scan): the in-flight
     /// messages are scanned only when it passes, not on every call.
     timers_due: Option<Now>,
+    /// The first retransmission time drawn at a given `now`: every message
+    /// sent in one round shares it (and one draw of the jitter).
+    first_retry: Option<(Now, Now)>,
+    /// Reused buffer of the ids one feedback answers.
+    answered: Vec<u64>,
 }
 
 impl ReliableEndpoint {
@@ -434,6 +440,8 @@ impl ReliableEndpoint {
             events: VecDeque::new(),
             stats: ReliableStats::default(),
             timers_due: None,
+            first_retry: None,
+            answered: Vec::new(),
         }
     }
 
@@ -489,9 +497,16 @@ impl ReliableEndpoint {
         let ticket = out.next_ticket;
         out.next_wire += 1;
         out.next_ticket += 1;
-        let mut retry = Backoff::start(self.config.retransmit, now);
-        retry.fire(now, &mut self.rng);
-        let due = retry.next().min(now + self.config.deadline);
+        let retry_at = match self.first_retry {
+            Some((at, due)) if at == now => due,
+            _ => {
+                let due = now + self.config.retransmit.delay(0, &mut self.rng);
+                self.first_retry = Some((now, due));
+                due
+            }
+        };
+        let retry = Backoff::tried_once(self.config.retransmit, retry_at);
+        let due = retry_at.min(now + self.config.deadline);
         self.transmits
             .push_back((to, ReliableTransmit::Data(msg.clone())));
         out.inflight.insert(
@@ -587,16 +602,15 @@ impl ReliableEndpoint {
             self.stats.bogus_feedback += 1;
             return;
         }
-        let mut answered: Vec<u64> = out.inflight.ids_in(0, fb.cumulative).collect();
+        let mut answered = std::mem::take(&mut self.answered);
+        answered.clear();
+        answered.extend(out.inflight.ids_in(0, fb.cumulative));
         for &(lo, hi) in &fb.ranges {
             answered.extend(out.inflight.ids_in(lo, hi));
         }
-        if answered.is_empty() {
-            return;
-        }
         let errors: HashMap<u64, &ErrReport> = fb.errors.iter().map(|e| (e.id, e)).collect();
         let keep = self.config.replay_frames;
-        for id in answered {
+        for &id in &answered {
             let Some(o) = out.inflight.remove(id) else {
                 continue; // listed twice
             };
@@ -627,6 +641,7 @@ impl ReliableEndpoint {
                 outcome,
             });
         }
+        self.answered = answered;
     }
 
     /// Retransmissions, deadlines, hole give-ups and feedback flushes due at `now`.
@@ -641,6 +656,7 @@ impl ReliableEndpoint {
             events,
             stats,
             timers_due,
+            ..
         } = self;
         if scan {
             *timers_due = None;
@@ -1034,7 +1050,7 @@ mod tests {
         let mut p = Pair::new(ReliableConfig::default());
         let t = p.send(0, "cell");
         assert_eq!(t, 1);
-        assert_eq!(p.ep[0].credits(B), 255);
+        assert_eq!(p.ep[0].credits(B), p.ep[0].config().window - 1);
         p.transmit();
         p.receive();
         assert_eq!(p.delivered[1].len(), 1);
@@ -1043,7 +1059,7 @@ mod tests {
         p.complete_all(1, ok);
         p.run(ok);
         assert_eq!(p.resolved[0], vec![(1, Outcome::Ack)]);
-        assert_eq!(p.ep[0].credits(B), 256);
+        assert_eq!(p.ep[0].credits(B), p.ep[0].config().window);
         assert_eq!(p.ep[0].unanswered(), 0);
         assert_eq!(p.ep[1].pending_answers(), 0);
     }
@@ -1449,7 +1465,11 @@ mod tests {
         p.ep[0].reset_peer(p.now, B);
         assert_eq!(p.ep[0].stats().resent_after_reset, 1);
         assert_eq!(p.ep[0].stats().replayed_after_reset, 2);
-        assert_eq!(p.ep[0].credits(B), 255, "replays take no credit");
+        assert_eq!(
+            p.ep[0].credits(B),
+            p.ep[0].config().window - 1,
+            "replays take no credit"
+        );
         p.run(ok);
         let got: Vec<_> = p.delivered[1]
             .iter()

@@ -103,7 +103,7 @@ pub(crate) struct Driver {
     /// Data for peers not resolved yet (bounded by the credit window).
     parked: HashMap<Rank, Vec<DataMsg>>,
     /// Open tickets per peer, by ticket id (handed out in sequence).
-    tickets: HashMap<Rank, IdRing<super::shared::Resolver>>,
+    tickets: HashMap<Rank, IdRing<OpenTicket>>,
     /// Messages the reliable channel cannot take yet, per peer, in order:
     /// the receiver tracks at most `dedup_window` ids above the oldest
     /// unanswered one, so an old cell still unanswered (a slow handler, a
@@ -138,8 +138,9 @@ pub(crate) struct Driver {
     inbox: Vec<Inbound>,
     /// Small data messages gathered per peer in this round.
     outbox: HashMap<Rank, Batch>,
-    /// Credits of tickets resolved in this round, per peer.
-    freed_credits: HashMap<Rank, u32>,
+    /// Credits (messages, payload bytes) of tickets resolved in this
+    /// round, per peer.
+    freed_credits: HashMap<Rank, (u32, u64)>,
     /// When the I/O thread, sleeping, wakes next for a timer.
     io_wake_at: Now,
     /// The transport's socket generation the I/O thread sleeps on.
@@ -151,6 +152,13 @@ pub(crate) struct Driver {
     command_buf: Vec<Command>,
     /// Reused buffer of received datagrams.
     datagram_buf: Vec<u8>,
+}
+
+/// A message sent and not answered yet: its ticket, and the payload bytes
+/// it holds of the credit window.
+struct OpenTicket {
+    resolver: super::shared::Resolver,
+    bytes: u64,
 }
 
 /// A message waiting for room in the reliable channel.
@@ -421,21 +429,25 @@ impl Driver {
         self.p.frames = crossbeam_channel::bounded(1).0;
         self.p.events = crossbeam_channel::bounded(1).0;
         self.p.collectives = crossbeam_channel::bounded(1).0;
-        let backlog = self
-            .backlog
-            .drain()
-            .flat_map(|(to, q)| q.into_iter().map(move |m| (to, m.ticket)));
+        let backlog = self.backlog.drain().flat_map(|(to, q)| {
+            q.into_iter()
+                .map(move |m| (to, m.payload.len() as u64, m.ticket))
+        });
         let open: Vec<_> = self
             .tickets
             .drain()
-            .flat_map(|(to, mut ring)| ring.take_all().into_iter().map(move |tx| (to, tx)))
+            .flat_map(|(to, mut ring)| {
+                ring.take_all()
+                    .into_iter()
+                    .map(move |t| (to, t.bytes, t.resolver))
+            })
             .chain(backlog)
             .collect();
         let open_count = open.len() as u64;
         // Tickets still open resolve now: nothing waits forever.
-        for (to, tx) in open {
+        for (to, bytes, tx) in open {
             tx.resolve(Outcome::TimedOut);
-            self.p.credits.release(to);
+            self.p.credits.release(to, bytes);
         }
         let st = self.reliable.stats();
         let report = ShutdownReport {
@@ -750,16 +762,21 @@ impl Driver {
             payload,
             ticket,
         } = msg;
+        let bytes = payload.len() as u64;
         match self.reliable.send(now, to, frame, kind, payload) {
             Ok(id) => {
-                self.tickets.entry(to).or_default().insert(id, ticket);
+                let open = OpenTicket {
+                    resolver: ticket,
+                    bytes,
+                };
+                self.tickets.entry(to).or_default().insert(id, open);
                 None
             }
             Err(e) => {
                 // `credits` said there was room; resolve rather than hang.
                 tracing::warn!("message to rank {to} refused by the reliable channel: {e}");
                 ticket.resolve(Outcome::TimedOut);
-                self.p.credits.release(to);
+                self.p.credits.release(to, bytes);
                 None
             }
         }
@@ -978,8 +995,8 @@ impl Driver {
             }
             // One wake-up of a sender blocked on the window per round, not
             // one per answered cell.
-            for (to, n) in self.freed_credits.drain() {
-                self.p.credits.release_many(to, n);
+            for (to, (n, bytes)) in self.freed_credits.drain() {
+                self.p.credits.release_many(to, n, bytes);
             }
             self.dispatch_handlers(now);
             self.pump_frames();
@@ -1270,10 +1287,12 @@ impl Driver {
                     Outcome::TimedOut => &self.p.metrics.timeouts,
                 };
                 Metrics::add(counter, 1);
-                if let Some(tx) = self.tickets.get_mut(&to).and_then(|r| r.remove(id)) {
-                    tx.resolve(outcome);
+                if let Some(t) = self.tickets.get_mut(&to).and_then(|r| r.remove(id)) {
+                    t.resolver.resolve(outcome);
                     // Returned together at the end of the round.
-                    *self.freed_credits.entry(to).or_insert(0) += 1;
+                    let (n, bytes) = self.freed_credits.entry(to).or_insert((0, 0));
+                    *n += 1;
+                    *bytes += t.bytes;
                 }
             }
         }

@@ -142,7 +142,7 @@ pub enum RuntimeError {
 }
 
 /// Why a send did not go out.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SendError {
     /// The destination is not a rank of the job.
     #[error("rank {to} does not exist (job size {size})")]
@@ -157,12 +157,17 @@ pub enum SendError {
     ToSelf(Rank),
     /// The window to the destination is full and the caller would not wait
     /// (or its timeout passed).
-    #[error("window to rank {to} is full ({window} cells unanswered)")]
+    #[error(
+        "window to rank {to} is full (at most {window} cells or {window_bytes} bytes unanswered)"
+    )]
     WouldBlock {
         /// The destination.
         to: Rank,
-        /// Cells that may be unanswered per destination.
+        /// Cells that may be unanswered per destination (`CELLNET_WINDOW`).
         window: u32,
+        /// Payload bytes that may be unanswered per destination
+        /// (`CELLNET_WINDOW_BYTES`).
+        window_bytes: u64,
     },
     /// The I/O thread has stopped; nothing can be sent any more.
     #[error("the communicator is shut down")]
@@ -467,7 +472,7 @@ impl Communicator {
             endpoints: transport.endpoints().clone(),
         };
         let waker = Arc::new(Waker::new().map_err(RuntimeError::Waker)?);
-        let credits = Arc::new(CreditGate::new(config.reliable.window));
+        let credits = Arc::new(CreditGate::new(config.reliable.window, config.window_bytes));
         let status = Arc::new(StatusCell::new(Status {
             endpoints: me.endpoints.clone(),
             ..Status::default()
@@ -643,8 +648,9 @@ impl Communicator {
         payload: Bytes,
         alone: bool,
     ) -> Result<Ticket, SendError> {
+        let bytes = payload.len() as u64;
         if self.engine.is_stopped() {
-            self.credits.release(to);
+            self.credits.release(to, bytes);
             return Err(SendError::Closed);
         }
         let (tx, rx) = shared::Answer::new();
@@ -656,7 +662,7 @@ impl Communicator {
             ticket: tx,
         };
         if self.commands.push(cmd).is_err() {
-            self.credits.release(to);
+            self.credits.release(to, bytes);
             return Err(SendError::Closed);
         }
         if alone {
@@ -728,21 +734,22 @@ impl Communicator {
         deadline: Option<Instant>,
     ) -> Result<Ticket, SendError> {
         self.check_target(to)?;
-        let in_flight = self.acquire(to, deadline)?;
+        let in_flight = self.acquire(to, payload.len() as u64, deadline)?;
         self.submit(to, frame, kind, payload, in_flight == 1)
     }
 
-    /// Take a credit for `to`: how many are in use now, this one included.
-    fn acquire(&self, to: Rank, deadline: Option<Instant>) -> Result<u32, SendError> {
+    /// Take a credit for `bytes` to `to`: how many are in use now, this one
+    /// included.
+    fn acquire(&self, to: Rank, bytes: u64, deadline: Option<Instant>) -> Result<u32, SendError> {
         // A free credit is taken without reading the clock.
-        if let Some(n) = self.credits.acquire(to, None) {
+        if let Some(n) = self.credits.acquire(to, bytes, None) {
             return Ok(n);
         }
         // Without a deadline, wait in slices so a stopped I/O thread is noticed.
         loop {
             let slice = Instant::now() + Duration::from_millis(200);
             let until = deadline.map_or(slice, |d| d.min(slice));
-            if let Some(n) = self.credits.acquire(to, Some(until)) {
+            if let Some(n) = self.credits.acquire(to, bytes, Some(until)) {
                 return Ok(n);
             }
             if self.status.get().stopped {
@@ -752,6 +759,7 @@ impl Communicator {
                 return Err(SendError::WouldBlock {
                     to,
                     window: self.credits.window(),
+                    window_bytes: self.credits.window_bytes(),
                 });
             }
         }

@@ -256,26 +256,30 @@ impl Drop for Resolver {
     }
 }
 
-/// Per-peer send credits: at most `window` unanswered messages per peer.
-/// The application takes a credit before a message is queued; the I/O
-/// thread returns it when the ticket resolves. This is what bounds every
-/// queue between the user and the socket.
+/// Per-peer send credits: at most `window` unanswered messages and
+/// `window_bytes` of their payloads per peer (a message larger than that
+/// goes alone). The application takes a credit before a message is
+/// queued; the I/O thread returns it when the ticket resolves. This is what
+/// bounds every queue between the user and the socket.
 pub(crate) struct CreditGate {
     window: u32,
+    window_bytes: u64,
     in_use: Mutex<Credits>,
     freed: Condvar,
 }
 
 struct Credits {
-    used: HashMap<Rank, u32>,
+    /// Messages and payload bytes unanswered, per peer.
+    used: HashMap<Rank, (u32, u64)>,
     /// Senders asleep on `freed` (a release wakes them only if any).
     waiting: usize,
 }
 
 impl CreditGate {
-    pub fn new(window: u32) -> Self {
+    pub fn new(window: u32, window_bytes: u64) -> Self {
         Self {
             window: window.max(1),
+            window_bytes,
             in_use: Mutex::new(Credits {
                 used: HashMap::default(),
                 waiting: 0,
@@ -284,19 +288,29 @@ impl CreditGate {
         }
     }
 
+    /// Unanswered messages allowed per peer.
     pub fn window(&self) -> u32 {
         self.window
     }
 
-    /// Take a credit for `to`, waiting until `deadline` (`None`: don't
-    /// wait): the credits now in use for `to`, this one included.
-    pub fn acquire(&self, to: Rank, deadline: Option<Instant>) -> Option<u32> {
+    /// Unanswered payload bytes allowed per peer.
+    pub fn window_bytes(&self) -> u64 {
+        self.window_bytes
+    }
+
+    /// Take a credit for a message of `bytes` to `to`, waiting until
+    /// `deadline` (`None`: don't wait): the credits now in use for `to`,
+    /// this one included.
+    pub fn acquire(&self, to: Rank, bytes: u64, deadline: Option<Instant>) -> Option<u32> {
         let mut in_use = lock(&self.in_use);
         loop {
-            let used = in_use.used.entry(to).or_insert(0);
-            if *used < self.window {
-                *used += 1;
-                return Some(*used);
+            let (count, used) = in_use.used.entry(to).or_insert((0, 0));
+            if *count == 0
+                || (*count < self.window && used.saturating_add(bytes) <= self.window_bytes)
+            {
+                *count += 1;
+                *used = used.saturating_add(bytes);
+                return Some(*count);
             }
             let deadline = deadline?;
             let now = Instant::now();
@@ -313,15 +327,18 @@ impl CreditGate {
         }
     }
 
-    pub fn release(&self, to: Rank) {
-        self.release_many(to, 1);
+    /// Return the credit of one message of `bytes` to `to`.
+    pub fn release(&self, to: Rank, bytes: u64) {
+        self.release_many(to, 1, bytes);
     }
 
-    /// Return `n` credits for `to` at once (one lock, at most one wake-up).
-    pub fn release_many(&self, to: Rank, n: u32) {
+    /// Return `n` credits for `to`, of `bytes` together, at once (one
+    /// lock, at most one wake-up).
+    pub fn release_many(&self, to: Rank, n: u32, bytes: u64) {
         let mut in_use = lock(&self.in_use);
-        if let Some(used) = in_use.used.get_mut(&to) {
-            *used = used.saturating_sub(n);
+        if let Some((count, used)) = in_use.used.get_mut(&to) {
+            *count = count.saturating_sub(n);
+            *used = used.saturating_sub(bytes);
         }
         let wake = in_use.waiting > 0;
         drop(in_use);

@@ -445,6 +445,12 @@ mod tests {
     }
 
     #[test]
+    fn the_summary_s_default_window_is_measured() {
+        let w = crate::proto::reliable::ReliableConfig::default().window;
+        assert!(pair::WINDOWS.contains(&w), "{w} not in {:?}", pair::WINDOWS);
+    }
+
+    #[test]
     fn size_labels() {
         assert_eq!(size_label(8), "8 B");
         assert_eq!(size_label(65536), "64 KiB");

@@ -182,11 +182,14 @@ pub fn build(opts: &BenchOpts) -> Summary {
         );
     }
     if let Some(r) = &thr_r {
+        // cellnet with its default credit window.
+        let w = crate::proto::reliable::ReliableConfig::default().window;
+        let (ipc_w, tcp_w) = (format!("cellnet ipc w{w}"), format!("cellnet tcp w{w}"));
         let t = "64 B cells/s with ACKs vs one-way ZeroMQ (ipc)";
         push(
             compare(
                 t,
-                ("cellnet ipc w256", thr(r, "cellnet ipc w256", 64, false)),
+                (&ipc_w, thr(r, &ipc_w, 64, false)),
                 (
                     "ZeroMQ PUSH/PULL ipc",
                     thr(r, "ZeroMQ PUSH/PULL ipc", 64, false),
@@ -202,10 +205,7 @@ pub fn build(opts: &BenchOpts) -> Summary {
         push(
             compare(
                 t,
-                (
-                    "cellnet tcp w256",
-                    thr(r, "cellnet tcp w256", 1 << 20, true),
-                ),
+                (&tcp_w, thr(r, &tcp_w, 1 << 20, true)),
                 ("raw TCP", thr(r, "raw TCP", 1 << 20, true)),
                 "MiB/s",
                 0.8,
@@ -218,10 +218,7 @@ pub fn build(opts: &BenchOpts) -> Summary {
         push(
             compare(
                 t,
-                (
-                    "cellnet ipc w256",
-                    thr(r, "cellnet ipc w256", 1 << 20, true),
-                ),
+                (&ipc_w, thr(r, &ipc_w, 1 << 20, true)),
                 ("raw TCP", thr(r, "raw TCP", 1 << 20, true)),
                 "MiB/s",
                 0.8,

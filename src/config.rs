@@ -238,6 +238,15 @@ impl Default for Config {
     }
 }
 
+/// `v`, unless it is zero.
+fn nonzero<T: Default + PartialEq>(v: T) -> Result<T, String> {
+    if v == T::default() {
+        Err("must be at least 1".into())
+    } else {
+        Ok(v)
+    }
+}
+
 /// Parse a size in bytes: `4096`, `512B`, `64KiB`, `16MiB`, `1GiB`.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -363,10 +372,8 @@ impl Config {
             // never be used: the channel holds a message back until the
             // span of unanswered ids fits that.
             let most = ReliableConfig::default().dedup_window;
-            from_str::<u32>(s).and_then(|w| {
-                if w == 0 {
-                    Err("must be at least 1".into())
-                } else if u64::from(w) > most {
+            from_str::<u32>(s).and_then(nonzero).and_then(|w| {
+                if u64::from(w) > most {
                     Err(format!(
                         "at most {most} (the ids a receiver tracks for duplicates)"
                     ))
@@ -417,13 +424,7 @@ impl Config {
             });
         }
         if let Some(v) = get(vars, "CELLNET_WINDOW_BYTES", |s| {
-            parse_bytes(s).and_then(|b| {
-                if b == 0 {
-                    Err("must be at least 1 byte".into())
-                } else {
-                    Ok(b)
-                }
-            })
+            parse_bytes(s).and_then(nonzero)
         })? {
             c.window_bytes = v;
         }
@@ -448,13 +449,7 @@ impl Config {
             c.linger = v;
         }
         if let Some(v) = get(vars, "CELLNET_FRAMES_AHEAD", |s| {
-            from_str::<u64>(s).and_then(|w| {
-                if w == 0 {
-                    Err("must be at least 1".into())
-                } else {
-                    Ok(w)
-                }
-            })
+            from_str::<u64>(s).and_then(nonzero)
         })? {
             c.frames_ahead = v;
         }

@@ -11,21 +11,43 @@ use std::time::Duration;
 
 use cellnet::runtime::{Handler, SendError};
 
+/// Holds the receiver's handler until opened.
+#[derive(Clone, Default)]
+struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    /// Wait here until [`Gate::open`].
+    fn pass(&self) {
+        let (open, cv) = &*self.0;
+        let mut o = open.lock().unwrap();
+        while !*o {
+            o = cv.wait(o).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        let (open, cv) = &*self.0;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+
+    /// A handler that holds every cell at the gate.
+    fn handler(&self) -> Handler {
+        let g = self.clone();
+        Arc::new(move |_cell| {
+            g.pass();
+            Ok(())
+        })
+    }
+}
+
 #[test]
 fn window_full_blocks_then_resumes_after_acks() {
     let mut config = test_config();
     config.reliable.window = 4;
     // The receiver's handler holds every cell until the gate opens.
-    let gate = Arc::new((Mutex::new(false), Condvar::new()));
-    let g = gate.clone();
-    let handler: Handler = Arc::new(move |_cell| {
-        let (open, cv) = &*g;
-        let mut o = open.lock().unwrap();
-        while !*o {
-            o = cv.wait(o).unwrap();
-        }
-        Ok(())
-    });
+    let gate = Gate::default();
+    let handler = gate.handler();
     let comms = start_local(2, &config, |r| (r == 1).then(|| handler.clone()));
     let (a, b) = (&comms[0], &comms[1]);
     b.expect_from([0]).unwrap();
@@ -56,11 +78,7 @@ fn window_full_blocks_then_resumes_after_acks() {
             !resumed.load(Ordering::SeqCst),
             "send must block while the window is full"
         );
-        {
-            let (open, cv) = &*gate;
-            *open.lock().unwrap() = true;
-            cv.notify_all();
-        }
+        gate.open();
         let fifth = blocked.join().unwrap();
         assert!(resumed.load(Ordering::SeqCst));
         for t in first.iter().chain(std::iter::once(&fifth)) {
@@ -113,7 +131,7 @@ fn an_old_unanswered_cell_holds_later_sends_back_instead_of_failing_them() {
     config.threads = 2;
     config.reliable.window = 8;
     config.reliable.dedup_window = 8;
-    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let gate = Gate::default();
     let g = gate.clone();
     let (started_tx, started) = std::sync::mpsc::channel();
     let started_tx = Mutex::new(started_tx);
@@ -121,11 +139,7 @@ fn an_old_unanswered_cell_holds_later_sends_back_instead_of_failing_them() {
     let handler: Handler = Arc::new(move |cell| {
         if cell.payload[0] == 0 {
             started_tx.lock().unwrap().send(()).unwrap();
-            let (open, cv) = &*g;
-            let mut o = open.lock().unwrap();
-            while !*o {
-                o = cv.wait(o).unwrap();
-            }
+            g.pass();
         }
         Ok(())
     });
@@ -152,11 +166,7 @@ fn an_old_unanswered_cell_holds_later_sends_back_instead_of_failing_them() {
         "held back, not answered: {:?}",
         later.iter().map(|t| t.try_outcome()).collect::<Vec<_>>()
     );
-    {
-        let (open, cv) = &*gate;
-        *open.lock().unwrap() = true;
-        cv.notify_all();
-    }
+    gate.open();
     tickets.extend(later);
     for t in &tickets {
         assert!(t.wait().unwrap().is_ack());
@@ -178,16 +188,8 @@ fn an_old_unanswered_cell_holds_later_sends_back_instead_of_failing_them() {
 fn the_byte_window_blocks_until_answers_return_and_a_large_cell_goes_alone() {
     let mut config = test_config();
     config.window_bytes = 100;
-    let gate = Arc::new((Mutex::new(false), Condvar::new()));
-    let g = gate.clone();
-    let handler: Handler = Arc::new(move |_cell| {
-        let (open, cv) = &*g;
-        let mut o = open.lock().unwrap();
-        while !*o {
-            o = cv.wait(o).unwrap();
-        }
-        Ok(())
-    });
+    let gate = Gate::default();
+    let handler = gate.handler();
     let comms = start_local(2, &config, |r| (r == 1).then(|| handler.clone()));
     let (a, b) = (&comms[0], &comms[1]);
     b.expect_from([0]).unwrap();
@@ -204,11 +206,7 @@ fn the_byte_window_blocks_until_answers_return_and_a_large_cell_goes_alone() {
         "60 + 40 fit in 100"
     );
     assert_eq!(a.try_send(1, 0, vec![3u8; 1]).err(), Some(full.clone()));
-    {
-        let (open, cv) = &*gate;
-        *open.lock().unwrap() = true;
-        cv.notify_all();
-    }
+    gate.open();
     assert!(first.wait().unwrap().is_ack());
     // Once nothing is unanswered, a cell above the byte window goes alone.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -729,7 +729,7 @@ impl Driver {
                         // Behind a backlog: in order, after it.
                         Some(q) if !q.is_empty() => q.push_back(msg),
                         _ => {
-                            if let Some(msg) = self.try_send(now, to, msg) {
+                            if let Some(msg) = self.send_reliable(now, to, msg) {
                                 self.backlog.entry(to).or_default().push_back(msg);
                             }
                         }
@@ -752,7 +752,7 @@ impl Driver {
 
     /// Hand `msg` to the reliable channel; gives it back if the channel
     /// has no room towards `to` yet.
-    fn try_send(&mut self, now: Now, to: Rank, msg: Queued) -> Option<Queued> {
+    fn send_reliable(&mut self, now: Now, to: Rank, msg: Queued) -> Option<Queued> {
         if self.reliable.credits(to) == 0 {
             return Some(msg);
         }
@@ -790,7 +790,7 @@ impl Driver {
         let mut backlog = std::mem::take(&mut self.backlog);
         for (&to, q) in backlog.iter_mut() {
             while let Some(msg) = q.pop_front() {
-                if let Some(msg) = self.try_send(now, to, msg) {
+                if let Some(msg) = self.send_reliable(now, to, msg) {
                     q.push_front(msg);
                     break;
                 }

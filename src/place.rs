@@ -355,9 +355,9 @@ pub fn build_pool(
 /// Binds thread `thread` of this process (only) to `pus`.
 fn bind_thread(thread: libc::pthread_t, pus: &[u32]) -> Result<(), PlaceError> {
     let set = cpu_set(pus)?;
-    // SAFETY: `thread` is a live thread of this process (just spawned; a
-    // rayon worker only ends when its pool is dropped); the set is
-    // initialized and sized.
+    // SAFETY: `thread` is a live thread of this process (the caller, or
+    // one just spawned: a rayon worker only ends when its pool is
+    // dropped); the set is initialized and sized.
     let rc = unsafe {
         libc::pthread_setaffinity_np(thread, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
@@ -385,16 +385,8 @@ fn cpu_set(pus: &[u32]) -> Result<libc::cpu_set_t, PlaceError> {
 
 /// Binds the calling thread (only) to `pus`.
 pub fn bind_current_thread(pus: &[u32]) -> Result<(), PlaceError> {
-    let set = cpu_set(pus)?;
-    // SAFETY: pid 0 is the calling thread; the set is initialized and sized.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        return Err(PlaceError::BindThread {
-            cpuset: format_cpu_list(pus),
-            reason: std::io::Error::last_os_error().to_string(),
-        });
-    }
-    Ok(())
+    // SAFETY: pthread_self has no preconditions.
+    bind_thread(unsafe { libc::pthread_self() }, pus)
 }
 
 /// The PUs the calling thread may run on.

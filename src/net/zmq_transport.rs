@@ -215,29 +215,28 @@ impl ZmqTransport {
 
     /// Send a multipart message to `rank` through its sending socket.
     pub fn send(&mut self, rank: Rank, frames: &[&[u8]]) -> Result<(), NetError> {
-        if !self.dealers.contains_key(&rank) {
-            return Err(NetError::NoRoute(rank));
-        }
-        self.touch(Some(rank));
-        let dealer = &self.dealers[&rank];
-        send_parts(&dealer.socket, frames).map_err(|e| match e {
-            zmq::Error::EAGAIN => NetError::WouldBlock(rank),
-            source => NetError::Zmq {
-                op: "send",
-                endpoint: format!("rank {rank}"),
-                source,
-            },
-        })
+        self.on_dealer(rank, |socket| send_parts(socket, frames))
     }
 
     /// Send the message `head` + `body` to `rank` through its sending
     /// socket, as one frame when the two are under 8 KiB together.
     pub fn send_pair(&mut self, rank: Rank, head: &[u8], body: &[u8]) -> Result<(), NetError> {
+        self.on_dealer(rank, |socket| send_pair(socket, head, body, zmq::DONTWAIT))
+    }
+
+    /// Run `send` on `rank`'s sending socket (marking it sent on, for
+    /// [`Self::settle`]); a full queue is [`NetError::WouldBlock`].
+    fn on_dealer(
+        &mut self,
+        rank: Rank,
+        send: impl FnOnce(&mut zmq::Socket) -> Result<(), zmq::Error>,
+    ) -> Result<(), NetError> {
         if !self.dealers.contains_key(&rank) {
             return Err(NetError::NoRoute(rank));
         }
         self.touch(Some(rank));
-        send_pair(&self.dealers[&rank].socket, head, body, zmq::DONTWAIT).map_err(|e| match e {
+        let dealer = self.dealers.get_mut(&rank).ok_or(NetError::NoRoute(rank))?;
+        send(&mut dealer.socket).map_err(|e| match e {
             zmq::Error::EAGAIN => NetError::WouldBlock(rank),
             source => NetError::Zmq {
                 op: "send",
@@ -273,23 +272,10 @@ impl ZmqTransport {
         if payload.len() < ZERO_COPY_MIN {
             return self.send_pair(rank, head, payload);
         }
-        if !self.dealers.contains_key(&rank) {
-            return Err(NetError::NoRoute(rank));
-        }
-        self.touch(Some(rank));
-        let dealer = self.dealers.get_mut(&rank).ok_or(NetError::NoRoute(rank))?;
-        let socket = &mut dealer.socket;
-        socket
-            .send(head, zmq::SNDMORE | zmq::DONTWAIT)
-            .and_then(|()| send_bytes(socket, payload, zmq::DONTWAIT))
-            .map_err(|e| match e {
-                zmq::Error::EAGAIN => NetError::WouldBlock(rank),
-                source => NetError::Zmq {
-                    op: "send",
-                    endpoint: format!("rank {rank}"),
-                    source,
-                },
-            })
+        self.on_dealer(rank, |socket| {
+            socket.send(head, zmq::SNDMORE | zmq::DONTWAIT)?;
+            lend_bytes(socket, payload, zmq::DONTWAIT)
+        })
     }
 
     /// Reply on the receiving socket to whoever has `routing_id`.
@@ -483,17 +469,15 @@ struct RawMsg(zmq_sys::zmq_msg_t);
 
 /// ZeroMQ is done with a lent payload: drop our reference to it.
 unsafe extern "C" fn release_lent(_data: *mut c_void, hint: *mut c_void) {
-    // SAFETY: `hint` is the `Box<Bytes>` leaked by `send_bytes` for this
+    // SAFETY: `hint` is the `Box<Bytes>` leaked by `lend_bytes` for this
     // message; ZeroMQ calls this exactly once, when the message is freed.
     drop(unsafe { Box::from_raw(hint as *mut Bytes) });
 }
 
-/// Send one frame; a payload of at least [`ZERO_COPY_MIN`] bytes is lent to
-/// ZeroMQ (a reference is kept alive until ZeroMQ has written it).
-fn send_bytes(socket: &mut zmq::Socket, payload: &Bytes, flags: i32) -> Result<(), zmq::Error> {
-    if payload.len() < ZERO_COPY_MIN {
-        return socket.send(&payload[..], flags);
-    }
+/// Send `payload` as one frame lent to ZeroMQ (a reference is kept alive
+/// until ZeroMQ has written it); for payloads of at least
+/// [`ZERO_COPY_MIN`] bytes, below which a copy is cheaper.
+fn lend_bytes(socket: &mut zmq::Socket, payload: &Bytes, flags: i32) -> Result<(), zmq::Error> {
     let lent = Box::into_raw(Box::new(payload.clone()));
     let mut msg = RawMsg(zmq_sys::zmq_msg_t::default());
     // SAFETY: the data pointer and length describe the bytes owned by the

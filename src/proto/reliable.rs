@@ -29,11 +29,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::{rngs::SmallRng, SeedableRng};
-
-use super::ring::IdRing;
 use serde::{Deserialize, Serialize};
 
 use super::backoff::{Backoff, BackoffPolicy};
+use super::ring::IdRing;
 use super::wire::{DataKind, DataMsg};
 use super::{Now, Rank};
 
@@ -255,7 +254,6 @@ fn replayable(msg: &DataMsg) -> bool {
 }
 
 impl Outbound {
-    /// Forget answered messages older than the latest `keep` frames.
     /// Drop kept messages older than the latest `keep` frames from the
     /// front (they are kept in the order they were answered, which is by
     /// frame but for stragglers: [`Self::take_recent`] filters those).

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 /// Values keyed by ids handed out in increasing order and removed in
 /// about that order: a ring from the oldest id present, where ids removed
-/// out of order are empty slots until the older ones go. Its length is
+/// out of order are empty slots until the older ones go, so its memory is
 /// the span from the oldest id present to the newest.
 pub struct IdRing<T> {
     /// Id of `slots[0]`; when not empty, `slots[0]` is occupied.

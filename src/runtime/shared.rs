@@ -268,6 +268,7 @@ pub(crate) struct CreditGate {
     freed: Condvar,
 }
 
+#[derive(Default)]
 struct Credits {
     /// Messages and payload bytes unanswered, per peer.
     used: HashMap<Rank, (u32, u64)>,
@@ -280,10 +281,7 @@ impl CreditGate {
         Self {
             window: window.max(1),
             window_bytes,
-            in_use: Mutex::new(Credits {
-                used: HashMap::default(),
-                waiting: 0,
-            }),
+            in_use: Mutex::new(Credits::default()),
             freed: Condvar::new(),
         }
     }

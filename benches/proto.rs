@@ -89,6 +89,47 @@ fn reliable_benches(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // The steady state of a long run: the same two endpoints throughout, a
+    // window's worth of cells per round, frames of 16,384 cells (so the
+    // replay store of answered cells is in use), answers every 64 cells.
+    const ROUND: u64 = 4096;
+    g.throughput(Throughput::Elements(ROUND));
+    g.bench_function("cell_round_trip_steady_x4096", |b| {
+        let mut a = ReliableEndpoint::new(ReliableConfig::default(), 1);
+        let mut r = ReliableEndpoint::new(ReliableConfig::default(), 2);
+        let mut sent = 0u64;
+        let mut now = Duration::from_millis(1);
+        b.iter(|| {
+            for _ in 0..ROUND {
+                let frame = sent / 16_384;
+                a.send(now, 1, frame, DataKind::Cell, payload.clone())
+                    .unwrap();
+                sent += 1;
+            }
+            while let Some((_, t)) = a.poll_transmit(now) {
+                if let ReliableTransmit::Data(m) = t {
+                    r.handle_data(now, 0, m);
+                }
+            }
+            while let Some(e) = r.poll_event() {
+                if let ReliableEvent::Deliver { from, msg } = e {
+                    r.complete(now, from, msg.id, Ok(()));
+                }
+            }
+            r.flush_feedback(now);
+            while let Some((_, t)) = r.poll_transmit(now) {
+                if let ReliableTransmit::Feedback(fb) = t {
+                    a.handle_feedback(now, 1, fb);
+                }
+            }
+            let mut resolved = 0;
+            while let Some(e) = a.poll_event() {
+                resolved += u64::from(matches!(e, ReliableEvent::Resolved { .. }));
+            }
+            assert_eq!(resolved, ROUND);
+            now += Duration::from_micros(100);
+        })
+    });
     g.finish();
 }
 

@@ -703,36 +703,10 @@ impl Driver {
                     kind,
                     payload,
                     ticket,
-                } => {
-                    let kind = match kind {
-                        DataKind::Collective => DataKind::Collective,
-                        DataKind::Cell => {
-                            *self.frame_counts.entry((to, frame)).or_insert(0) += 1;
-                            Metrics::add(&self.p.metrics.cells_sent, 1);
-                            DataKind::Cell
-                        }
-                        DataKind::FrameEnd { .. } => {
-                            let ended = self.ended.entry(to).or_insert(frame);
-                            *ended = (*ended).max(frame);
-                            DataKind::FrameEnd {
-                                count: self.frame_counts.remove(&(to, frame)).unwrap_or(0),
-                            }
-                        }
-                    };
-                    let msg = Queued {
-                        frame,
-                        kind,
-                        payload,
-                        ticket,
-                    };
-                    match self.backlog.get_mut(&to) {
-                        // Behind a backlog: in order, after it.
-                        Some(q) if !q.is_empty() => q.push_back(msg),
-                        _ => {
-                            if let Some(msg) = self.send_reliable(now, to, msg) {
-                                self.backlog.entry(to).or_default().push_back(msg);
-                            }
-                        }
+                } => self.take_send(now, to, frame, kind, payload, ticket),
+                Command::SendMany { to, frame, cells } => {
+                    for (payload, ticket) in cells {
+                        self.take_send(now, to, frame, DataKind::Cell, payload, ticket);
                     }
                 }
                 Command::Expect { from_frame, peers } => {
@@ -748,6 +722,49 @@ impl Driver {
             }
         }
         self.command_buf = commands;
+    }
+
+    /// A message from the application: counted in its frame, then handed
+    /// to the reliable channel, or queued behind the backlog to `to`.
+    fn take_send(
+        &mut self,
+        now: Now,
+        to: Rank,
+        frame: u64,
+        kind: DataKind,
+        payload: bytes::Bytes,
+        ticket: super::shared::Resolver,
+    ) {
+        let kind = match kind {
+            DataKind::Collective => DataKind::Collective,
+            DataKind::Cell => {
+                *self.frame_counts.entry((to, frame)).or_insert(0) += 1;
+                Metrics::add(&self.p.metrics.cells_sent, 1);
+                DataKind::Cell
+            }
+            DataKind::FrameEnd { .. } => {
+                let ended = self.ended.entry(to).or_insert(frame);
+                *ended = (*ended).max(frame);
+                DataKind::FrameEnd {
+                    count: self.frame_counts.remove(&(to, frame)).unwrap_or(0),
+                }
+            }
+        };
+        let msg = Queued {
+            frame,
+            kind,
+            payload,
+            ticket,
+        };
+        match self.backlog.get_mut(&to) {
+            // Behind a backlog: in order, after it.
+            Some(q) if !q.is_empty() => q.push_back(msg),
+            _ => {
+                if let Some(msg) = self.send_reliable(now, to, msg) {
+                    self.backlog.entry(to).or_default().push_back(msg);
+                }
+            }
+        }
     }
 
     /// Hand `msg` to the reliable channel; gives it back if the channel

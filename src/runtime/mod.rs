@@ -273,16 +273,105 @@ impl Ticket {
     /// without sleeping (and so without the I/O thread having to wake a
     /// sleeping core to deliver it).
     pub fn wait(&self) -> Result<Outcome, SendError> {
-        self.answer
-            .wait(self.spin, || self.engine.poll_input())
-            .ok_or(SendError::Closed)
+        self.answer.wait(self.spin, || self.engine.poll_input());
+        self.outcome().ok_or(SendError::Closed)
     }
 
     /// The answer if it is there already.
     pub fn try_outcome(&self) -> Option<Outcome> {
-        self.answer.try_get().flatten()
+        if !self.answer.is_done() {
+            return None;
+        }
+        self.outcome()
+    }
+
+    /// Once answered: the outcome (`None`: no answer will come).
+    fn outcome(&self) -> Option<Outcome> {
+        match self.answer.others().pop() {
+            None => Some(Outcome::Ack),
+            Some((_, other)) => other,
+        }
     }
 }
+
+/// How the cells of one [`Communicator::send_many`] ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Cells in the batch.
+    pub cells: usize,
+    /// The cells not acknowledged (ERR or timed out), by index in the
+    /// batch, in index order.
+    pub not_acked: Vec<(usize, Outcome)>,
+}
+
+impl BatchOutcome {
+    /// Every cell of the batch was acknowledged.
+    pub fn all_acked(&self) -> bool {
+        self.not_acked.is_empty()
+    }
+
+    /// How many cells were acknowledged.
+    pub fn acked(&self) -> usize {
+        self.cells - self.not_acked.len()
+    }
+}
+
+/// The promise of the answers to the cells of one
+/// [`Communicator::send_many`]: each cell is sequenced, deduplicated and
+/// answered on its own, and this one ticket stands for all of them.
+#[must_use = "a ticket tells whether the cells were acknowledged"]
+pub struct BatchTicket {
+    to: Rank,
+    cells: usize,
+    answer: Arc<shared::Answer>,
+    spin: Duration,
+    engine: Arc<driver::Engine>,
+}
+
+impl BatchTicket {
+    /// The rank the cells were sent to.
+    pub fn to(&self) -> Rank {
+        self.to
+    }
+
+    /// How many cells the batch holds.
+    pub fn cells(&self) -> usize {
+        self.cells
+    }
+
+    /// Wait until every cell is answered (ACK, ERR, or timed out after the
+    /// send deadline); [`SendError::Closed`] if the communicator stopped
+    /// before some of them were sent.
+    pub fn wait(&self) -> Result<BatchOutcome, SendError> {
+        self.answer.wait(self.spin, || self.engine.poll_input());
+        self.outcome().ok_or(SendError::Closed)
+    }
+
+    /// The answers if they are all there already.
+    pub fn try_outcome(&self) -> Option<BatchOutcome> {
+        if !self.answer.is_done() {
+            return None;
+        }
+        self.outcome()
+    }
+
+    fn outcome(&self) -> Option<BatchOutcome> {
+        let not_acked = self
+            .answer
+            .others()
+            .into_iter()
+            .map(|(i, o)| o.map(|o| (i, o)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(BatchOutcome {
+            cells: self.cells,
+            not_acked,
+        })
+    }
+}
+
+/// Most cells queued to the I/O thread in one command of
+/// [`Communicator::send_many`].
+const MANY_CHUNK: usize = 1024;
 
 pub(crate) enum Command {
     Send {
@@ -291,6 +380,12 @@ pub(crate) enum Command {
         kind: DataKind,
         payload: Bytes,
         ticket: shared::Resolver,
+    },
+    /// Cells of one frame to one peer, each with its resolver.
+    SendMany {
+        to: Rank,
+        frame: u64,
+        cells: Vec<(Bytes, shared::Resolver)>,
     },
     Expect {
         from_frame: Option<u64>,
@@ -649,10 +744,6 @@ impl Communicator {
         alone: bool,
     ) -> Result<Ticket, SendError> {
         let bytes = payload.len() as u64;
-        if self.engine.is_stopped() {
-            self.credits.release(to, bytes);
-            return Err(SendError::Closed);
-        }
         let (tx, rx) = shared::Answer::new();
         let cmd = Command::Send {
             to,
@@ -661,8 +752,22 @@ impl Communicator {
             payload,
             ticket: tx,
         };
-        if self.commands.push(cmd).is_err() {
-            self.credits.release(to, bytes);
+        self.queue(to, cmd, (1, bytes), alone)?;
+        Ok(Ticket::new(to, rx, self.config.spin, self.engine.clone()))
+    }
+
+    /// Hand `cmd`, which holds `credits` (messages, bytes) to `to`, to the
+    /// I/O thread (`alone`: see [`Self::submit`]); the credits come back if
+    /// it has stopped.
+    fn queue(
+        &self,
+        to: Rank,
+        cmd: Command,
+        credits: (u32, u64),
+        alone: bool,
+    ) -> Result<(), SendError> {
+        if self.engine.is_stopped() || self.commands.push(cmd).is_err() {
+            self.credits.release_many(to, credits.0, credits.1);
             return Err(SendError::Closed);
         }
         if alone {
@@ -670,7 +775,7 @@ impl Communicator {
         } else {
             self.waker.wake();
         }
-        Ok(Ticket::new(to, rx, self.config.spin, self.engine.clone()))
+        Ok(())
     }
 
     /// A step of a collective (sequence `seq`), over the reliable channel.
@@ -692,6 +797,51 @@ impl Communicator {
         payload: impl Into<Bytes>,
     ) -> Result<Ticket, SendError> {
         self.send_kind(to, frame, DataKind::Cell, payload.into(), None)
+    }
+
+    /// Send `cells` of `frame` to `to` with one ticket for all of them:
+    /// each cell is sequenced, deduplicated, acknowledged and handed over
+    /// on its own exactly as with [`Self::send`], but without a ticket,
+    /// an allocation and a hand-off to the I/O thread per cell. Blocks while
+    /// the window to `to` is full, like [`Self::send`]; returns once every
+    /// cell is queued.
+    pub fn send_many<I>(&self, to: Rank, frame: u64, cells: I) -> Result<BatchTicket, SendError>
+    where
+        I: IntoIterator,
+        I::Item: Into<Bytes>,
+    {
+        self.check_target(to)?;
+        let answer = shared::Answer::open();
+        let mut cells = cells.into_iter().map(Into::into).peekable();
+        let mut index = 0;
+        while cells.peek().is_some() {
+            let mut chunk: Vec<Bytes> = cells.by_ref().take(MANY_CHUNK).collect();
+            while !chunk.is_empty() {
+                let sizes = chunk.iter().map(|c| c.len() as u64);
+                let (n, in_use) = self.acquire(to, sizes, None)?;
+                let rest = chunk.split_off(n);
+                let bytes = chunk.iter().map(|c| c.len() as u64).sum();
+                answer.add(n);
+                let cells = chunk
+                    .into_iter()
+                    .map(|c| {
+                        index += 1;
+                        (c, answer.resolver(index - 1))
+                    })
+                    .collect();
+                let cmd = Command::SendMany { to, frame, cells };
+                self.queue(to, cmd, (n as u32, bytes), in_use as usize == n)?;
+                chunk = rest;
+            }
+        }
+        answer.seal();
+        Ok(BatchTicket {
+            to,
+            cells: index,
+            answer,
+            spin: self.config.spin,
+            engine: self.engine.clone(),
+        })
     }
 
     /// Like [`Self::send`], but fails with [`SendError::WouldBlock`] instead
@@ -734,23 +884,30 @@ impl Communicator {
         deadline: Option<Instant>,
     ) -> Result<Ticket, SendError> {
         self.check_target(to)?;
-        let in_flight = self.acquire(to, payload.len() as u64, deadline)?;
-        self.submit(to, frame, kind, payload, in_flight == 1)
+        let sizes = std::iter::once(payload.len() as u64);
+        let (_, in_use) = self.acquire(to, sizes, deadline)?;
+        self.submit(to, frame, kind, payload, in_use == 1)
     }
 
-    /// Take a credit for `bytes` to `to`: how many are in use now, this one
-    /// included.
-    fn acquire(&self, to: Rank, bytes: u64, deadline: Option<Instant>) -> Result<u32, SendError> {
+    /// Take credits for as many messages of `sizes` bytes to `to` as fit,
+    /// at least one (waiting for it until `deadline`): how many were
+    /// taken, and how many are in use now, these included.
+    fn acquire(
+        &self,
+        to: Rank,
+        sizes: impl Iterator<Item = u64> + Clone,
+        deadline: Option<Instant>,
+    ) -> Result<(usize, u32), SendError> {
         // A free credit is taken without reading the clock.
-        if let Some(n) = self.credits.acquire(to, bytes, None) {
-            return Ok(n);
+        if let Some(taken) = self.credits.acquire(to, sizes.clone(), None) {
+            return Ok(taken);
         }
         // Without a deadline, wait in slices so a stopped I/O thread is noticed.
         loop {
             let slice = Instant::now() + Duration::from_millis(200);
             let until = deadline.map_or(slice, |d| d.min(slice));
-            if let Some(n) = self.credits.acquire(to, bytes, Some(until)) {
-                return Ok(n);
+            if let Some(taken) = self.credits.acquire(to, sizes.clone(), Some(until)) {
+                return Ok(taken);
             }
             if self.status.get().stopped {
                 return Err(SendError::Closed);

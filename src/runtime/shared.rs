@@ -3,13 +3,13 @@
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{
-    AtomicBool, AtomicU64, AtomicU8, AtomicUsize,
-    Ordering::{Acquire, Relaxed, Release, SeqCst},
+    AtomicBool, AtomicU64, AtomicUsize,
+    Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst},
 };
 
 // Keys are ranks (validated against the job size): a fast hash is safe.
 use rustc_hash::FxHashMap as HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::proto::{reliable::Outcome, PeerInfo, Rank};
@@ -148,90 +148,128 @@ impl Commands {
     }
 }
 
-/// The answer to one sent message, passed once from the I/O thread
-/// ([`Resolver`]) to the application's [`super::Ticket`]: one allocation,
-/// and no system call unless the ticket's owner is asleep waiting for it.
+/// The answers to the cells of one send (one cell for
+/// [`super::Communicator::send`], many for
+/// [`super::Communicator::send_many`]), passed from the I/O thread
+/// ([`Resolver`], one per cell) to the application's ticket: one allocation
+/// per send, an ACK costs one atomic decrement, and no system call unless
+/// the ticket's owner is asleep waiting.
 pub(crate) struct Answer {
-    /// `PENDING`, then `ACK`, `OTHER` (the outcome is in `other`) or
-    /// `CLOSED` (the resolver is gone without an answer); set once.
-    state: AtomicU8,
-    /// An outcome other than ACK (an ACK needs no more than `state`).
-    other: OnceLock<Outcome>,
-    /// The ticket's owner sleeps on `answered` (the resolver then takes
-    /// `sleep` to wake it; otherwise it takes no lock at all).
+    /// Cells not answered yet, plus one while the sender is still queueing
+    /// cells of this send; answered once it reaches 0.
+    open: AtomicUsize,
+    /// Cells answered other than ACK, by index in the send (`None`: no
+    /// answer will come). Rare, so behind a lock.
+    others: Mutex<Vec<(usize, Option<Outcome>)>>,
+    /// Entries in `others` (read without the lock: usually none).
+    other_count: AtomicUsize,
+    /// The ticket's owner sleeps on `answered` (the last resolver then
+    /// takes `sleep` to wake it; otherwise it takes no lock at all).
     waiting: AtomicBool,
     sleep: Mutex<()>,
     answered: Condvar,
 }
 
-const PENDING: u8 = 0;
-const ACK: u8 = 1;
-const OTHER: u8 = 2;
-const CLOSED: u8 = 3;
-
-/// The I/O thread's end of an [`Answer`]; dropping it unanswered tells the
-/// ticket that no answer will come.
-pub(crate) struct Resolver(Option<Arc<Answer>>);
+/// The I/O thread's end of one cell's answer; dropping it unanswered tells
+/// the ticket that no answer will come for that cell.
+pub(crate) struct Resolver {
+    answer: Option<Arc<Answer>>,
+    index: usize,
+}
 
 impl Answer {
+    /// The answer to a send of one cell, and its resolver.
     pub fn new() -> (Resolver, Arc<Answer>) {
-        let a = Arc::new(Answer {
-            state: AtomicU8::new(PENDING),
-            other: OnceLock::new(),
+        let a = Self::counting(1);
+        (a.resolver(0), a)
+    }
+
+    /// The answer to a send of cells still to be counted in with
+    /// [`Self::add`]; answered once [`Self::seal`]ed and all resolved.
+    pub fn open() -> Arc<Answer> {
+        // The one for the sender still queueing.
+        Self::counting(1)
+    }
+
+    fn counting(open: usize) -> Arc<Answer> {
+        Arc::new(Answer {
+            open: AtomicUsize::new(open),
+            others: Mutex::new(Vec::new()),
+            other_count: AtomicUsize::new(0),
             waiting: AtomicBool::new(false),
             sleep: Mutex::new(()),
             answered: Condvar::new(),
-        });
-        (Resolver(Some(a.clone())), a)
+        })
     }
 
-    /// `None` until answered; `Some(None)` if no answer will come.
-    pub fn try_get(&self) -> Option<Option<Outcome>> {
-        match self.state.load(Acquire) {
-            PENDING => None,
-            ACK => Some(Some(Outcome::Ack)),
-            OTHER => Some(self.other.get().cloned()),
-            _ => Some(None),
+    /// `n` more cells are queued (before their resolvers can run).
+    pub fn add(&self, n: usize) {
+        self.open.fetch_add(n, AcqRel);
+    }
+
+    /// Every cell of the send is queued.
+    pub fn seal(&self) {
+        self.done_one();
+    }
+
+    /// The resolver of cell `index`.
+    pub fn resolver(self: &Arc<Self>, index: usize) -> Resolver {
+        Resolver {
+            answer: Some(self.clone()),
+            index,
         }
     }
 
-    /// Wait for the answer, checking without sleeping for `spin` first
-    /// (calling `check` between looks); `None` if no answer will come.
-    pub fn wait(&self, spin: Duration, check: impl Fn()) -> Option<Outcome> {
+    /// Whether every cell is answered (or will never be).
+    pub fn is_done(&self) -> bool {
+        self.open.load(Acquire) == 0
+    }
+
+    /// Once done: the cells not answered ACK, by index (`None`: no answer
+    /// will come), in index order.
+    pub fn others(&self) -> Vec<(usize, Option<Outcome>)> {
+        if self.other_count.load(Acquire) == 0 {
+            return Vec::new();
+        }
+        let mut v = lock(&self.others).clone();
+        v.sort_unstable_by_key(|(i, _)| *i);
+        v
+    }
+
+    /// Wait until done, checking without sleeping for `spin` first
+    /// (calling `check` between looks).
+    pub fn wait(&self, spin: Duration, check: impl Fn()) {
         let start = Instant::now();
-        while self.state.load(Acquire) == PENDING && start.elapsed() < spin {
+        while !self.is_done() && start.elapsed() < spin {
             check();
-            if self.state.load(Acquire) != PENDING {
-                break;
+            if self.is_done() {
+                return;
             }
             std::thread::yield_now();
         }
-        if let Some(answer) = self.try_get() {
-            return answer;
+        if self.is_done() {
+            return;
         }
         let mut g = lock(&self.sleep);
-        // SeqCst with `finish`: either it sees `waiting` and wakes us, or
-        // we see its state.
+        // SeqCst with `done_one`: either it sees `waiting` and wakes us, or
+        // we see its count.
         self.waiting.store(true, SeqCst);
-        while self.state.load(SeqCst) == PENDING {
+        while self.open.load(SeqCst) != 0 {
             g = self.answered.wait(g).unwrap_or_else(|p| p.into_inner());
         }
-        drop(g);
-        self.try_get().flatten()
     }
 
-    fn finish(&self, outcome: Option<Outcome>) {
-        let state = match outcome {
-            Some(Outcome::Ack) => ACK,
-            Some(o) => {
-                let _ = self.other.set(o);
-                OTHER
-            }
-            None => CLOSED,
-        };
-        self.state.store(state, SeqCst);
-        if self.waiting.load(SeqCst) {
-            // The waiter holds `sleep` from its last look at `state` until
+    fn finish(&self, index: usize, outcome: Option<Outcome>) {
+        if !matches!(outcome, Some(Outcome::Ack)) {
+            lock(&self.others).push((index, outcome));
+            self.other_count.fetch_add(1, Release);
+        }
+        self.done_one();
+    }
+
+    fn done_one(&self) {
+        if self.open.fetch_sub(1, SeqCst) == 1 && self.waiting.load(SeqCst) {
+            // The waiter holds `sleep` from its last look at `open` until
             // it sleeps: taking it here means the wake-up cannot be lost.
             drop(lock(&self.sleep));
             self.answered.notify_all();
@@ -240,18 +278,18 @@ impl Answer {
 }
 
 impl Resolver {
-    /// Hand the ticket its outcome.
+    /// Hand the cell its outcome.
     pub fn resolve(mut self, outcome: Outcome) {
-        if let Some(a) = self.0.take() {
-            a.finish(Some(outcome));
+        if let Some(a) = self.answer.take() {
+            a.finish(self.index, Some(outcome));
         }
     }
 }
 
 impl Drop for Resolver {
     fn drop(&mut self) {
-        if let Some(a) = self.0.take() {
-            a.finish(None);
+        if let Some(a) = self.answer.take() {
+            a.finish(self.index, None);
         }
     }
 }
@@ -296,19 +334,38 @@ impl CreditGate {
         self.window_bytes
     }
 
-    /// Take a credit for a message of `bytes` to `to`, waiting until
-    /// `deadline` (`None`: don't wait): the credits now in use for `to`,
-    /// this one included.
-    pub fn acquire(&self, to: Rank, bytes: u64, deadline: Option<Instant>) -> Option<u32> {
+    /// Take credits for as many of `sizes` (payload bytes of messages to
+    /// `to`, in order) as fit, at least one, waiting until `deadline`
+    /// (`None`: don't wait) for the first: how many were taken, and the
+    /// credits now in use for `to`, these included.
+    pub fn acquire(
+        &self,
+        to: Rank,
+        sizes: impl Iterator<Item = u64>,
+        deadline: Option<Instant>,
+    ) -> Option<(usize, u32)> {
+        let mut sizes = sizes.peekable();
+        let first = *sizes.peek()?;
         let mut in_use = lock(&self.in_use);
         loop {
             let (count, used) = in_use.used.entry(to).or_insert((0, 0));
             if *count == 0
-                || (*count < self.window && used.saturating_add(bytes) <= self.window_bytes)
+                || (*count < self.window && used.saturating_add(first) <= self.window_bytes)
             {
-                *count += 1;
-                *used = used.saturating_add(bytes);
-                return Some(*count);
+                let mut taken = 0;
+                while let Some(&bytes) = sizes.peek() {
+                    let fits = *count == 0
+                        || (*count < self.window
+                            && used.saturating_add(bytes) <= self.window_bytes);
+                    if !fits {
+                        break;
+                    }
+                    *count += 1;
+                    *used = used.saturating_add(bytes);
+                    taken += 1;
+                    sizes.next();
+                }
+                return Some((taken, *count));
             }
             let deadline = deadline?;
             let now = Instant::now();
@@ -474,5 +531,61 @@ metrics! {
 impl Metrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_done_once_sealed_and_every_cell_resolved_or_dropped() {
+        let a = Answer::open();
+        a.add(3);
+        let r: Vec<Resolver> = (0..3).map(|i| a.resolver(i)).collect();
+        let mut r = r.into_iter();
+        r.next().unwrap().resolve(Outcome::Ack);
+        let err = Outcome::Err {
+            code: 2,
+            text: "no".into(),
+        };
+        r.next().unwrap().resolve(err.clone());
+        assert!(!a.is_done(), "one cell open");
+        // Dropped unresolved: the command never reached the I/O thread.
+        drop(r.next());
+        assert!(!a.is_done(), "not sealed yet: more cells may come");
+        a.seal();
+        assert!(a.is_done());
+        assert_eq!(a.others(), vec![(1, Some(err)), (2, None)]);
+        // Done: a wait returns at once.
+        a.wait(Duration::ZERO, || {});
+    }
+
+    #[test]
+    fn a_sleeping_waiter_is_woken_by_the_last_answer() {
+        let (r, a) = Answer::new();
+        let waiter = {
+            let a = a.clone();
+            std::thread::spawn(move || a.wait(Duration::ZERO, || {}))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        r.resolve(Outcome::TimedOut);
+        waiter.join().unwrap();
+        assert_eq!(a.others(), vec![(0, Some(Outcome::TimedOut))]);
+    }
+
+    #[test]
+    fn credits_are_taken_for_the_longest_prefix_that_fits() {
+        let gate = CreditGate::new(4, 100);
+        // The byte bound stops at the third (40 + 50 + 20 > 100).
+        let taken = gate.acquire(1, [40u64, 50, 20, 1].into_iter(), None);
+        assert_eq!(taken, Some((2, 2)));
+        assert_eq!(gate.acquire(1, [20u64, 1, 1].into_iter(), None), None);
+        gate.release_many(1, 2, 90);
+        // Now the count bound: 4 per peer.
+        let taken = gate.acquire(1, std::iter::repeat_n(1u64, 9), None);
+        assert_eq!(taken, Some((4, 4)));
+        // A message larger than the byte window goes alone.
+        assert_eq!(gate.acquire(2, [500u64, 1].into_iter(), None), Some((1, 1)));
     }
 }

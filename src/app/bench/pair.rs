@@ -34,6 +34,13 @@ pub const THROUGHPUT_SIZES: [usize; 4] = [64, 1024, 65536, 1 << 20];
 /// Credit windows of the cellnet throughput series (cells per peer; the
 /// last is the default, which the summary compares).
 pub const WINDOWS: [u32; 3] = [16, 256, 4096];
+
+/// The name of a cellnet throughput series: transport, window, and whether
+/// cells go with one ticket per frame (`send_many`) or one each (`send`).
+pub fn series_name(transport: &str, window: u32, many: bool) -> String {
+    let api = if many { " send_many" } else { "" };
+    format!("cellnet {transport} w{window}{api}")
+}
 /// Bytes of cells one frame may hold on the receiver (bounds its memory).
 const FRAME_BYTES: usize = 16 << 20;
 
@@ -613,7 +620,14 @@ fn io_err(e: std::io::Error) -> BenchError {
 }
 
 fn throughput(pair: &mut Pair) -> Result<Vec<Series<ThroughputPoint>>> {
-    let series_count = 3 + 2 * WINDOWS.len() as u64;
+    // Each window with `send`, and the default window with `send_many`.
+    let default_window = crate::proto::reliable::ReliableConfig::default().window;
+    let variants: Vec<(u32, bool)> = WINDOWS
+        .iter()
+        .map(|&w| (w, false))
+        .chain([(default_window, true)])
+        .collect();
+    let series_count = 3 + 2 * variants.len() as u64;
     let steps = THROUGHPUT_SIZES.len() as u64 * pair.opts.reps as u64 * series_count;
     let mut progress = if pair.rank == 0 {
         Progress::new(steps, "throughput")
@@ -711,12 +725,13 @@ fn throughput(pair: &mut Pair) -> Result<Vec<Series<ThroughputPoint>>> {
         pair.world.barrier();
     }
 
-    // cellnet, every cell acknowledged, for each transport and window.
+    // cellnet, every cell acknowledged, for each transport and window:
+    // a ticket per cell (`send`), or one per frame (`send_many`).
     for ipc in [true, false] {
-        for &w in &WINDOWS {
+        for &(w, many) in &variants {
             let comm = pair.communicator(ipc, w)?;
             let tr = if ipc { "ipc" } else { "tcp" };
-            let name = format!("cellnet {tr} w{w}");
+            let name = series_name(tr, w, many);
             let mut frame = 0u64;
             let p = &*pair;
             let s = throughput_series(
@@ -736,6 +751,7 @@ fn throughput(pair: &mut Pair) -> Result<Vec<Series<ThroughputPoint>>> {
                     }
                     let payload = Bytes::from(vec![0u8; size]);
                     let mut tickets = std::collections::VecDeque::new();
+                    let mut batches = std::collections::VecDeque::new();
                     let check = |o: crate::proto::reliable::Outcome| {
                         if o.is_ack() {
                             Ok(())
@@ -743,22 +759,38 @@ fn throughput(pair: &mut Pair) -> Result<Vec<Series<ThroughputPoint>>> {
                             Err(failed(format!("cell not acknowledged: {o:?}")))
                         }
                     };
-                    let mut in_frame = 0;
-                    for i in 0..n {
-                        tickets.push_back(comm.send(1, frame, payload.clone()).map_err(failed)?);
-                        while let Some(o) = tickets.front().and_then(|t| t.try_outcome()) {
-                            check(o)?;
-                            tickets.pop_front();
+                    let check_all = |o: crate::runtime::BatchOutcome| {
+                        o.not_acked.into_iter().try_for_each(|(_, o)| check(o))
+                    };
+                    let mut sent = 0;
+                    while sent < n {
+                        let cells = k.min(n - sent);
+                        if many {
+                            let cells = std::iter::repeat_n(payload.clone(), cells);
+                            batches.push_back(comm.send_many(1, frame, cells).map_err(failed)?);
+                        } else {
+                            for _ in 0..cells {
+                                let ticket = comm.send(1, frame, payload.clone());
+                                tickets.push_back(ticket.map_err(failed)?);
+                                while let Some(o) = tickets.front().and_then(|t| t.try_outcome()) {
+                                    check(o)?;
+                                    tickets.pop_front();
+                                }
+                            }
                         }
-                        in_frame += 1;
-                        if in_frame == k || i + 1 == n {
-                            tickets.extend(comm.end_frame(frame, &[1]).map_err(failed)?);
-                            frame += 1;
-                            in_frame = 0;
+                        while let Some(o) = batches.front().and_then(|t| t.try_outcome()) {
+                            check_all(o)?;
+                            batches.pop_front();
                         }
+                        tickets.extend(comm.end_frame(frame, &[1]).map_err(failed)?);
+                        frame += 1;
+                        sent += cells;
                     }
                     for t in tickets {
                         check(t.wait().map_err(failed)?)?;
+                    }
+                    for t in batches {
+                        check_all(t.wait().map_err(failed)?)?;
                     }
                     Ok(t.elapsed())
                 },

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::discovery::DiscoveryReport;
 use super::halo::HaloReport;
-use super::pair::{LatencyReport, ThroughputReport};
+use super::pair::{series_name, LatencyReport, ThroughputReport};
 use super::{BenchError, BenchOpts, Spread};
 
 /// One row: what was compared, the two medians with spread, the ratio.
@@ -184,23 +184,34 @@ pub fn build(opts: &BenchOpts) -> Summary {
     if let Some(r) = &thr_r {
         // cellnet with its default credit window.
         let w = crate::proto::reliable::ReliableConfig::default().window;
-        let (ipc_w, tcp_w) = (format!("cellnet ipc w{w}"), format!("cellnet tcp w{w}"));
-        let t = "64 B cells/s with ACKs vs one-way ZeroMQ (ipc)";
-        push(
-            compare(
-                t,
-                (&ipc_w, thr(r, &ipc_w, 64, false)),
-                (
-                    "ZeroMQ PUSH/PULL ipc",
-                    thr(r, "ZeroMQ PUSH/PULL ipc", 64, false),
-                ),
-                "msgs/s",
-                0.7,
-                false,
+        let (ipc_w, tcp_w) = (series_name("ipc", w, false), series_name("tcp", w, false));
+        let ipc_many = series_name("ipc", w, true);
+        let zmq = "ZeroMQ PUSH/PULL ipc";
+        for (t, cn, informative) in [
+            (
+                "64 B cells/s with ACKs vs one-way ZeroMQ (ipc), send_many",
+                &ipc_many,
                 false,
             ),
-            t,
-        );
+            (
+                "64 B cells/s with ACKs vs one-way ZeroMQ (ipc), send",
+                &ipc_w,
+                true,
+            ),
+        ] {
+            push(
+                compare(
+                    t,
+                    (cn, thr(r, cn, 64, false)),
+                    (zmq, thr(r, zmq, 64, false)),
+                    "msgs/s",
+                    0.7,
+                    false,
+                    informative,
+                ),
+                t,
+            );
+        }
         let t = "1 MiB bandwidth vs raw TCP (tcp loopback)";
         push(
             compare(

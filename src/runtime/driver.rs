@@ -703,10 +703,15 @@ impl Driver {
                     kind,
                     payload,
                     ticket,
-                } => self.take_send(now, to, frame, kind, payload, ticket),
+                } => {
+                    let kind = self.count_send(to, frame, kind, 1);
+                    self.take_send(now, to, frame, kind, payload, ticket)
+                }
                 Command::SendMany { to, frame, cells } => {
+                    // At most `MANY_CHUNK` cells.
+                    let kind = self.count_send(to, frame, DataKind::Cell, cells.len() as u32);
                     for (payload, ticket) in cells {
-                        self.take_send(now, to, frame, DataKind::Cell, payload, ticket);
+                        self.take_send(now, to, frame, kind, payload, ticket);
                     }
                 }
                 Command::Expect { from_frame, peers } => {
@@ -724,22 +729,16 @@ impl Driver {
         self.command_buf = commands;
     }
 
-    /// A message from the application: counted in its frame, then handed
-    /// to the reliable channel, or queued behind the backlog to `to`.
-    fn take_send(
-        &mut self,
-        now: Now,
-        to: Rank,
-        frame: u64,
-        kind: DataKind,
-        payload: bytes::Bytes,
-        ticket: super::shared::Resolver,
-    ) {
-        let kind = match kind {
+    /// `n` messages of `kind` from the application to `to`: cells are
+    /// counted in their frame; a frame end learns how many cells its frame
+    /// had (the kind to send).
+    fn count_send(&mut self, to: Rank, frame: u64, kind: DataKind, n: u32) -> DataKind {
+        match kind {
             DataKind::Collective => DataKind::Collective,
             DataKind::Cell => {
-                *self.frame_counts.entry((to, frame)).or_insert(0) += 1;
-                Metrics::add(&self.p.metrics.cells_sent, 1);
+                let count = self.frame_counts.entry((to, frame)).or_insert(0);
+                *count = count.saturating_add(n);
+                Metrics::add(&self.p.metrics.cells_sent, n.into());
                 DataKind::Cell
             }
             DataKind::FrameEnd { .. } => {
@@ -749,7 +748,20 @@ impl Driver {
                     count: self.frame_counts.remove(&(to, frame)).unwrap_or(0),
                 }
             }
-        };
+        }
+    }
+
+    /// A message from the application (counted already): handed to the
+    /// reliable channel, or queued behind the backlog to `to`.
+    fn take_send(
+        &mut self,
+        now: Now,
+        to: Rank,
+        frame: u64,
+        kind: DataKind,
+        payload: bytes::Bytes,
+        ticket: super::shared::Resolver,
+    ) {
         let msg = Queued {
             frame,
             kind,

@@ -128,6 +128,10 @@ struct StressArgs {
     /// Longest wait for one frame
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     frame_timeout: Duration,
+    /// Send each frame's cells to each peer with one send_many (one ticket
+    /// per frame and peer) instead of a send and a ticket per cell
+    #[arg(long)]
+    many: bool,
 }
 
 #[derive(Args, Debug)]
@@ -482,6 +486,7 @@ fn run_stress(config: Config, a: &StressArgs) -> Result<(), Failure> {
         payload: a.payload as usize,
         err_every: a.err_every,
         timeout: a.frame_timeout,
+        many: a.many,
     };
     let (info, mpi) = launch::detect(config.launch).map_err(RuntimeError::from)?;
     let seen = stress::Seen::new(info.size, params.cells);

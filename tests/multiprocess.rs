@@ -128,6 +128,35 @@ fn stress_100k_cells_each_way_every_ticket_right_and_handled_once() {
     }
 }
 
+/// The same contract with one `send_many` ticket per frame and peer: each
+/// batch's outcome names exactly the refused cells, across three instances
+/// on two nodes, with a window smaller than a frame.
+#[test]
+fn stress_with_send_many_names_exactly_the_refused_cells() {
+    let layout = [(0, 0, 0, 2), (1, 0, 1, 2), (2, 1, 0, 1)];
+    let args = [
+        "stress",
+        "--many",
+        "--cells",
+        "30000",
+        "--per-frame",
+        "3000",
+        "--err-every",
+        "89",
+    ];
+    let window = [("CELLNET_WINDOW", "512".to_string())];
+    let outs = launch_with(&layout, 2, &args, &free_udp_port().to_string(), &window);
+    for (rank, out) in outs.iter().enumerate() {
+        assert_eq!(out.code, Some(0), "rank {rank} failed: {}", out.stderr);
+        // 30000 cells to each of 2 peers; 338 of every 30000 refused.
+        assert!(
+            out.stdout.contains("60000 cells sent with send_many, every ticket right (59324 ACK, 676 ERR), each received cell handled exactly once, 10 frames in order"),
+            "{}",
+            out.stdout
+        );
+    }
+}
+
 #[test]
 fn collectives_across_three_nodes_through_leaders_and_coordinator() {
     let outs = launch(&even_layout(3, 2), 3, &["collectives", "--timeout", "20s"]);

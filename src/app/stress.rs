@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::proto::{reliable::Outcome, Rank};
-use crate::runtime::{Cell, Communicator, HandlerError};
+use crate::runtime::{BatchOutcome, Cell, Communicator, HandlerError};
 
 /// Parameters, the same on every instance.
 #[derive(Clone, Debug)]
@@ -24,6 +24,9 @@ pub struct StressParams {
     pub err_every: u64,
     /// How long to wait for each frame.
     pub timeout: Duration,
+    /// Send each frame's cells to each peer with one
+    /// [`Communicator::send_many`] instead of a ticket per cell.
+    pub many: bool,
 }
 
 /// Code the stress handler refuses with.
@@ -103,11 +106,43 @@ pub fn run(comm: &Communicator, p: &StressParams, seen: &Seen) -> Result<String,
                     wrong.push(format!("cell {seq} to rank {to} resolved {outcome:?}"));
                 }
             };
+            // send_many: (first sequence number, peer, ticket of the frame's cells).
+            let mut batches = std::collections::VecDeque::new();
+            let check_batch = |first: u64, to: Rank, o: BatchOutcome, wrong: &mut Vec<String>| {
+                let mut not_acked = o.not_acked.into_iter().peekable();
+                for i in 0..o.cells {
+                    let seq = first + i as u64;
+                    let outcome = match not_acked.next_if(|(j, _)| *j == i) {
+                        Some((_, outcome)) => outcome,
+                        None => Outcome::Ack,
+                    };
+                    check(seq, to, outcome, wrong);
+                }
+            };
             for frame in 0..frames {
-                for seq in frame * per_frame..((frame + 1) * per_frame).min(p.cells) {
-                    let mut payload = vec![0u8; p.payload.max(8)];
-                    payload[..8].copy_from_slice(&seq.to_le_bytes());
-                    let payload = bytes::Bytes::from(payload);
+                let seqs = frame * per_frame..((frame + 1) * per_frame).min(p.cells);
+                let payloads: Vec<bytes::Bytes> = seqs
+                    .clone()
+                    .map(|seq| {
+                        let mut payload = vec![0u8; p.payload.max(8)];
+                        payload[..8].copy_from_slice(&seq.to_le_bytes());
+                        bytes::Bytes::from(payload)
+                    })
+                    .collect();
+                if p.many {
+                    for &to in &peers {
+                        let t = comm
+                            .send_many(to, frame, payloads.iter().cloned())
+                            .map_err(|e| e.to_string())?;
+                        sent += t.cells() as u64;
+                        batches.push_back((seqs.start, to, t));
+                    }
+                    while let Some(o) = batches.front().and_then(|t| t.2.try_outcome()) {
+                        let (first, to, _) = batches.pop_front().unwrap_or_else(|| unreachable!());
+                        check_batch(first, to, o, &mut wrong);
+                    }
+                }
+                for (seq, payload) in seqs.zip(&payloads).filter(|_| !p.many) {
                     for &to in &peers {
                         tickets.push_back((
                             seq,
@@ -135,6 +170,10 @@ pub fn run(comm: &Communicator, p: &StressParams, seen: &Seen) -> Result<String,
             for (seq, to, t) in tickets {
                 let outcome = t.wait().map_err(|e| e.to_string())?;
                 check(seq, to, outcome, &mut wrong);
+            }
+            for (first, to, t) in batches {
+                let outcome = t.wait().map_err(|e| e.to_string())?;
+                check_batch(first, to, outcome, &mut wrong);
             }
             Ok((sent, wrong))
         });
@@ -192,8 +231,9 @@ pub fn run(comm: &Communicator, p: &StressParams, seen: &Seen) -> Result<String,
     }
     let refused_n = (0..p.cells).filter(|&s| refused(p, s)).count() as u64 * peers.len() as u64;
     Ok(format!(
-        "cellnet stress: rank {me} ok: {sent} cells sent, every ticket right ({} ACK, {refused_n} ERR), \
+        "cellnet stress: rank {me} ok: {sent} cells sent{}, every ticket right ({} ACK, {refused_n} ERR), \
          each received cell handled exactly once, {frames} frames in order, {:.0} cells/s",
+        if p.many { " with send_many" } else { "" },
         sent - refused_n,
         sent as f64 / elapsed.max(1e-9)
     ))

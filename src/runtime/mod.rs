@@ -236,58 +236,58 @@ pub enum PeerEvent {
     },
 }
 
+/// An answer being waited for, and how: what both kinds of ticket hold.
+struct Awaited {
+    answer: Arc<shared::Answer>,
+    /// How long a wait checks before it sleeps (`CELLNET_SPIN`).
+    spin: Duration,
+    /// Where the answer comes in: a wait takes it in itself while it
+    /// checks, when no other thread is at it.
+    engine: Arc<driver::Engine>,
+}
+
+impl Awaited {
+    /// Until every cell is answered (or never will be). A quick answer is
+    /// picked up without sleeping (and so without the I/O thread having to
+    /// wake a sleeping core to deliver it).
+    fn wait(&self) -> &shared::Answer {
+        self.answer.wait(self.spin, || self.engine.poll_input());
+        &self.answer
+    }
+
+    /// The answer if it is complete already.
+    fn done(&self) -> Option<&shared::Answer> {
+        self.answer.is_done().then_some(&*self.answer)
+    }
+}
+
 /// The promise of an answer to one sent cell.
 #[must_use = "a ticket tells whether the cell was acknowledged"]
 pub struct Ticket {
     to: Rank,
-    answer: Arc<shared::Answer>,
-    /// How long [`Self::wait`] checks before it sleeps (`CELLNET_SPIN`).
-    spin: Duration,
-    /// Where the answer comes in: [`Self::wait`] takes it in itself while
-    /// it checks, when no other thread is at it.
-    engine: Arc<driver::Engine>,
+    awaited: Awaited,
 }
 
 impl Ticket {
-    fn new(
-        to: Rank,
-        answer: Arc<shared::Answer>,
-        spin: Duration,
-        engine: Arc<driver::Engine>,
-    ) -> Self {
-        Self {
-            to,
-            answer,
-            spin,
-            engine,
-        }
-    }
-
     /// The rank the cell was sent to.
     pub fn to(&self) -> Rank {
         self.to
     }
 
     /// Wait for the answer: ACK, ERR, or timed out after the send deadline.
-    /// Asking again returns the same answer. A quick answer is picked up
-    /// without sleeping (and so without the I/O thread having to wake a
-    /// sleeping core to deliver it).
+    /// Asking again returns the same answer.
     pub fn wait(&self) -> Result<Outcome, SendError> {
-        self.answer.wait(self.spin, || self.engine.poll_input());
-        self.outcome().ok_or(SendError::Closed)
+        Self::outcome(self.awaited.wait()).ok_or(SendError::Closed)
     }
 
     /// The answer if it is there already.
     pub fn try_outcome(&self) -> Option<Outcome> {
-        if !self.answer.is_done() {
-            return None;
-        }
-        self.outcome()
+        self.awaited.done().and_then(Self::outcome)
     }
 
-    /// Once answered: the outcome (`None`: no answer will come).
-    fn outcome(&self) -> Option<Outcome> {
-        match self.answer.others().pop() {
+    /// The outcome of an answered cell (`None`: no answer will come).
+    fn outcome(answer: &shared::Answer) -> Option<Outcome> {
+        match answer.others().pop() {
             None => Some(Outcome::Ack),
             Some((_, other)) => other,
         }
@@ -323,9 +323,7 @@ impl BatchOutcome {
 pub struct BatchTicket {
     to: Rank,
     cells: usize,
-    answer: Arc<shared::Answer>,
-    spin: Duration,
-    engine: Arc<driver::Engine>,
+    awaited: Awaited,
 }
 
 impl BatchTicket {
@@ -343,21 +341,16 @@ impl BatchTicket {
     /// send deadline); [`SendError::Closed`] if the communicator stopped
     /// before some of them were sent.
     pub fn wait(&self) -> Result<BatchOutcome, SendError> {
-        self.answer.wait(self.spin, || self.engine.poll_input());
-        self.outcome().ok_or(SendError::Closed)
+        self.outcome(self.awaited.wait()).ok_or(SendError::Closed)
     }
 
     /// The answers if they are all there already.
     pub fn try_outcome(&self) -> Option<BatchOutcome> {
-        if !self.answer.is_done() {
-            return None;
-        }
-        self.outcome()
+        self.awaited.done().and_then(|a| self.outcome(a))
     }
 
-    fn outcome(&self) -> Option<BatchOutcome> {
-        let not_acked = self
-            .answer
+    fn outcome(&self, answer: &shared::Answer) -> Option<BatchOutcome> {
+        let not_acked = answer
             .others()
             .into_iter()
             .map(|(i, o)| o.map(|o| (i, o)))
@@ -753,7 +746,18 @@ impl Communicator {
             ticket: tx,
         };
         self.queue(to, cmd, (1, bytes), alone)?;
-        Ok(Ticket::new(to, rx, self.config.spin, self.engine.clone()))
+        Ok(Ticket {
+            to,
+            awaited: self.awaited(rx),
+        })
+    }
+
+    fn awaited(&self, answer: Arc<shared::Answer>) -> Awaited {
+        Awaited {
+            answer,
+            spin: self.config.spin,
+            engine: self.engine.clone(),
+        }
     }
 
     /// Hand `cmd`, which holds `credits` (messages, bytes) to `to`, to the
@@ -838,9 +842,7 @@ impl Communicator {
         Ok(BatchTicket {
             to,
             cells: index,
-            answer,
-            spin: self.config.spin,
-            engine: self.engine.clone(),
+            awaited: self.awaited(answer),
         })
     }
 

@@ -337,7 +337,7 @@ impl CreditGate {
     /// Take credits for as many of `sizes` (payload bytes of messages to
     /// `to`, in order) as fit, at least one, waiting until `deadline`
     /// (`None`: don't wait) for the first: how many were taken, and the
-    /// credits now in use for `to`, these included.
+    /// credits now in use for `to`, these included. No sizes: none taken.
     pub fn acquire(
         &self,
         to: Rank,
@@ -345,8 +345,10 @@ impl CreditGate {
         deadline: Option<Instant>,
     ) -> Option<(usize, u32)> {
         let mut sizes = sizes.peekable();
-        let first = *sizes.peek()?;
         let mut in_use = lock(&self.in_use);
+        let Some(&first) = sizes.peek() else {
+            return Some((0, in_use.used.get(&to).map_or(0, |u| u.0)));
+        };
         loop {
             let (count, used) = in_use.used.entry(to).or_insert((0, 0));
             if *count == 0
@@ -587,5 +589,11 @@ mod tests {
         assert_eq!(taken, Some((4, 4)));
         // A message larger than the byte window goes alone.
         assert_eq!(gate.acquire(2, [500u64, 1].into_iter(), None), Some((1, 1)));
+        // Nothing asked, nothing taken (and no wait).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        assert_eq!(
+            gate.acquire(1, std::iter::empty(), Some(deadline)),
+            Some((0, 4))
+        );
     }
 }

@@ -227,3 +227,39 @@ fn the_byte_window_blocks_until_answers_return_and_a_large_cell_goes_alone() {
     assert_eq!(sizes, vec![60, 40, 1000]);
     shutdown_all(comms);
 }
+
+/// `send_many` takes cells from its iterator as credits allow: with the
+/// receiver holding every answer, a lazily made batch of large cells stops
+/// being made at about one window's bytes, not at the whole batch.
+#[test]
+fn send_many_makes_cells_only_as_the_byte_window_allows() {
+    const CELL: usize = 32 << 10;
+    let mut config = test_config();
+    config.window_bytes = 64 << 10; // two cells
+    let gate = Gate::default();
+    let handler = gate.handler();
+    let comms = start_local(2, &config, |r| (r == 1).then(|| handler.clone()));
+    let (a, b) = (&comms[0], &comms[1]);
+    b.expect_from([0]).unwrap();
+
+    let made = std::sync::atomic::AtomicUsize::new(0);
+    let cells = (0..20u8).map(|i| {
+        made.fetch_add(1, Ordering::SeqCst);
+        vec![i; CELL]
+    });
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| a.send_many(1, 0, cells).unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        // Two in flight (the byte window), two more waiting for credits.
+        let so_far = made.load(Ordering::SeqCst);
+        assert!(so_far <= 4, "{so_far} of 20 cells made while blocked");
+        gate.open();
+        let outcome = sender.join().unwrap().wait().unwrap();
+        assert!(outcome.all_acked() && outcome.cells == 20, "{outcome:?}");
+    });
+    a.end_frame(0, &[1]).unwrap();
+    let frame = b.recv_frame(Duration::from_secs(10)).unwrap();
+    let firsts: Vec<u8> = frame[&0].iter().map(|c| c[0]).collect();
+    assert_eq!(firsts, (0..20).collect::<Vec<u8>>());
+    shutdown_all(comms);
+}

@@ -118,21 +118,26 @@ pub fn run(comm: &Communicator, p: &StressParams, seen: &Seen) -> Result<String,
                     };
                     check(seq, to, outcome, wrong);
                 }
+                if let Some((i, outcome)) = not_acked.next() {
+                    wrong.push(format!(
+                        "rank {to} answered cell {i} of a batch of {}: {outcome:?}",
+                        o.cells
+                    ));
+                }
+            };
+            let make = |seq: u64| {
+                let mut payload = vec![0u8; p.payload.max(8)];
+                payload[..8].copy_from_slice(&seq.to_le_bytes());
+                bytes::Bytes::from(payload)
             };
             for frame in 0..frames {
                 let seqs = frame * per_frame..((frame + 1) * per_frame).min(p.cells);
-                let payloads: Vec<bytes::Bytes> = seqs
-                    .clone()
-                    .map(|seq| {
-                        let mut payload = vec![0u8; p.payload.max(8)];
-                        payload[..8].copy_from_slice(&seq.to_le_bytes());
-                        bytes::Bytes::from(payload)
-                    })
-                    .collect();
                 if p.many {
                     for &to in &peers {
+                        // Made as send_many takes them: memory stays bounded
+                        // by the window, as with send.
                         let t = comm
-                            .send_many(to, frame, payloads.iter().cloned())
+                            .send_many(to, frame, seqs.clone().map(make))
                             .map_err(|e| e.to_string())?;
                         sent += t.cells() as u64;
                         batches.push_back((seqs.start, to, t));
@@ -142,7 +147,8 @@ pub fn run(comm: &Communicator, p: &StressParams, seen: &Seen) -> Result<String,
                         check_batch(first, to, o, &mut wrong);
                     }
                 }
-                for (seq, payload) in seqs.zip(&payloads).filter(|_| !p.many) {
+                for seq in seqs.filter(|_| !p.many) {
+                    let payload = make(seq);
                     for &to in &peers {
                         tickets.push_back((
                             seq,

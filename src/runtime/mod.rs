@@ -807,8 +807,9 @@ impl Communicator {
     /// each cell is sequenced, deduplicated, acknowledged and handed over
     /// on its own exactly as with [`Self::send`], but without a ticket,
     /// an allocation and a hand-off to the I/O thread per cell. Blocks while
-    /// the window to `to` is full, like [`Self::send`]; returns once every
-    /// cell is queued.
+    /// the window to `to` is full, like [`Self::send`], and takes cells from
+    /// `cells` only as credits come (at most about a window's bytes ahead);
+    /// returns once every cell is queued.
     pub fn send_many<I>(&self, to: Rank, frame: u64, cells: I) -> Result<BatchTicket, SendError>
     where
         I: IntoIterator,
@@ -819,7 +820,16 @@ impl Communicator {
         let mut cells = cells.into_iter().map(Into::into).peekable();
         let mut index = 0;
         while cells.peek().is_some() {
-            let mut chunk: Vec<Bytes> = cells.by_ref().take(MANY_CHUNK).collect();
+            // Taken from the iterator before credits are: at most a window's
+            // bytes (or one larger cell), so large cells made on demand
+            // stay bounded by the window as with `send`.
+            let mut chunk: Vec<Bytes> = Vec::new();
+            let mut taken = 0u64;
+            while chunk.len() < MANY_CHUNK && taken < self.credits.window_bytes() {
+                let Some(cell) = cells.next() else { break };
+                taken += cell.len() as u64;
+                chunk.push(cell);
+            }
             while !chunk.is_empty() {
                 let sizes = chunk.iter().map(|c| c.len() as u64);
                 let (n, in_use) = self.acquire(to, sizes, None)?;

@@ -231,12 +231,10 @@ impl ZmqTransport {
         rank: Rank,
         send: impl FnOnce(&mut zmq::Socket) -> Result<(), zmq::Error>,
     ) -> Result<(), NetError> {
-        if !self.dealers.contains_key(&rank) {
-            return Err(NetError::NoRoute(rank));
-        }
-        self.touch(Some(rank));
         let dealer = self.dealers.get_mut(&rank).ok_or(NetError::NoRoute(rank))?;
-        send(&mut dealer.socket).map_err(|e| match e {
+        let sent = send(&mut dealer.socket);
+        self.touch(Some(rank));
+        sent.map_err(|e| match e {
             zmq::Error::EAGAIN => NetError::WouldBlock(rank),
             source => NetError::Zmq {
                 op: "send",

@@ -249,8 +249,8 @@ impl Default for Outbound {
 }
 
 /// Frame messages, the ones a restarted peer may need again.
-fn replayable(msg: &DataMsg) -> bool {
-    matches!(msg.kind, DataKind::Cell | DataKind::FrameEnd { .. })
+fn replayable(kind: DataKind) -> bool {
+    matches!(kind, DataKind::Cell | DataKind::FrameEnd { .. })
 }
 
 impl Outbound {
@@ -352,8 +352,12 @@ impl Inbound {
             self.slots.pop_front();
             self.watermark += 1;
         }
-        if self.watermark > dedup_window {
-            let floor = self.watermark - dedup_window;
+        let floor = self.watermark.saturating_sub(dedup_window);
+        if self
+            .errors
+            .first_key_value()
+            .is_some_and(|(&id, _)| id <= floor)
+        {
             self.errors = self.errors.split_off(&(floor + 1));
         }
         if self.watermark != before {
@@ -475,26 +479,40 @@ impl ReliableEndpoint {
         kind: DataKind,
         payload: Bytes,
     ) -> Result<u64, SendError> {
-        if self.credits(to) == 0 {
-            return Err(SendError::WindowFull {
+        match self.send_many(now, to, frame, kind, std::iter::once(payload)) {
+            (first, 1) => Ok(first),
+            _ => Err(SendError::WindowFull {
                 to,
                 window: self.config.window,
-            });
+            }),
         }
+    }
+
+    /// Queue messages of one frame to `to`, as many of `payloads` as its
+    /// window has room for (the rest are not taken from the iterator).
+    /// Returns the first ticket and how many were queued: their tickets
+    /// are consecutive. The same as that many [`Self::send`] calls, at the
+    /// cost of one.
+    pub fn send_many(
+        &mut self,
+        now: Now,
+        to: Rank,
+        frame: u64,
+        kind: DataKind,
+        payloads: impl IntoIterator<Item = Bytes>,
+    ) -> (u64, usize) {
+        let room = self.credits(to) as usize;
         let out = &mut self.peers.entry(to).or_default().out;
-        let msg = DataMsg {
-            id: out.next_wire,
-            frame,
-            kind,
-            payload,
-        };
-        if replayable(&msg) && out.top_frame.is_none_or(|t| t < frame) {
+        let first = out.next_ticket;
+        if room == 0 {
+            return (first, 0);
+        }
+        if replayable(kind) && out.top_frame.is_none_or(|t| t < frame) {
             out.top_frame = Some(frame);
             out.prune_recent(self.config.replay_frames);
         }
-        let ticket = out.next_ticket;
-        out.next_wire += 1;
-        out.next_ticket += 1;
+        // Every message sent at one `now` shares its first retransmission
+        // time (one draw of the jitter).
         let retry_at = match self.first_retry {
             Some((at, due)) if at == now => due,
             _ => {
@@ -503,23 +521,36 @@ impl ReliableEndpoint {
                 due
             }
         };
-        let retry = Backoff::tried_once(self.config.retransmit, retry_at);
-        let due = retry_at.min(now + self.config.deadline);
-        self.transmits
-            .push_back((to, ReliableTransmit::Data(msg.clone())));
-        out.inflight.insert(
-            msg.id,
-            Outgoing {
-                ticket,
-                replay: false,
-                msg,
-                retry,
-                deadline: now + self.config.deadline,
-            },
-        );
-        self.stats.sent += 1;
-        self.arm(due);
-        Ok(ticket)
+        let deadline = now + self.config.deadline;
+        let mut n = 0;
+        for payload in payloads.into_iter().take(room) {
+            let msg = DataMsg {
+                id: out.next_wire,
+                frame,
+                kind,
+                payload,
+            };
+            self.transmits
+                .push_back((to, ReliableTransmit::Data(msg.clone())));
+            out.inflight.insert(
+                msg.id,
+                Outgoing {
+                    ticket: out.next_ticket,
+                    replay: false,
+                    msg,
+                    retry: Backoff::tried_once(self.config.retransmit, retry_at),
+                    deadline,
+                },
+            );
+            out.next_wire += 1;
+            out.next_ticket += 1;
+            n += 1;
+        }
+        if n > 0 {
+            self.stats.sent += n as u64;
+            self.arm(retry_at.min(deadline));
+        }
+        (first, n)
     }
 
     /// A data message from `from`: new → `Deliver`; already answered → answer
@@ -613,7 +644,7 @@ impl ReliableEndpoint {
                 continue; // listed twice
             };
             let replay = o.replay;
-            if replayable(&o.msg) && out.is_recent(&o.msg, keep) {
+            if replayable(o.msg.kind) && out.is_recent(&o.msg, keep) {
                 out.recent.push_back((o.ticket, o.msg));
             }
             if replay {
@@ -1259,6 +1290,32 @@ mod tests {
         p.run(ok);
         assert_eq!(p.ep[0].credits(B), 4);
         assert_eq!(p.send(0, "next"), 5);
+    }
+
+    #[test]
+    fn send_many_takes_what_the_window_holds_with_consecutive_tickets() {
+        let cfg = ReliableConfig {
+            window: 4,
+            ..ReliableConfig::default()
+        };
+        let mut p = Pair::new(cfg);
+        p.send(0, "single");
+        let mut pulled = 0;
+        let payloads = (0..10).map(|i| {
+            pulled += 1;
+            Bytes::from(format!("many {i}"))
+        });
+        let (first, n) = p.ep[0].send_many(p.now, B, 0, DataKind::Cell, payloads);
+        assert_eq!((first, n), (2, 3), "three more fit in a window of four");
+        assert_eq!(pulled, 3, "payloads beyond the window stay in the iterator");
+        let none = p.ep[0].send_many(p.now, B, 0, DataKind::Cell, [Bytes::new()]);
+        assert_eq!(none, (5, 0), "a full window takes nothing");
+        p.run(ok);
+        let got: Vec<_> = p.delivered[1].iter().map(|m| m.payload.clone()).collect();
+        assert_eq!(got, ["single", "many 0", "many 1", "many 2"]);
+        let tickets: Vec<_> = p.resolved[0].iter().map(|(t, _)| *t).collect();
+        assert_eq!(tickets, [1, 2, 3, 4]);
+        assert!(p.resolved[0].iter().all(|(_, o)| o.is_ack()));
     }
 
     #[test]

@@ -150,6 +150,9 @@ pub(crate) struct Driver {
     failure: Option<String>,
     /// Reused buffer of commands taken in one round.
     command_buf: Vec<Command>,
+    /// Reused buffer of the tickets of cells handed to the reliable
+    /// channel together.
+    opened: Vec<OpenTicket>,
     /// Reused buffer of received datagrams.
     datagram_buf: Vec<u8>,
 }
@@ -409,6 +412,7 @@ impl Driver {
             io_generation: 0,
             failure: None,
             command_buf: Vec::new(),
+            opened: Vec::new(),
             datagram_buf: Vec::new(),
         }
     }
@@ -710,9 +714,7 @@ impl Driver {
                 Command::SendMany { to, frame, cells } => {
                     // At most `MANY_CHUNK` cells.
                     let kind = self.count_send(to, frame, DataKind::Cell, cells.len() as u32);
-                    for (payload, ticket) in cells {
-                        self.take_send(now, to, frame, kind, payload, ticket);
-                    }
+                    self.take_many(now, to, frame, kind, cells);
                 }
                 Command::Expect { from_frame, peers } => {
                     let from = from_frame.unwrap_or_else(|| self.assembler.next_frame());
@@ -776,6 +778,44 @@ impl Driver {
                     self.backlog.entry(to).or_default().push_back(msg);
                 }
             }
+        }
+    }
+
+    /// Cells of one frame from the application (counted already): as many
+    /// as the reliable channel has room for are handed to it together,
+    /// the rest wait in the backlog to `to`, in order.
+    fn take_many(
+        &mut self,
+        now: Now,
+        to: Rank,
+        frame: u64,
+        kind: DataKind,
+        cells: Vec<(bytes::Bytes, super::shared::Resolver)>,
+    ) {
+        let mut cells = cells.into_iter();
+        if self.backlog.get(&to).is_none_or(|q| q.is_empty()) {
+            let mut opened = std::mem::take(&mut self.opened);
+            let (first, n) = self.reliable.send_many(
+                now,
+                to,
+                frame,
+                kind,
+                // Taken from `cells` only as the channel has room.
+                cells.by_ref().map(|(payload, resolver)| {
+                    let bytes = payload.len() as u64;
+                    opened.push(OpenTicket { resolver, bytes });
+                    payload
+                }),
+            );
+            debug_assert_eq!(opened.len(), n);
+            let tickets = self.tickets.entry(to).or_default();
+            for (id, open) in (first..).zip(opened.drain(..)) {
+                tickets.insert(id, open);
+            }
+            self.opened = opened;
+        }
+        for (payload, ticket) in cells {
+            self.take_send(now, to, frame, kind, payload, ticket);
         }
     }
 
@@ -1018,9 +1058,18 @@ impl Driver {
                 }
             }
             self.send_batches(now);
-            while let Some(e) = self.reliable.poll_event() {
+            let mut event = self.reliable.poll_event();
+            while let Some(e) = event.take() {
                 progressed = true;
-                self.on_reliable_event(now, e);
+                event = match e {
+                    ReliableEvent::Resolved { to, id, outcome } => {
+                        self.resolve_run(to, id, outcome)
+                    }
+                    e => {
+                        self.on_reliable_event(now, e);
+                        self.reliable.poll_event()
+                    }
+                };
             }
             // One wake-up of a sender blocked on the window per round, not
             // one per answered cell.
@@ -1310,21 +1359,49 @@ impl Driver {
                 }
             },
             ReliableEvent::Resolved { to, id, outcome } => {
-                let counter = match &outcome {
-                    Outcome::Ack => &self.p.metrics.acks_received,
-                    Outcome::Err { .. } => &self.p.metrics.errs_received,
-                    Outcome::TimedOut => &self.p.metrics.timeouts,
-                };
-                Metrics::add(counter, 1);
-                if let Some(t) = self.tickets.get_mut(&to).and_then(|r| r.remove(id)) {
-                    t.resolver.resolve(outcome);
-                    // Returned together at the end of the round.
-                    let (n, bytes) = self.freed_credits.entry(to).or_insert((0, 0));
-                    *n += 1;
-                    *bytes += t.bytes;
+                if let Some(e) = self.resolve_run(to, id, outcome) {
+                    self.on_reliable_event(now, e);
                 }
             }
         }
+    }
+
+    /// Hand ticket `id` to `to` its outcome, and the tickets of the
+    /// resolutions that follow it for the same peer (the answers of one
+    /// feedback, usually); returns the first other event.
+    fn resolve_run(&mut self, to: Rank, id: u64, outcome: Outcome) -> Option<ReliableEvent> {
+        let mut tickets = self.tickets.get_mut(&to);
+        let (mut freed, mut bytes, mut acks) = (0u32, 0u64, 0u64);
+        let mut next = Some((id, outcome));
+        let event = loop {
+            let Some((id, outcome)) = next.take() else {
+                break None;
+            };
+            match &outcome {
+                Outcome::Ack => acks += 1,
+                Outcome::Err { .. } => Metrics::add(&self.p.metrics.errs_received, 1),
+                Outcome::TimedOut => Metrics::add(&self.p.metrics.timeouts, 1),
+            }
+            if let Some(t) = tickets.as_mut().and_then(|r| r.remove(id)) {
+                t.resolver.resolve(outcome);
+                freed += 1;
+                bytes += t.bytes;
+            }
+            match self.reliable.poll_event() {
+                Some(ReliableEvent::Resolved { to: t, id, outcome }) if t == to => {
+                    next = Some((id, outcome))
+                }
+                other => break other,
+            }
+        };
+        Metrics::add(&self.p.metrics.acks_received, acks);
+        if freed > 0 {
+            // Returned together at the end of the round.
+            let (n, b) = self.freed_credits.entry(to).or_insert((0, 0));
+            *n += freed;
+            *b += bytes;
+        }
+        event
     }
 
     /// Make sure there is a sending socket to `rank`; false if its endpoint
@@ -1387,6 +1464,9 @@ impl Driver {
             b.first = Some(msg);
         } else {
             if let Some(f) = b.first.take() {
+                // Room for the largest batch: no copies while it grows.
+                b.body
+                    .reserve(BATCH_BYTES + BATCH_PAYLOAD_MAX + wire::BATCH_ENTRY_LEN);
                 wire::push_batch_entry(&mut b.body, &f);
                 b.count += 1;
             }

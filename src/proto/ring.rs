@@ -30,7 +30,9 @@ impl<T> IdRing<T> {
             self.base = id;
         }
         let i = (id - self.base) as usize;
-        self.slots.resize_with(i, || None);
+        if i > self.slots.len() {
+            self.slots.resize_with(i, || None);
+        }
         self.slots.push_back(Some(o));
         self.len += 1;
     }
@@ -38,7 +40,15 @@ impl<T> IdRing<T> {
     /// Take `id`'s value out, if present.
     pub fn remove(&mut self, id: u64) -> Option<T> {
         let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
-        let o = self.slots.get_mut(i)?.take()?;
+        let o = if i == 0 {
+            // The oldest (the usual case): moved out once, not taken and
+            // then popped as an empty slot.
+            let o = self.slots.pop_front()?;
+            self.base += 1;
+            o?
+        } else {
+            self.slots.get_mut(i)?.take()?
+        };
         self.len -= 1;
         while self.slots.front().is_some_and(|s| s.is_none()) {
             self.slots.pop_front();

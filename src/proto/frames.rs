@@ -53,7 +53,7 @@ struct Watch {
 }
 
 /// A cell or marker that does not fit the frame bookkeeping.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     /// A cell or marker for a frame already handed over.
     #[error("frame {frame} was already handed over (next is {next})")]
@@ -379,19 +379,50 @@ impl FrameAssembler {
         frame: u64,
         payload: Bytes,
     ) -> Result<(), FrameError> {
-        if self.drop_replay(from, frame) {
-            return Ok(());
+        let mut result = Ok(());
+        self.handle_cells(from, frame, [(id, payload)], |_, r| result = r);
+        result
+    }
+
+    /// Cells of `frame` from `from` that the handler accepted, `(id,
+    /// payload)`, each taken as [`Self::handle_cell`] takes it; `answer`
+    /// gets each id's result, in order. The frame's bookkeeping is looked
+    /// up once for them all.
+    pub fn handle_cells(
+        &mut self,
+        from: Rank,
+        frame: u64,
+        cells: impl IntoIterator<Item = (u64, Bytes)>,
+        mut answer: impl FnMut(u64, Result<(), FrameError>),
+    ) {
+        if self.is_replay(from, frame) {
+            for (id, _) in cells {
+                self.replays += 1;
+                answer(id, Ok(()));
+            }
+            return;
         }
-        let part = self.part(from, frame)?;
-        let Err(at) = part.slot(id) else {
-            return Ok(());
+        let part = match self.part(from, frame) {
+            Ok(part) => part,
+            Err(e) => {
+                for (id, _) in cells {
+                    answer(id, Err(e.clone()));
+                }
+                return;
+            }
         };
-        if part.rejected.contains(&id) {
-            return Ok(());
+        let cells = cells.into_iter();
+        part.cells.reserve(cells.size_hint().0);
+        for (id, payload) in cells {
+            let result = match part.slot(id) {
+                // A duplicate (of an accepted or refused cell).
+                Ok(_) => Ok(()),
+                Err(_) if part.rejected.contains(&id) => Ok(()),
+                Err(at) => Self::check_count(part, from, frame, 1)
+                    .map(|()| part.cells.insert(at, (id, payload))),
+            };
+            answer(id, result);
         }
-        Self::check_count(part, from, frame, 1)?;
-        part.cells.insert(at, (id, payload));
-        Ok(())
     }
 
     /// A cell the handler refused: it counts towards the frame's
@@ -518,6 +549,51 @@ mod tests {
         a.handle_frame_end(7, 0, 3).unwrap();
         let f = a.poll_frame().unwrap();
         assert_eq!(f.cells[&7], vec![b(1), b(3)]);
+    }
+
+    #[test]
+    fn a_run_of_cells_is_taken_as_each_cell_alone_would_be() {
+        let mut a = FrameAssembler::new(0, 2);
+        a.set_expected([7]);
+        a.handle_frame_end(7, 0, 4).unwrap();
+        a.handle_rejected(7, 2, 0).unwrap();
+        let mut results = Vec::new();
+        let run = [
+            (1, b(1)),
+            (2, b(2)),
+            (3, b(3)),
+            (1, b(1)),
+            (4, b(4)),
+            (5, b(5)),
+        ];
+        a.handle_cells(7, 0, run, |id, r| results.push((id, r)));
+        let count_exceeded = Err(FrameError::CountExceeded {
+            from: 7,
+            frame: 0,
+            count: 4,
+        });
+        assert_eq!(
+            results,
+            [
+                (1, Ok(())),
+                (2, Ok(())), // refused before: a duplicate
+                (3, Ok(())),
+                (1, Ok(())), // a duplicate
+                (4, Ok(())),
+                (5, count_exceeded),
+            ]
+        );
+        assert_eq!(a.poll_frame().unwrap().cells[&7], vec![b(1), b(3), b(4)]);
+
+        // The whole run is refused when its frame is.
+        results.clear();
+        a.handle_cells(7, 9, [(6, b(6)), (7, b(7))], |id, r| results.push((id, r)));
+        let too_far = FrameError::TooFarAhead {
+            frame: 9,
+            next: 1,
+            max_ahead: 2,
+        };
+        assert_eq!(results, [(6, Err(too_far.clone())), (7, Err(too_far))]);
     }
 
     #[test]

@@ -368,6 +368,11 @@ impl Inbound {
         self.update_hole(now);
     }
 
+    /// The pending answers as one feedback, once `ack_batch` of them wait.
+    fn full_feedback(&mut self, ack_batch: u32) -> Option<Feedback> {
+        (self.pending.len() >= ack_batch as usize).then(|| self.feedback())
+    }
+
     fn feedback(&mut self) -> Feedback {
         // An ERR the sender may not know yet must not hide under `cumulative`.
         let cumulative = match self.errors.first_key_value() {
@@ -400,6 +405,10 @@ impl Inbound {
         }
     }
 }
+
+/// What the receiver answers to a message it handled: ACK, or ERR with
+/// a code and a text.
+pub type Verdict = Result<(), (u32, String)>;
 
 #[derive(Default)]
 struct PeerState {
@@ -556,61 +565,96 @@ impl ReliableEndpoint {
     /// A data message from `from`: new → `Deliver`; already answered → answer
     /// again with the cached outcome; handler still running → ignored.
     pub fn handle_data(&mut self, now: Now, from: Rank, msg: DataMsg) {
+        self.handle_data_many(now, from, [msg]);
+    }
+
+    /// Data messages from `from`, each taken as [`Self::handle_data`] takes
+    /// it, `from`'s state looked up once.
+    pub fn handle_data_many(
+        &mut self,
+        now: Now,
+        from: Rank,
+        msgs: impl IntoIterator<Item = DataMsg>,
+    ) {
         let dedup_window = self.config.dedup_window;
         let inb = &mut self.peers.entry(from).or_default().inb;
-        let id = msg.id;
-        if id == 0 {
-            self.stats.bad_data += 1;
-            return;
+        for msg in msgs {
+            let id = msg.id;
+            if id == 0 {
+                self.stats.bad_data += 1;
+                continue;
+            }
+            let slot = inb.slot(id);
+            if id <= inb.watermark || slot == Some(Slot::Done) {
+                self.stats.duplicates_dropped += 1;
+                inb.answer(now, id);
+                if let Some(fb) = inb.full_feedback(self.config.ack_batch) {
+                    self.stats.feedback_sent += 1;
+                    self.transmits
+                        .push_back((from, ReliableTransmit::Feedback(fb)));
+                }
+                continue;
+            }
+            if slot == Some(Slot::Running) {
+                self.stats.duplicates_dropped += 1;
+                continue;
+            }
+            if id - inb.watermark > dedup_window {
+                self.stats.beyond_window += 1;
+                continue;
+            }
+            inb.start(id);
+            inb.running += 1;
+            inb.update_hole(now);
+            self.stats.delivered += 1;
+            self.events.push_back(ReliableEvent::Deliver { from, msg });
         }
-        let slot = inb.slot(id);
-        if id <= inb.watermark || slot == Some(Slot::Done) {
-            self.stats.duplicates_dropped += 1;
-            inb.answer(now, id);
-            self.flush_if_batch_full(from);
-            return;
-        }
-        if slot == Some(Slot::Running) {
-            self.stats.duplicates_dropped += 1;
-            return;
-        }
-        if id - inb.watermark > dedup_window {
-            self.stats.beyond_window += 1;
-            return;
-        }
-        inb.start(id);
-        inb.running += 1;
-        inb.update_hole(now);
-        self.stats.delivered += 1;
-        self.events.push_back(ReliableEvent::Deliver { from, msg });
     }
 
     /// The handler's outcome for message `id` delivered from `from`.
     /// Calls for messages not running (completed twice, or delivered before
     /// `reset_peer(from)`) are ignored and counted.
-    pub fn complete(&mut self, now: Now, from: Rank, id: u64, result: Result<(), (u32, String)>) {
+    pub fn complete(&mut self, now: Now, from: Rank, id: u64, result: Verdict) {
+        self.complete_many(now, from, [(id, result)]);
+    }
+
+    /// The outcomes of messages delivered from `from`, `(id, result)`, each
+    /// taken as [`Self::complete`] takes it, `from`'s state looked up once.
+    pub fn complete_many(
+        &mut self,
+        now: Now,
+        from: Rank,
+        results: impl IntoIterator<Item = (u64, Verdict)>,
+    ) {
         let dedup_window = self.config.dedup_window;
+        let ack_batch = self.config.ack_batch;
         let Some(inb) = self.peers.get_mut(&from).map(|p| &mut p.inb) else {
-            self.stats.stale_completions += 1;
+            self.stats.stale_completions += results.into_iter().count() as u64;
             return;
         };
-        let at = id
-            .checked_sub(inb.watermark + 1)
-            .and_then(|i| usize::try_from(i).ok());
-        match at.and_then(|i| inb.slots.get_mut(i)) {
-            Some(slot @ Some(Slot::Running)) => *slot = Some(Slot::Done),
-            _ => {
-                self.stats.stale_completions += 1;
-                return;
+        for (id, result) in results {
+            let at = id
+                .checked_sub(inb.watermark + 1)
+                .and_then(|i| usize::try_from(i).ok());
+            match at.and_then(|i| inb.slots.get_mut(i)) {
+                Some(slot @ Some(Slot::Running)) => *slot = Some(Slot::Done),
+                _ => {
+                    self.stats.stale_completions += 1;
+                    continue;
+                }
+            }
+            inb.running -= 1;
+            if let Err((code, text)) = result {
+                inb.errors.insert(id, (code, text));
+            }
+            inb.answer(now, id);
+            inb.advance(now, dedup_window);
+            if let Some(fb) = inb.full_feedback(ack_batch) {
+                self.stats.feedback_sent += 1;
+                self.transmits
+                    .push_back((from, ReliableTransmit::Feedback(fb)));
             }
         }
-        inb.running -= 1;
-        if let Err((code, text)) = result {
-            inb.errors.insert(id, (code, text));
-        }
-        inb.answer(now, id);
-        inb.advance(now, dedup_window);
-        self.flush_if_batch_full(from);
     }
 
     /// Feedback from `to`'s receiver: resolves the tickets it covers. Repeats
@@ -903,17 +947,6 @@ impl ReliableEndpoint {
     /// then the sender has resolved it TimedOut and stopped retransmitting.
     fn hole_timeout(&self) -> Duration {
         self.config.deadline + self.config.retransmit.ceiling
-    }
-
-    fn flush_if_batch_full(&mut self, from: Rank) {
-        let Some(inb) = self.peers.get_mut(&from).map(|p| &mut p.inb) else {
-            return;
-        };
-        if inb.pending.len() >= self.config.ack_batch as usize {
-            self.stats.feedback_sent += 1;
-            self.transmits
-                .push_back((from, ReliableTransmit::Feedback(inb.feedback())));
-        }
     }
 }
 
@@ -1316,6 +1349,52 @@ mod tests {
         let tickets: Vec<_> = p.resolved[0].iter().map(|(t, _)| *t).collect();
         assert_eq!(tickets, [1, 2, 3, 4]);
         assert!(p.resolved[0].iter().all(|(_, o)| o.is_ack()));
+    }
+
+    #[test]
+    fn runs_of_data_and_completions_are_taken_as_one_at_a_time() {
+        let cfg = ReliableConfig {
+            ack_batch: 2,
+            ..ReliableConfig::default()
+        };
+        let mut ep = ReliableEndpoint::new(cfg, 1);
+        let now = Duration::ZERO;
+        let msg = |id: u64| DataMsg {
+            id,
+            frame: 0,
+            kind: DataKind::Cell,
+            payload: Bytes::new(),
+        };
+        // A repeat within the run, and an id 0, are not delivered.
+        ep.handle_data_many(now, A, [msg(1), msg(2), msg(1), msg(0), msg(3)]);
+        let delivered: Vec<u64> = std::iter::from_fn(|| ep.poll_event())
+            .map(|e| match e {
+                ReliableEvent::Deliver { msg, .. } => msg.id,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(delivered, [1, 2, 3]);
+        assert_eq!(ep.stats().duplicates_dropped, 1);
+        assert_eq!(ep.stats().bad_data, 1);
+        // Completing 2 twice counts one stale completion; feedback goes out
+        // every `ack_batch` answers, as with single completions.
+        let err = Err((7, "no".to_string()));
+        ep.complete_many(now, A, [(1, Ok(())), (2, err), (2, Ok(())), (3, Ok(()))]);
+        assert_eq!(ep.stats().stale_completions, 1);
+        let feedback: Vec<Feedback> = std::iter::from_fn(|| ep.poll_transmit(now))
+            .map(|(to, t)| match t {
+                ReliableTransmit::Feedback(fb) if to == A => fb,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            feedback.len(),
+            1,
+            "3 answers, a batch of 2 sent: {feedback:?}"
+        );
+        assert_eq!(feedback[0].cumulative, 1, "the ERR of 2 is not hidden");
+        assert_eq!(feedback[0].errors[0].id, 2);
+        assert_eq!(ep.pending_answers(), 1);
     }
 
     #[test]

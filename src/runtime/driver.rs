@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqC
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::faults::{Dest, FaultInjector};
@@ -33,7 +34,7 @@ use crate::proto::{
     frames::{CompleteFrame, FrameAssembler, FrameMissing},
     global::{Coordinator, GlobalEvent, GlobalJoin, GlobalTransmit},
     liveness::{Liveness, LivenessEvent},
-    reliable::{Outcome, ReliableEndpoint, ReliableEvent, ReliableTransmit},
+    reliable::{Outcome, ReliableEndpoint, ReliableEvent, ReliableTransmit, Verdict},
     ring::IdRing,
     wire::{self, Control, DataKind, DataMsg, Datagram, JobSecret, PeerMsg, WireError},
     Incarnation, Now, PeerInfo, Rank,
@@ -54,7 +55,7 @@ pub(crate) struct Parts {
     pub commands: Arc<Commands>,
     pub frames: Sender<Result<CompleteFrame, FrameMissing>>,
     pub events: Sender<PeerEvent>,
-    pub collectives: Sender<(Rank, u64, bytes::Bytes)>,
+    pub collectives: Sender<(Rank, u64, Bytes)>,
     pub waker: Arc<Waker>,
     pub credits: Arc<CreditGate>,
     pub status: Arc<StatusCell>,
@@ -153,6 +154,10 @@ pub(crate) struct Driver {
     /// Reused buffer of the tickets of cells handed to the reliable
     /// channel together.
     opened: Vec<OpenTicket>,
+    /// Reused buffers of accepted cells `(id, payload)` of one frame from
+    /// one peer, and of their answers.
+    accepted: Vec<(u64, Bytes)>,
+    answers: Vec<(u64, Verdict)>,
     /// Reused buffer of received datagrams.
     datagram_buf: Vec<u8>,
 }
@@ -168,7 +173,7 @@ struct OpenTicket {
 struct Queued {
     frame: u64,
     kind: DataKind,
-    payload: bytes::Bytes,
+    payload: Bytes,
     ticket: super::shared::Resolver,
 }
 
@@ -413,6 +418,8 @@ impl Driver {
             failure: None,
             command_buf: Vec::new(),
             opened: Vec::new(),
+            accepted: Vec::new(),
+            answers: Vec::new(),
             datagram_buf: Vec::new(),
         }
     }
@@ -761,7 +768,7 @@ impl Driver {
         to: Rank,
         frame: u64,
         kind: DataKind,
-        payload: bytes::Bytes,
+        payload: Bytes,
         ticket: super::shared::Resolver,
     ) {
         let msg = Queued {
@@ -790,7 +797,7 @@ impl Driver {
         to: Rank,
         frame: u64,
         kind: DataKind,
-        cells: Vec<(bytes::Bytes, super::shared::Resolver)>,
+        cells: Vec<(Bytes, super::shared::Resolver)>,
     ) {
         let mut cells = cells.into_iter();
         if self.backlog.get(&to).is_none_or(|q| q.is_empty()) {
@@ -871,48 +878,75 @@ impl Driver {
 
     fn take_handler_results(&mut self, now: Now) {
         while let Ok(batch) = self.done_rx.try_recv() {
-            for done in batch {
-                self.handlers_running -= 1;
-                self.on_handled(now, done);
-            }
+            self.handlers_running -= batch.len();
+            self.on_handled(now, batch);
         }
         self.pump_frames();
     }
 
-    /// A cell's verdict: into its frame (or refused), and answered.
-    fn on_handled(&mut self, now: Now, HandlerDone { cell, life, result }: HandlerDone) {
-        if self.incarnations.get(&cell.from) != Some(&life) {
-            // From a life of the sender that has since restarted: its id
-            // may now name a message of the new life.
-            Metrics::add(&self.p.metrics.stale_messages, 1);
-            return;
-        }
-        match result {
-            Ok(()) => {
-                match self
-                    .assembler
-                    .handle_cell(cell.from, cell.id, cell.frame, cell.payload)
-                {
-                    Ok(()) => self.reliable.complete(now, cell.from, cell.id, Ok(())),
-                    Err(e) => {
-                        Metrics::add(&self.p.metrics.cells_refused, 1);
-                        self.reliable.complete(
-                            now,
-                            cell.from,
-                            cell.id,
-                            Err((codes::for_frame_error(&e), e.to_string())),
-                        );
+    /// Handlers' verdicts, in order: cells into their frames (or refused),
+    /// and answered. Accepted cells of one frame from one peer (most of a
+    /// round's, usually) go to the frame and to the reliable channel
+    /// together.
+    fn on_handled(&mut self, now: Now, done: impl IntoIterator<Item = HandlerDone>) {
+        let mut run = std::mem::take(&mut self.accepted);
+        // The (sender, frame) of the cells in `run`.
+        let mut run_of = None;
+        // The last sender whose life was checked, and that life.
+        let mut current: Option<(Rank, Incarnation)> = None;
+        for HandlerDone { cell, life, result } in done {
+            if current != Some((cell.from, life)) {
+                if self.incarnations.get(&cell.from) != Some(&life) {
+                    // From a life of the sender that has since restarted:
+                    // its id may now name a message of the new life.
+                    Metrics::add(&self.p.metrics.stale_messages, 1);
+                    continue;
+                }
+                current = Some((cell.from, life));
+            }
+            match result {
+                Ok(()) => {
+                    if run_of != Some((cell.from, cell.frame)) {
+                        if let Some((from, frame)) = run_of {
+                            self.accept(now, from, frame, &mut run);
+                        }
+                        run_of = Some((cell.from, cell.frame));
                     }
+                    run.push((cell.id, cell.payload));
+                }
+                Err(HandlerError { code, text }) => {
+                    // The cells before it first, in order.
+                    if let Some((from, frame)) = run_of.take() {
+                        self.accept(now, from, frame, &mut run);
+                    }
+                    self.assembler
+                        .handle_rejected(cell.from, cell.id, cell.frame)
+                        .ok();
+                    self.reliable
+                        .complete(now, cell.from, cell.id, Err((code, text)));
                 }
             }
-            Err(HandlerError { code, text }) => {
-                self.assembler
-                    .handle_rejected(cell.from, cell.id, cell.frame)
-                    .ok();
-                self.reliable
-                    .complete(now, cell.from, cell.id, Err((code, text)));
-            }
         }
+        if let Some((from, frame)) = run_of {
+            self.accept(now, from, frame, &mut run);
+        }
+        self.accepted = run;
+    }
+
+    /// Accepted cells `(id, payload)` of `frame` from `from` (drained):
+    /// into the frame, and answered (ERR if the frame refuses them).
+    fn accept(&mut self, now: Now, from: Rank, frame: u64, cells: &mut Vec<(u64, Bytes)>) {
+        let answers = &mut self.answers;
+        let metrics = &self.p.metrics;
+        self.assembler
+            .handle_cells(from, frame, cells.drain(..), |id, result| {
+                let result = result.map_err(|e| {
+                    Metrics::add(&metrics.cells_refused, 1);
+                    (codes::for_frame_error(&e), e.to_string())
+                });
+                answers.push((id, result));
+            });
+        self.reliable.complete_many(now, from, answers.drain(..));
     }
 
     /// Move complete frames to the application, one at a time, only while
@@ -1267,16 +1301,12 @@ impl Driver {
         let Some(handler) = self.p.handler.clone() else {
             // No handler: every cell is accepted here, without a round trip
             // through the pool (it would run nothing).
-            for (cell, life) in cells.drain(..) {
-                self.on_handled(
-                    now,
-                    HandlerDone {
-                        cell,
-                        life,
-                        result: Ok(()),
-                    },
-                );
-            }
+            let done = cells.drain(..).map(|(cell, life)| HandlerDone {
+                cell,
+                life,
+                result: Ok(()),
+            });
+            self.on_handled(now, done);
             self.to_handle = cells;
             return;
         };
@@ -1506,11 +1536,7 @@ impl Driver {
             to_incarnation,
             b.count,
         );
-        match self
-            .p
-            .transport
-            .send_data(to, &head, &bytes::Bytes::from(b.body))
-        {
+        match self.p.transport.send_data(to, &head, &Bytes::from(b.body)) {
             Ok(()) | Err(NetError::WouldBlock(_)) => {}
             Err(e) => tracing::debug!("data to rank {to} not sent: {e}"),
         }
@@ -1653,23 +1679,34 @@ impl Driver {
     }
 
     /// A data message (alone or out of a batch) from `header.from`.
-    fn on_data(&mut self, now: Now, header: &wire::Header, data: DataMsg) {
+    /// Data messages from one sender (one ZeroMQ message's worth).
+    fn on_data(
+        &mut self,
+        now: Now,
+        header: &wire::Header,
+        msgs: impl IntoIterator<Item = DataMsg>,
+    ) {
         let to = header.to_incarnation;
         if to != Incarnation(0) && to != self.p.me.incarnation {
             // Meant for an earlier life of this rank.
-            Metrics::add(&self.p.metrics.stale_messages, 1);
+            let n = msgs.into_iter().count() as u64;
+            Metrics::add(&self.p.metrics.stale_messages, n);
             return;
         }
-        if data.kind != DataKind::Collective
-            && data.frame >= self.assembler.next_frame()
-            && !self.assembler.accepts(data.frame)
-        {
+        let assembler = &self.assembler;
+        let metrics = &self.p.metrics;
+        let msgs = msgs.into_iter().filter(|data| {
             // The frame buffer is full: withhold the answer (and so the
             // sender's credit); it is resent later.
-            Metrics::add(&self.p.metrics.cells_deferred, 1);
-            return;
-        }
-        self.reliable.handle_data(now, header.from, data)
+            let defer = data.kind != DataKind::Collective
+                && data.frame >= assembler.next_frame()
+                && !assembler.accepts(data.frame);
+            if defer {
+                Metrics::add(&metrics.cells_deferred, 1);
+            }
+            !defer
+        });
+        self.reliable.handle_data_many(now, header.from, msgs)
     }
 
     fn read_zmq(&mut self, now: Now) -> Result<(), String> {
@@ -1706,12 +1743,8 @@ impl Driver {
                 }
             }
             match msg {
-                PeerMsg::Data(data) => self.on_data(now, &header, data),
-                PeerMsg::Batch(batch) => {
-                    for data in batch {
-                        self.on_data(now, &header, data);
-                    }
-                }
+                PeerMsg::Data(data) => self.on_data(now, &header, [data]),
+                PeerMsg::Batch(batch) => self.on_data(now, &header, batch),
                 PeerMsg::Control(Control::FrameQuery { frame }) => {
                     let ended = self.ended.get(&header.from).is_some_and(|&e| e >= frame);
                     self.reliable.resend_now(now, header.from);

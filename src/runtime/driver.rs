@@ -154,6 +154,8 @@ pub(crate) struct Driver {
     /// Reused buffer of the tickets of cells handed to the reliable
     /// channel together.
     opened: Vec<OpenTicket>,
+    /// Reused buffer of consecutive single cells of one frame to one peer.
+    sent_run: Vec<OpenCell>,
     /// Reused buffers of accepted cells `(id, payload)` of one frame from
     /// one peer, and of their answers.
     accepted: Vec<(u64, Bytes)>,
@@ -161,6 +163,9 @@ pub(crate) struct Driver {
     /// Reused buffer of received datagrams.
     datagram_buf: Vec<u8>,
 }
+
+/// A cell from the application, with its ticket.
+type OpenCell = (Bytes, super::shared::Resolver);
 
 /// A message sent and not answered yet: its ticket, and the payload bytes
 /// it holds of the credit window.
@@ -418,6 +423,7 @@ impl Driver {
             failure: None,
             command_buf: Vec::new(),
             opened: Vec::new(),
+            sent_run: Vec::new(),
             accepted: Vec::new(),
             answers: Vec::new(),
             datagram_buf: Vec::new(),
@@ -706,7 +712,28 @@ impl Driver {
     fn take_commands(&mut self, now: Now) {
         let mut commands = std::mem::take(&mut self.command_buf);
         self.p.commands.take_into(&mut commands);
+        // Consecutive single cells of one frame to one peer (a stream of
+        // `send`s) are taken together, like a `send_many` chunk.
+        let mut run = std::mem::take(&mut self.sent_run);
+        let mut run_of = None;
         for command in commands.drain(..) {
+            if let Command::Send {
+                to,
+                frame,
+                kind: DataKind::Cell,
+                payload,
+                ticket,
+            } = command
+            {
+                if run_of != Some((to, frame)) {
+                    self.take_run(now, run_of, &mut run);
+                    run_of = Some((to, frame));
+                }
+                run.push((payload, ticket));
+                continue;
+            }
+            // In order: the cells before it first.
+            self.take_run(now, run_of.take(), &mut run);
             match command {
                 Command::Send {
                     to,
@@ -735,7 +762,17 @@ impl Driver {
                 }
             }
         }
+        self.take_run(now, run_of, &mut run);
+        self.sent_run = run;
         self.command_buf = commands;
+    }
+
+    /// The cells `run` (drained) of `run_of`'s (peer, frame), if any.
+    fn take_run(&mut self, now: Now, run_of: Option<(Rank, u64)>, run: &mut Vec<OpenCell>) {
+        if let Some((to, frame)) = run_of {
+            let kind = self.count_send(to, frame, DataKind::Cell, run.len() as u32);
+            self.take_many(now, to, frame, kind, run.drain(..));
+        }
     }
 
     /// `n` messages of `kind` from the application to `to`: cells are
@@ -797,7 +834,7 @@ impl Driver {
         to: Rank,
         frame: u64,
         kind: DataKind,
-        cells: Vec<(Bytes, super::shared::Resolver)>,
+        cells: impl IntoIterator<Item = OpenCell>,
     ) {
         let mut cells = cells.into_iter();
         if self.backlog.get(&to).is_none_or(|q| q.is_empty()) {

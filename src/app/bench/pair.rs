@@ -1,5 +1,5 @@
 //! `latency` and `throughput`: two ranks of one `mpirun -n 2` job measure
-//! MPI, raw ZeroMQ, raw TCP and cellnet back to back, in the same processes
+//! MPI, raw ZeroMQ, raw TCP and cellnet taking turns, in the same processes
 //! with the same core binding.
 //!
 //! Latency is a round trip shaped like SEND→ACK for every transport: the
@@ -339,6 +339,7 @@ fn latency_notes() -> Vec<String> {
         "round trip = payload one way, 8-byte answer back (the shape of SEND->ACK), for every transport".into(),
         "tcp = loopback on this host (CELLNET_IPC_DIR=none for cellnet); not across real nodes".into(),
         "every series runs in the same processes with the same malloc settings (CELLNET_MALLOC_TUNE)".into(),
+        TURNS_NOTE.into(),
         "ZeroMQ and TCP block in poll/recv (wake-up cost included); cellnet polls for CELLNET_SPIN (default 50us) before it blocks; MPI busy-polls".into(),
         "cellnet runs without a cell handler: the I/O thread accepts each cell (no trip through the rayon pool)".into(),
         "rtt_us = median/min/max over repetitions of each repetition's median; p50/p99/p99.9 over all samples".into(),
@@ -351,61 +352,129 @@ fn throughput_notes() -> Vec<String> {
         "ZeroMQ PUSH/PULL and raw TCP: one-way, receiver answers once at the end".into(),
         "tcp = loopback on this host".into(),
         "every series runs in the same processes with the same malloc settings (CELLNET_MALLOC_TUNE)".into(),
+        TURNS_NOTE.into(),
     ]
 }
+
+/// How the series share the run (see [`take_turns`]).
+const TURNS_NOTE: &str = "series take turns: each repetition measures every series at one size, then the next size, so a drift of the machine's speed falls on all series alike";
 
 fn failed(e: impl std::fmt::Display) -> BenchError {
     BenchError::Failed(e.to_string())
 }
 
-/// Run `run(size, warm, n)` for every repetition and size; rank 0 gets
-/// per-trip nanoseconds back and turns them into points.
-fn latency_series(
-    pair: &Pair,
-    progress: &mut Progress,
-    (name, kind, transport): (&str, &str, &str),
-    mut run: impl FnMut(usize, usize, usize) -> Result<Vec<u64>>,
-) -> Result<Series<LatencyPoint>> {
-    let mut hists: Vec<Histogram<u64>> = LATENCY_SIZES
-        .iter()
-        .map(|_| Histogram::new_with_bounds(1, 600_000_000_000, 3))
-        .collect::<Result<_, _>>()
-        .map_err(failed)?;
-    let mut medians = vec![Vec::new(); LATENCY_SIZES.len()];
-    for rep in 0..pair.opts.reps {
-        for (i, &size) in LATENCY_SIZES.iter().enumerate() {
-            let n = lat_count(size, pair.opts.quick);
-            let mut ns = run(size, warmup(n), n)?;
-            for &v in &ns {
-                hists[i].saturating_record(v.max(1));
-            }
-            medians[i].push(super::median_u64(&mut ns) as f64 / 1e3);
-            progress.step(&format!(
-                "{name} {} rep {}",
-                super::size_label(size),
-                rep + 1
-            ));
+/// A series' labels: name, kind, transport, credit window.
+struct Meta {
+    name: String,
+    kind: &'static str,
+    transport: &'static str,
+    window: Option<u32>,
+}
+
+impl Meta {
+    fn new(name: impl Into<String>, kind: &'static str, transport: &'static str) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            transport,
+            window: None,
         }
     }
-    let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e3;
-    Ok(Series {
-        name: name.into(),
-        kind: kind.into(),
-        transport: transport.into(),
-        window: None,
-        points: LATENCY_SIZES
-            .iter()
-            .zip(hists.iter().zip(&medians))
-            .map(|(&size, (h, m))| LatencyPoint {
+
+    fn series<P>(self, points: Vec<P>) -> Series<P> {
+        Series {
+            name: self.name,
+            kind: self.kind.into(),
+            transport: self.transport.into(),
+            window: self.window,
+            points,
+        }
+    }
+}
+
+/// One measurement of one size of a series, on both ranks (rank 0's result
+/// counts).
+type Measure<'a, T> = Box<dyn FnMut(usize) -> Result<T> + 'a>;
+
+/// Measure every series once per repetition and size, the series taking
+/// turns at each size: a drift of the machine's speed during the run
+/// (common on shared VMs) falls on the baselines and on cellnet alike,
+/// instead of on whichever series ran in a slow minute. Results by
+/// series, size, repetition.
+fn take_turns<T>(
+    pair: &Pair,
+    sizes: &[usize],
+    series: &mut [(Meta, Measure<'_, T>)],
+    progress: &mut Progress,
+) -> Result<Vec<Vec<Vec<T>>>> {
+    let mut out: Vec<Vec<Vec<T>>> = series
+        .iter()
+        .map(|_| sizes.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for rep in 0..pair.opts.reps {
+        for (i, &size) in sizes.iter().enumerate() {
+            for (k, (meta, measure)) in series.iter_mut().enumerate() {
+                out[k][i].push(measure(size)?);
+                progress.step(&format!(
+                    "{} {} rep {}",
+                    meta.name,
+                    super::size_label(size),
+                    rep + 1
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Latency points from the round trips (ns) of every repetition of every size.
+fn latency_points(reps_by_size: Vec<Vec<Vec<u64>>>) -> Result<Vec<LatencyPoint>> {
+    LATENCY_SIZES
+        .iter()
+        .zip(reps_by_size)
+        .map(|(&size, reps)| {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).map_err(failed)?;
+            let mut medians = Vec::new();
+            for mut ns in reps {
+                for &v in &ns {
+                    h.saturating_record(v.max(1));
+                }
+                medians.push(super::median_u64(&mut ns) as f64 / 1e3);
+            }
+            let q = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+            Ok(LatencyPoint {
                 size,
-                rtt_us: Spread::of(m),
-                p50_us: q(h, 0.5),
-                p99_us: q(h, 0.99),
-                p999_us: q(h, 0.999),
+                rtt_us: Spread::of(&medians),
+                p50_us: q(0.5),
+                p99_us: q(0.99),
+                p999_us: q(0.999),
                 samples: h.len(),
             })
-            .collect(),
-    })
+        })
+        .collect()
+}
+
+/// Throughput points from the elapsed time of every repetition of every size.
+fn throughput_points(reps_by_size: Vec<Vec<Duration>>, quick: bool) -> Vec<ThroughputPoint> {
+    THROUGHPUT_SIZES
+        .iter()
+        .zip(reps_by_size)
+        .map(|(&size, reps)| {
+            let n = thr_count(size, quick);
+            let secs = |d: &Duration| d.as_secs_f64().max(1e-9);
+            let rates: Vec<f64> = reps.iter().map(|d| n as f64 / secs(d)).collect();
+            let bws: Vec<f64> = reps
+                .iter()
+                .map(|d| (n * size) as f64 / secs(d) / (1 << 20) as f64)
+                .collect();
+            ThroughputPoint {
+                size,
+                count: n as u64,
+                msgs_per_s: Spread::of(&rates),
+                mib_per_s: Spread::of(&bws),
+            }
+        })
+        .collect()
 }
 
 fn zmq_err(e: zmq::Error) -> BenchError {
@@ -442,20 +511,40 @@ fn zmq_endpoint(
 }
 
 fn latency(pair: &mut Pair) -> Result<Vec<Series<LatencyPoint>>> {
-    let steps = (LATENCY_SIZES.len() as u64) * pair.opts.reps as u64 * 5;
-    let mut progress = if pair.rank == 0 {
-        Progress::new(steps, "latency")
-    } else {
-        Progress::hidden()
-    };
     let rank = pair.rank;
-    let mut all = Vec::new();
+    let quick = pair.opts.quick;
+    let counts = move |size| {
+        let n = lat_count(size, quick);
+        (warmup(n), n)
+    };
+    // Every socket and communicator first; then the series take turns.
+    let mut zmq_pairs = Vec::new();
+    for ipc in [true, false] {
+        let ctx = zmq::Context::new();
+        let kind = if rank == 0 { zmq::DEALER } else { zmq::ROUTER };
+        let sock = ctx.socket(kind).map_err(zmq_err)?;
+        sock.set_linger(0).map_err(zmq_err)?;
+        let tr = if ipc { "ipc" } else { "tcp" };
+        let ep = zmq_endpoint(pair, 1, Some(&sock), ipc, &format!("lat-{tr}"))?;
+        if rank == 0 {
+            sock.connect(&ep).map_err(zmq_err)?;
+        }
+        zmq_pairs.push((tr, ctx, sock));
+    }
+    let default_window = crate::proto::reliable::ReliableConfig::default().window;
+    let mut comms = Vec::new();
+    for ipc in [true, false] {
+        let tr = if ipc { "ipc" } else { "tcp" };
+        comms.push((tr, pair.communicator(ipc, default_window)?));
+    }
+    let p = &*pair;
+    let mut series: Vec<(Meta, Measure<'_, Vec<u64>>)> = Vec::new();
 
     // MPI ping-pong (payload one way, 8 bytes back).
-    pair.world.barrier();
-    let s = {
-        let p = &*pair;
-        latency_series(p, &mut progress, ("MPI", "mpi", "mpi"), |size, warm, n| {
+    series.push((
+        Meta::new("MPI", "mpi", "mpi"),
+        Box::new(move |size| {
+            let (warm, n) = counts(size);
             let peer = p.peer();
             let mut buf = vec![0u8; size];
             let mut ack = [0u8; 8];
@@ -475,144 +564,103 @@ fn latency(pair: &mut Pair) -> Result<Vec<Series<LatencyPoint>>> {
                 }
             }
             Ok(out)
-        })?
-    };
-    all.push(s);
+        }),
+    ));
 
     // Raw ZeroMQ DEALER (rank 0) / ROUTER (rank 1).
-    for ipc in [true, false] {
-        let ctx = zmq::Context::new();
-        let kind = if rank == 0 { zmq::DEALER } else { zmq::ROUTER };
-        let sock = ctx.socket(kind).map_err(zmq_err)?;
-        sock.set_linger(0).map_err(zmq_err)?;
-        let tr = if ipc { "ipc" } else { "tcp" };
-        let ep = zmq_endpoint(pair, 1, Some(&sock), ipc, &format!("lat-{tr}"))?;
-        if rank == 0 {
-            sock.connect(&ep).map_err(zmq_err)?;
-        }
-        let p = &*pair;
-        let name = format!("ZeroMQ {tr}");
-        let s = latency_series(p, &mut progress, (&name, "zeromq", tr), |size, warm, n| {
-            let buf = vec![0u8; size];
-            let ack = [0u8; 8];
-            let mut out = Vec::with_capacity(n);
-            let mut id = zmq::Message::new();
-            let mut msg = zmq::Message::new();
-            p.world.barrier();
-            for i in 0..warm + n {
-                if rank == 0 {
-                    let t = Instant::now();
-                    sock.send(&buf[..], 0).map_err(zmq_err)?;
-                    sock.recv(&mut msg, 0).map_err(zmq_err)?;
-                    if i >= warm {
-                        out.push(t.elapsed().as_nanos() as u64);
+    for (tr, _, sock) in &zmq_pairs {
+        series.push((
+            Meta::new(format!("ZeroMQ {tr}"), "zeromq", tr),
+            Box::new(move |size| {
+                let (warm, n) = counts(size);
+                let buf = vec![0u8; size];
+                let ack = [0u8; 8];
+                let mut out = Vec::with_capacity(n);
+                let mut id = zmq::Message::new();
+                let mut msg = zmq::Message::new();
+                p.world.barrier();
+                for i in 0..warm + n {
+                    if rank == 0 {
+                        let t = Instant::now();
+                        sock.send(&buf[..], 0).map_err(zmq_err)?;
+                        sock.recv(&mut msg, 0).map_err(zmq_err)?;
+                        if i >= warm {
+                            out.push(t.elapsed().as_nanos() as u64);
+                        }
+                    } else {
+                        sock.recv(&mut id, 0).map_err(zmq_err)?;
+                        sock.recv(&mut msg, 0).map_err(zmq_err)?;
+                        sock.send(&id[..], zmq::SNDMORE).map_err(zmq_err)?;
+                        sock.send(&ack[..], 0).map_err(zmq_err)?;
                     }
-                } else {
-                    sock.recv(&mut id, 0).map_err(zmq_err)?;
-                    sock.recv(&mut msg, 0).map_err(zmq_err)?;
-                    sock.send(&id[..], zmq::SNDMORE).map_err(zmq_err)?;
-                    sock.send(&ack[..], 0).map_err(zmq_err)?;
                 }
-            }
-            Ok(out)
-        })?;
-        all.push(s);
-        drop(sock);
-        pair.world.barrier();
+                Ok(out)
+            }),
+        ));
     }
 
     // cellnet SEND→ACK: send one cell, wait for its ticket.
-    for ipc in [true, false] {
-        let comm = pair.communicator(
-            ipc,
-            crate::proto::reliable::ReliableConfig::default().window,
-        )?;
-        let tr = if ipc { "ipc" } else { "tcp" };
-        let name = format!("cellnet {tr}");
+    for (tr, comm) in &comms {
         let mut frame = 0u64;
-        let p = &*pair;
-        let s = latency_series(p, &mut progress, (&name, "cellnet", tr), |size, warm, n| {
-            let total = warm + n;
-            let k = per_frame(size, total);
-            let mut out = Vec::with_capacity(n);
-            if rank == 1 {
-                for _ in 0..total.div_ceil(k) {
-                    comm.recv_frame(Duration::from_secs(120)).map_err(failed)?;
-                    frame += 1;
-                }
-                return Ok(out);
-            }
-            let payload = Bytes::from(vec![0u8; size]);
-            let mut in_frame = 0;
-            for i in 0..total {
-                let t = Instant::now();
-                let ticket = comm.send(1, frame, payload.clone()).map_err(failed)?;
-                let outcome = ticket.wait().map_err(failed)?;
-                let dt = t.elapsed().as_nanos() as u64;
-                if !outcome.is_ack() {
-                    return Err(failed(format!("cell not acknowledged: {outcome:?}")));
-                }
-                if i >= warm {
-                    out.push(dt);
-                }
-                in_frame += 1;
-                if in_frame == k || i + 1 == total {
-                    for t in comm.end_frame(frame, &[1]).map_err(failed)? {
-                        t.wait().map_err(failed)?;
+        series.push((
+            Meta::new(format!("cellnet {tr}"), "cellnet", tr),
+            Box::new(move |size| {
+                let (warm, n) = counts(size);
+                let total = warm + n;
+                let k = per_frame(size, total);
+                let mut out = Vec::with_capacity(n);
+                p.world.barrier();
+                if rank == 1 {
+                    for _ in 0..total.div_ceil(k) {
+                        comm.recv_frame(Duration::from_secs(120)).map_err(failed)?;
+                        frame += 1;
                     }
-                    frame += 1;
-                    in_frame = 0;
+                    return Ok(out);
                 }
-            }
-            Ok(out)
-        })?;
-        all.push(s);
-        comm.shutdown().map_err(failed)?;
-        pair.world.barrier();
+                let payload = Bytes::from(vec![0u8; size]);
+                let mut in_frame = 0;
+                for i in 0..total {
+                    let t = Instant::now();
+                    let ticket = comm.send(1, frame, payload.clone()).map_err(failed)?;
+                    let outcome = ticket.wait().map_err(failed)?;
+                    let dt = t.elapsed().as_nanos() as u64;
+                    if !outcome.is_ack() {
+                        return Err(failed(format!("cell not acknowledged: {outcome:?}")));
+                    }
+                    if i >= warm {
+                        out.push(dt);
+                    }
+                    in_frame += 1;
+                    if in_frame == k || i + 1 == total {
+                        for t in comm.end_frame(frame, &[1]).map_err(failed)? {
+                            t.wait().map_err(failed)?;
+                        }
+                        frame += 1;
+                        in_frame = 0;
+                    }
+                }
+                Ok(out)
+            }),
+        ));
     }
-    progress.finish();
-    Ok(all)
-}
 
-/// Run `run(size, n)` for every repetition and size; rank 0 gets the
-/// elapsed time back.
-fn throughput_series(
-    pair: &Pair,
-    progress: &mut Progress,
-    (name, kind, transport, window): (&str, &str, &str, Option<u32>),
-    mut run: impl FnMut(usize, usize) -> Result<Duration>,
-) -> Result<Series<ThroughputPoint>> {
-    let mut rates = vec![Vec::new(); THROUGHPUT_SIZES.len()];
-    let mut bws = vec![Vec::new(); THROUGHPUT_SIZES.len()];
-    for rep in 0..pair.opts.reps {
-        for (i, &size) in THROUGHPUT_SIZES.iter().enumerate() {
-            let n = thr_count(size, pair.opts.quick);
-            let secs = run(size, n)?.as_secs_f64().max(1e-9);
-            rates[i].push(n as f64 / secs);
-            bws[i].push((n * size) as f64 / secs / (1 << 20) as f64);
-            progress.step(&format!(
-                "{name} {} rep {}",
-                super::size_label(size),
-                rep + 1
-            ));
-        }
+    let steps = (LATENCY_SIZES.len() * series.len()) as u64 * p.opts.reps as u64;
+    let mut progress = if rank == 0 {
+        Progress::new(steps, "latency")
+    } else {
+        Progress::hidden()
+    };
+    let measured = take_turns(p, &LATENCY_SIZES, &mut series, &mut progress);
+    progress.finish();
+    let metas: Vec<Meta> = series.into_iter().map(|(m, _)| m).collect();
+    for (_, comm) in comms {
+        comm.shutdown().map_err(failed)?;
     }
-    Ok(Series {
-        name: name.into(),
-        kind: kind.into(),
-        transport: transport.into(),
-        window,
-        points: THROUGHPUT_SIZES
-            .iter()
-            .enumerate()
-            .map(|(i, &size)| ThroughputPoint {
-                size,
-                count: thr_count(size, pair.opts.quick) as u64,
-                msgs_per_s: Spread::of(&rates[i]),
-                mib_per_s: Spread::of(&bws[i]),
-            })
-            .collect(),
-    })
+    metas
+        .into_iter()
+        .zip(measured?)
+        .map(|(m, reps)| Ok(m.series(latency_points(reps)?)))
+        .collect()
 }
 
 fn io_err(e: std::io::Error) -> BenchError {
@@ -620,24 +668,11 @@ fn io_err(e: std::io::Error) -> BenchError {
 }
 
 fn throughput(pair: &mut Pair) -> Result<Vec<Series<ThroughputPoint>>> {
-    // Each window with `send`, and the default window with `send_many`.
-    let default_window = crate::proto::reliable::ReliableConfig::default().window;
-    let variants: Vec<(u32, bool)> = WINDOWS
-        .iter()
-        .map(|&w| (w, false))
-        .chain([(default_window, true)])
-        .collect();
-    let series_count = 3 + 2 * variants.len() as u64;
-    let steps = THROUGHPUT_SIZES.len() as u64 * pair.opts.reps as u64 * series_count;
-    let mut progress = if pair.rank == 0 {
-        Progress::new(steps, "throughput")
-    } else {
-        Progress::hidden()
-    };
     let rank = pair.rank;
-    let mut all = Vec::new();
-
+    let quick = pair.opts.quick;
+    // Every socket and communicator first; then the series take turns.
     // Raw ZeroMQ PUSH (rank 0) → PULL (rank 1), and a "done" pair back.
+    let mut zmq_pairs = Vec::new();
     for ipc in [true, false] {
         let tr = if ipc { "ipc" } else { "tcp" };
         let ctx = zmq::Context::new();
@@ -656,152 +691,174 @@ fn throughput(pair: &mut Pair) -> Result<Vec<Series<ThroughputPoint>>> {
         } else {
             done.connect(&done_ep).map_err(zmq_err)?;
         }
-        let p = &*pair;
-        let name = format!("ZeroMQ PUSH/PULL {tr}");
-        let s = throughput_series(p, &mut progress, (&name, "zeromq", tr, None), |size, n| {
-            let buf = vec![0u8; size];
-            let mut msg = zmq::Message::new();
-            p.world.barrier();
-            let t = Instant::now();
-            if rank == 0 {
-                for _ in 0..n {
-                    data.send(&buf[..], 0).map_err(zmq_err)?;
-                }
-                done.recv(&mut msg, 0).map_err(zmq_err)?;
-            } else {
-                for _ in 0..n {
-                    data.recv(&mut msg, 0).map_err(zmq_err)?;
-                }
-                done.send(&b"done"[..], 0).map_err(zmq_err)?;
-            }
-            Ok(t.elapsed())
-        })?;
-        all.push(s);
-        pair.world.barrier();
+        zmq_pairs.push((tr, ctx, data, done));
     }
-
     // Raw TCP streaming over loopback: the same bytes as write() calls.
-    {
-        let listener = if rank == 1 {
-            Some(TcpListener::bind("127.0.0.1:0").map_err(io_err)?)
-        } else {
-            None
-        };
-        let port = listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .map_or(0, |a| a.port());
-        let port = pair.bcast_u64(1, port as u64) as u16;
-        let mut stream = match &listener {
-            Some(l) => l.accept().map_err(io_err)?.0,
-            None => TcpStream::connect(("127.0.0.1", port)).map_err(io_err)?,
-        };
-        stream.set_nodelay(true).map_err(io_err)?;
-        let p = &*pair;
-        let s = throughput_series(
-            p,
-            &mut progress,
-            ("raw TCP", "tcp", "tcp", None),
-            |size, n| {
-                let mut buf = vec![0u8; size];
-                let mut one = [0u8; 1];
+    let listener = if rank == 1 {
+        Some(TcpListener::bind("127.0.0.1:0").map_err(io_err)?)
+    } else {
+        None
+    };
+    let port = listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map_or(0, |a| a.port());
+    let port = pair.bcast_u64(1, port as u64) as u16;
+    let mut stream = match &listener {
+        Some(l) => l.accept().map_err(io_err)?.0,
+        None => TcpStream::connect(("127.0.0.1", port)).map_err(io_err)?,
+    };
+    stream.set_nodelay(true).map_err(io_err)?;
+    // cellnet, every cell acknowledged, for each transport and window: a
+    // ticket per cell (`send`), and at the default window also a ticket
+    // per frame (`send_many`).
+    let default_window = crate::proto::reliable::ReliableConfig::default().window;
+    let variants = WINDOWS
+        .iter()
+        .map(|&w| (w, false))
+        .chain([(default_window, true)]);
+    let mut comms = Vec::new();
+    for ipc in [true, false] {
+        let tr = if ipc { "ipc" } else { "tcp" };
+        for (w, many) in variants.clone() {
+            comms.push((tr, w, many, pair.communicator(ipc, w)?));
+        }
+    }
+    let p = &*pair;
+    let mut series: Vec<(Meta, Measure<'_, Duration>)> = Vec::new();
+
+    for (tr, _, data, done) in &zmq_pairs {
+        series.push((
+            Meta::new(format!("ZeroMQ PUSH/PULL {tr}"), "zeromq", tr),
+            Box::new(move |size| {
+                let n = thr_count(size, quick);
+                let buf = vec![0u8; size];
+                let mut msg = zmq::Message::new();
                 p.world.barrier();
                 let t = Instant::now();
                 if rank == 0 {
                     for _ in 0..n {
-                        stream.write_all(&buf).map_err(io_err)?;
+                        data.send(&buf[..], 0).map_err(zmq_err)?;
                     }
-                    stream.read_exact(&mut one).map_err(io_err)?;
+                    done.recv(&mut msg, 0).map_err(zmq_err)?;
                 } else {
                     for _ in 0..n {
-                        stream.read_exact(&mut buf).map_err(io_err)?;
+                        data.recv(&mut msg, 0).map_err(zmq_err)?;
                     }
-                    stream.write_all(&one).map_err(io_err)?;
+                    done.send(&b"done"[..], 0).map_err(zmq_err)?;
                 }
                 Ok(t.elapsed())
-            },
-        )?;
-        all.push(s);
-        pair.world.barrier();
+            }),
+        ));
     }
 
-    // cellnet, every cell acknowledged, for each transport and window:
-    // a ticket per cell (`send`), or one per frame (`send_many`).
-    for ipc in [true, false] {
-        for &(w, many) in &variants {
-            let comm = pair.communicator(ipc, w)?;
-            let tr = if ipc { "ipc" } else { "tcp" };
-            let name = series_name(tr, w, many);
-            let mut frame = 0u64;
-            let p = &*pair;
-            let s = throughput_series(
-                p,
-                &mut progress,
-                (&name, "cellnet", tr, Some(w)),
-                |size, n| {
-                    let k = per_frame(size, n);
-                    p.world.barrier();
-                    let t = Instant::now();
-                    if rank == 1 {
-                        for _ in 0..n.div_ceil(k) {
-                            comm.recv_frame(Duration::from_secs(120)).map_err(failed)?;
-                            frame += 1;
-                        }
-                        return Ok(t.elapsed());
+    series.push((
+        Meta::new("raw TCP", "tcp", "tcp"),
+        Box::new(move |size| {
+            let n = thr_count(size, quick);
+            let mut buf = vec![0u8; size];
+            let mut one = [0u8; 1];
+            p.world.barrier();
+            let t = Instant::now();
+            if rank == 0 {
+                for _ in 0..n {
+                    stream.write_all(&buf).map_err(io_err)?;
+                }
+                stream.read_exact(&mut one).map_err(io_err)?;
+            } else {
+                for _ in 0..n {
+                    stream.read_exact(&mut buf).map_err(io_err)?;
+                }
+                stream.write_all(&one).map_err(io_err)?;
+            }
+            Ok(t.elapsed())
+        }),
+    ));
+
+    for (tr, w, many, comm) in &comms {
+        let (w, many) = (*w, *many);
+        let mut frame = 0u64;
+        let mut meta = Meta::new(series_name(tr, w, many), "cellnet", tr);
+        meta.window = Some(w);
+        series.push((
+            meta,
+            Box::new(move |size| {
+                let n = thr_count(size, quick);
+                let k = per_frame(size, n);
+                p.world.barrier();
+                let t = Instant::now();
+                if rank == 1 {
+                    for _ in 0..n.div_ceil(k) {
+                        comm.recv_frame(Duration::from_secs(120)).map_err(failed)?;
+                        frame += 1;
                     }
-                    let payload = Bytes::from(vec![0u8; size]);
-                    let mut tickets = std::collections::VecDeque::new();
-                    let mut batches = std::collections::VecDeque::new();
-                    let check = |o: crate::proto::reliable::Outcome| {
-                        if o.is_ack() {
-                            Ok(())
-                        } else {
-                            Err(failed(format!("cell not acknowledged: {o:?}")))
-                        }
-                    };
-                    let check_all = |o: crate::runtime::BatchOutcome| {
-                        o.not_acked.into_iter().try_for_each(|(_, o)| check(o))
-                    };
-                    let mut sent = 0;
-                    while sent < n {
-                        let cells = k.min(n - sent);
-                        if many {
-                            let cells = std::iter::repeat_n(payload.clone(), cells);
-                            batches.push_back(comm.send_many(1, frame, cells).map_err(failed)?);
-                        } else {
-                            for _ in 0..cells {
-                                let ticket = comm.send(1, frame, payload.clone());
-                                tickets.push_back(ticket.map_err(failed)?);
-                                while let Some(o) = tickets.front().and_then(|t| t.try_outcome()) {
-                                    check(o)?;
-                                    tickets.pop_front();
-                                }
+                    return Ok(t.elapsed());
+                }
+                let payload = Bytes::from(vec![0u8; size]);
+                let mut tickets = std::collections::VecDeque::new();
+                let mut batches = std::collections::VecDeque::new();
+                let check = |o: crate::proto::reliable::Outcome| {
+                    if o.is_ack() {
+                        Ok(())
+                    } else {
+                        Err(failed(format!("cell not acknowledged: {o:?}")))
+                    }
+                };
+                let check_all = |o: crate::runtime::BatchOutcome| {
+                    o.not_acked.into_iter().try_for_each(|(_, o)| check(o))
+                };
+                let mut sent = 0;
+                while sent < n {
+                    let cells = k.min(n - sent);
+                    if many {
+                        let cells = std::iter::repeat_n(payload.clone(), cells);
+                        batches.push_back(comm.send_many(1, frame, cells).map_err(failed)?);
+                    } else {
+                        for _ in 0..cells {
+                            let ticket = comm.send(1, frame, payload.clone());
+                            tickets.push_back(ticket.map_err(failed)?);
+                            while let Some(o) = tickets.front().and_then(|t| t.try_outcome()) {
+                                check(o)?;
+                                tickets.pop_front();
                             }
                         }
-                        while let Some(o) = batches.front().and_then(|t| t.try_outcome()) {
-                            check_all(o)?;
-                            batches.pop_front();
-                        }
-                        tickets.extend(comm.end_frame(frame, &[1]).map_err(failed)?);
-                        frame += 1;
-                        sent += cells;
                     }
-                    for t in tickets {
-                        check(t.wait().map_err(failed)?)?;
+                    while let Some(o) = batches.front().and_then(|t| t.try_outcome()) {
+                        check_all(o)?;
+                        batches.pop_front();
                     }
-                    for t in batches {
-                        check_all(t.wait().map_err(failed)?)?;
-                    }
-                    Ok(t.elapsed())
-                },
-            )?;
-            all.push(s);
-            comm.shutdown().map_err(failed)?;
-            pair.world.barrier();
-        }
+                    tickets.extend(comm.end_frame(frame, &[1]).map_err(failed)?);
+                    frame += 1;
+                    sent += cells;
+                }
+                for t in tickets {
+                    check(t.wait().map_err(failed)?)?;
+                }
+                for t in batches {
+                    check_all(t.wait().map_err(failed)?)?;
+                }
+                Ok(t.elapsed())
+            }),
+        ));
     }
+
+    let steps = (THROUGHPUT_SIZES.len() * series.len()) as u64 * p.opts.reps as u64;
+    let mut progress = if rank == 0 {
+        Progress::new(steps, "throughput")
+    } else {
+        Progress::hidden()
+    };
+    let measured = take_turns(p, &THROUGHPUT_SIZES, &mut series, &mut progress);
     progress.finish();
-    Ok(all)
+    let metas: Vec<Meta> = series.into_iter().map(|(m, _)| m).collect();
+    for (.., comm) in comms {
+        comm.shutdown().map_err(failed)?;
+    }
+    Ok(metas
+        .into_iter()
+        .zip(measured?)
+        .map(|(m, reps)| m.series(throughput_points(reps, quick)))
+        .collect())
 }
 
 fn print_latency(r: &LatencyReport) {

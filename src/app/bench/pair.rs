@@ -399,32 +399,45 @@ type Measure<'a, T> = Box<dyn FnMut(usize) -> Result<T> + 'a>;
 /// Measure every series once per repetition and size, the series taking
 /// turns at each size: a drift of the machine's speed during the run
 /// (common on shared VMs) falls on the baselines and on cellnet alike,
-/// instead of on whichever series ran in a slow minute. Results by
-/// series, size, repetition.
+/// instead of on whichever series ran in a slow minute. Each series' labels
+/// with its results by size and repetition; a progress bar (`what`) on
+/// rank 0 meanwhile.
 fn take_turns<T>(
     pair: &Pair,
+    what: &str,
     sizes: &[usize],
-    series: &mut [(Meta, Measure<'_, T>)],
-    progress: &mut Progress,
-) -> Result<Vec<Vec<Vec<T>>>> {
+    mut series: Vec<(Meta, Measure<'_, T>)>,
+) -> Result<Vec<(Meta, Vec<Vec<T>>)>> {
+    let steps = (sizes.len() * series.len()) as u64 * pair.opts.reps as u64;
+    let mut progress = if pair.rank == 0 {
+        Progress::new(steps, what)
+    } else {
+        Progress::hidden()
+    };
     let mut out: Vec<Vec<Vec<T>>> = series
         .iter()
         .map(|_| sizes.iter().map(|_| Vec::new()).collect())
         .collect();
-    for rep in 0..pair.opts.reps {
-        for (i, &size) in sizes.iter().enumerate() {
-            for (k, (meta, measure)) in series.iter_mut().enumerate() {
-                out[k][i].push(measure(size)?);
-                progress.step(&format!(
-                    "{} {} rep {}",
-                    meta.name,
-                    super::size_label(size),
-                    rep + 1
-                ));
+    let mut measure_all = || {
+        for rep in 0..pair.opts.reps {
+            for (i, &size) in sizes.iter().enumerate() {
+                for (k, (meta, measure)) in series.iter_mut().enumerate() {
+                    out[k][i].push(measure(size)?);
+                    progress.step(&format!(
+                        "{} {} rep {}",
+                        meta.name,
+                        super::size_label(size),
+                        rep + 1
+                    ));
+                }
             }
         }
-    }
-    Ok(out)
+        Ok(())
+    };
+    let done = measure_all();
+    progress.finish();
+    done?;
+    Ok(series.into_iter().map(|(meta, _)| meta).zip(out).collect())
 }
 
 /// Latency points from the round trips (ns) of every repetition of every size.
@@ -644,22 +657,13 @@ fn latency(pair: &mut Pair) -> Result<Vec<Series<LatencyPoint>>> {
         ));
     }
 
-    let steps = (LATENCY_SIZES.len() * series.len()) as u64 * p.opts.reps as u64;
-    let mut progress = if rank == 0 {
-        Progress::new(steps, "latency")
-    } else {
-        Progress::hidden()
-    };
-    let measured = take_turns(p, &LATENCY_SIZES, &mut series, &mut progress);
-    progress.finish();
-    let metas: Vec<Meta> = series.into_iter().map(|(m, _)| m).collect();
+    let measured = take_turns(p, "latency", &LATENCY_SIZES, series);
     for (_, comm) in comms {
         comm.shutdown().map_err(failed)?;
     }
-    metas
+    measured?
         .into_iter()
-        .zip(measured?)
-        .map(|(m, reps)| Ok(m.series(latency_points(reps)?)))
+        .map(|(meta, reps)| Ok(meta.series(latency_points(reps)?)))
         .collect()
 }
 
@@ -842,22 +846,13 @@ fn throughput(pair: &mut Pair) -> Result<Vec<Series<ThroughputPoint>>> {
         ));
     }
 
-    let steps = (THROUGHPUT_SIZES.len() * series.len()) as u64 * p.opts.reps as u64;
-    let mut progress = if rank == 0 {
-        Progress::new(steps, "throughput")
-    } else {
-        Progress::hidden()
-    };
-    let measured = take_turns(p, &THROUGHPUT_SIZES, &mut series, &mut progress);
-    progress.finish();
-    let metas: Vec<Meta> = series.into_iter().map(|(m, _)| m).collect();
+    let measured = take_turns(p, "throughput", &THROUGHPUT_SIZES, series);
     for (.., comm) in comms {
         comm.shutdown().map_err(failed)?;
     }
-    Ok(metas
+    Ok(measured?
         .into_iter()
-        .zip(measured?)
-        .map(|(m, reps)| m.series(throughput_points(reps, quick)))
+        .map(|(meta, reps)| meta.series(throughput_points(reps, quick)))
         .collect())
 }
 

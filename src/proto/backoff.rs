@@ -71,8 +71,7 @@ fn nanos(d: Duration) -> f64 {
 #[derive(Clone, Debug)]
 pub struct Backoff {
     policy: BackoffPolicy,
-    attempt: u32,
-    next: Now,
+    timer: RetryTimer,
 }
 
 impl Backoff {
@@ -80,6 +79,56 @@ impl Backoff {
     pub fn start(policy: BackoffPolicy, now: Now) -> Self {
         Self {
             policy,
+            timer: RetryTimer::start(now),
+        }
+    }
+
+    /// When the next try is due.
+    pub fn next(&self) -> Now {
+        self.timer.next()
+    }
+
+    /// How many tries were made so far.
+    pub fn attempts(&self) -> u32 {
+        self.timer.attempts()
+    }
+
+    /// Whether the next try is due at `now` (inclusive).
+    pub fn is_due(&self, now: Now) -> bool {
+        self.timer.is_due(now)
+    }
+
+    /// Record a try made at `now` and schedule the next one.
+    pub fn fire(&mut self, now: Now, rng: &mut impl Rng) {
+        self.timer.fire(&self.policy, now, rng);
+    }
+
+    /// Record a try made at `now` and schedule the next one at the
+    /// ceiling's spacing, whatever the attempt (for a timer whose tries
+    /// are now only a safety net).
+    pub fn fire_at_ceiling(&mut self, now: Now, rng: &mut impl Rng) {
+        self.timer.fire_at_ceiling(&self.policy, now, rng);
+    }
+
+    /// Start over from the initial delay, due at `now`.
+    pub fn reset(&mut self, now: Now) {
+        self.timer = RetryTimer::start(now);
+    }
+}
+
+/// The state of a [`Backoff`] without its policy (24 bytes instead of
+/// 72), for the many timers that share one policy: the reliable channel
+/// keeps one per message in flight.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryTimer {
+    attempt: u32,
+    next: Now,
+}
+
+impl RetryTimer {
+    /// A timer that is due at `now` (the first try goes out at once).
+    pub fn start(now: Now) -> Self {
+        Self {
             attempt: 0,
             next: now,
         }
@@ -87,12 +136,8 @@ impl Backoff {
 
     /// A timer whose first try was made, the next due at `next` (drawn
     /// by the caller with [`BackoffPolicy::delay`] for attempt 0).
-    pub fn tried_once(policy: BackoffPolicy, next: Now) -> Self {
-        Self {
-            policy,
-            attempt: 1,
-            next,
-        }
+    pub fn tried_once(next: Now) -> Self {
+        Self { attempt: 1, next }
     }
 
     /// When the next try is due.
@@ -110,24 +155,16 @@ impl Backoff {
         now >= self.next
     }
 
-    /// Record a try made at `now` and schedule the next one.
-    pub fn fire(&mut self, now: Now, rng: &mut impl Rng) {
-        self.next = now + self.policy.delay(self.attempt, rng);
+    /// Record a try made at `now` and schedule the next one by `policy`.
+    pub fn fire(&mut self, policy: &BackoffPolicy, now: Now, rng: &mut impl Rng) {
+        self.next = now + policy.delay(self.attempt, rng);
         self.attempt = self.attempt.saturating_add(1);
     }
 
-    /// Record a try made at `now` and schedule the next one at the
-    /// ceiling's spacing, whatever the attempt (for a timer whose tries
-    /// are now only a safety net).
-    pub fn fire_at_ceiling(&mut self, now: Now, rng: &mut impl Rng) {
-        self.next = now + self.policy.ceiling_delay(rng);
+    /// Like [`Self::fire`], at the ceiling's spacing whatever the attempt.
+    pub fn fire_at_ceiling(&mut self, policy: &BackoffPolicy, now: Now, rng: &mut impl Rng) {
+        self.next = now + policy.ceiling_delay(rng);
         self.attempt = self.attempt.saturating_add(1);
-    }
-
-    /// Start over from the initial delay, due at `now`.
-    pub fn reset(&mut self, now: Now) {
-        self.attempt = 0;
-        self.next = now;
     }
 }
 

@@ -31,7 +31,7 @@ use bytes::Bytes;
 use rand::{rngs::SmallRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::backoff::{Backoff, BackoffPolicy};
+use super::backoff::{BackoffPolicy, RetryTimer};
 use super::ring::IdRing;
 use super::wire::{DataKind, DataMsg};
 use super::{Now, Rank};
@@ -212,7 +212,7 @@ struct Outgoing {
     /// resolved already, so its outcome is not reported again.
     replay: bool,
     msg: DataMsg,
-    retry: Backoff,
+    retry: RetryTimer,
     deadline: Now,
 }
 
@@ -547,7 +547,7 @@ impl ReliableEndpoint {
                     ticket: out.next_ticket,
                     replay: false,
                     msg,
-                    retry: Backoff::tried_once(self.config.retransmit, retry_at),
+                    retry: RetryTimer::tried_once(retry_at),
                     deadline,
                 },
             );
@@ -760,7 +760,7 @@ impl ReliableEndpoint {
                 }
                 for o in out.inflight.values_mut() {
                     if o.retry.is_due(now) {
-                        o.retry.fire(now, rng);
+                        o.retry.fire(&config.retransmit, now, rng);
                         stats.retransmitted += 1;
                         transmits.push_back((rank, ReliableTransmit::Data(o.msg.clone())));
                     }
@@ -867,7 +867,7 @@ impl ReliableEndpoint {
             ticket,
             replay: true,
             msg,
-            retry: Backoff::start(self.config.retransmit, now),
+            retry: RetryTimer::start(now),
             deadline,
         }));
         all.sort_by_key(|o| o.ticket);
@@ -876,8 +876,8 @@ impl ReliableEndpoint {
         let mut earliest: Option<Now> = None;
         for mut o in all {
             o.msg.id = wire;
-            o.retry = Backoff::start(self.config.retransmit, now);
-            o.retry.fire(now, &mut self.rng);
+            o.retry = RetryTimer::start(now);
+            o.retry.fire(&self.config.retransmit, now, &mut self.rng);
             earliest = Some(earliest.map_or(o.retry.next(), |e| e.min(o.retry.next())));
             self.transmits
                 .push_back((peer, ReliableTransmit::Data(o.msg.clone())));
@@ -905,8 +905,8 @@ impl ReliableEndpoint {
         };
         let mut earliest: Option<Now> = None;
         for o in state.out.inflight.values_mut() {
-            o.retry = Backoff::start(self.config.retransmit, now);
-            o.retry.fire(now, &mut self.rng);
+            o.retry = RetryTimer::start(now);
+            o.retry.fire(&self.config.retransmit, now, &mut self.rng);
             earliest = Some(earliest.map_or(o.retry.next(), |e| e.min(o.retry.next())));
             self.stats.retransmitted += 1;
             self.transmits

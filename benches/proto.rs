@@ -45,21 +45,38 @@ fn wire_benches(c: &mut Criterion) {
 
 /// What `a` sent goes to `r`, which accepts every cell and answers; the
 /// answers go back to `a` (at `later`: after the feedback delay, `None`:
-/// flushed at once). Returns how many of `a`'s messages resolved.
+/// flushed at once). `runs`: `r` takes the data and the completions as
+/// runs (`handle_data_many`, `complete_many`, as the I/O thread does),
+/// else one call per message. Returns how many of `a`'s messages resolved.
 fn exchange(
     a: &mut ReliableEndpoint,
     r: &mut ReliableEndpoint,
     now: Duration,
     later: Option<Duration>,
+    runs: bool,
 ) -> u64 {
-    while let Some((_, t)) = a.poll_transmit(now) {
-        if let ReliableTransmit::Data(m) = t {
+    let data = std::iter::from_fn(|| a.poll_transmit(now)).filter_map(|(_, t)| match t {
+        ReliableTransmit::Data(m) => Some(m),
+        ReliableTransmit::Feedback(_) => None,
+    });
+    if runs {
+        r.handle_data_many(now, 0, data);
+    } else {
+        for m in data {
             r.handle_data(now, 0, m);
         }
     }
-    while let Some(e) = r.poll_event() {
-        if let ReliableEvent::Deliver { from, msg } = e {
-            r.complete(now, from, msg.id, Ok(()));
+    let delivered: Vec<u64> = std::iter::from_fn(|| r.poll_event())
+        .filter_map(|e| match e {
+            ReliableEvent::Deliver { msg, .. } => Some(msg.id),
+            ReliableEvent::Resolved { .. } => None,
+        })
+        .collect();
+    if runs {
+        r.complete_many(now, 0, delivered.into_iter().map(|id| (id, Ok(()))));
+    } else {
+        for id in delivered {
+            r.complete(now, 0, id, Ok(()));
         }
     }
     let at = match later {
@@ -106,32 +123,45 @@ fn reliable_benches(c: &mut Criterion) {
                     a.send(now, 1, 0, DataKind::Cell, payload.clone()).unwrap();
                 }
                 let later = now + Duration::from_millis(5);
-                assert_eq!(exchange(&mut a, &mut r, now, Some(later)), BATCH);
+                assert_eq!(exchange(&mut a, &mut r, now, Some(later), false), BATCH);
             },
             BatchSize::SmallInput,
         )
     });
     // The steady state of a long run: the same two endpoints throughout, a
     // window's worth of cells per round, frames of 16,384 cells (so the
-    // replay store of answered cells is in use), answers every 64 cells.
+    // replay store of answered cells is in use), answers every 64 cells;
+    // a call per cell, or runs (`send_many` and the receiver's runs, as the
+    // I/O thread takes a `send_many` chunk or a batch message).
     const ROUND: u64 = 4096;
     g.throughput(Throughput::Elements(ROUND));
-    g.bench_function("cell_round_trip_steady_x4096", |b| {
-        let mut a = ReliableEndpoint::new(ReliableConfig::default(), 1);
-        let mut r = ReliableEndpoint::new(ReliableConfig::default(), 2);
-        let mut sent = 0u64;
-        let mut now = Duration::from_millis(1);
-        b.iter(|| {
-            for _ in 0..ROUND {
+    for (name, runs) in [
+        ("cell_round_trip_steady_x4096", false),
+        ("cell_round_trip_steady_runs_x4096", true),
+    ] {
+        g.bench_function(name, |b| {
+            let mut a = ReliableEndpoint::new(ReliableConfig::default(), 1);
+            let mut r = ReliableEndpoint::new(ReliableConfig::default(), 2);
+            let mut sent = 0u64;
+            let mut now = Duration::from_millis(1);
+            b.iter(|| {
                 let frame = sent / 16_384;
-                a.send(now, 1, frame, DataKind::Cell, payload.clone())
-                    .unwrap();
-                sent += 1;
-            }
-            assert_eq!(exchange(&mut a, &mut r, now, None), ROUND);
-            now += Duration::from_micros(100);
-        })
-    });
+                if runs {
+                    let cells = std::iter::repeat_n(payload.clone(), ROUND as usize);
+                    let (_, n) = a.send_many(now, 1, frame, DataKind::Cell, cells);
+                    assert_eq!(n as u64, ROUND);
+                } else {
+                    for _ in 0..ROUND {
+                        a.send(now, 1, frame, DataKind::Cell, payload.clone())
+                            .unwrap();
+                    }
+                }
+                sent += ROUND;
+                assert_eq!(exchange(&mut a, &mut r, now, None, runs), ROUND);
+                now += Duration::from_micros(100);
+            })
+        });
+    }
     g.finish();
 }
 

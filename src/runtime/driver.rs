@@ -866,9 +866,6 @@ impl Driver {
     /// Hand `msg` to the reliable channel; gives it back if the channel
     /// has no room towards `to` yet.
     fn send_reliable(&mut self, now: Now, to: Rank, msg: Queued) -> Option<Queued> {
-        if self.reliable.credits(to) == 0 {
-            return Some(msg);
-        }
         let Queued {
             frame,
             kind,
@@ -876,23 +873,25 @@ impl Driver {
             ticket,
         } = msg;
         let bytes = payload.len() as u64;
-        match self.reliable.send(now, to, frame, kind, payload) {
-            Ok(id) => {
-                let open = OpenTicket {
-                    resolver: ticket,
-                    bytes,
-                };
-                self.tickets.entry(to).or_default().insert(id, open);
-                None
-            }
-            Err(e) => {
-                // `credits` said there was room; resolve rather than hang.
-                tracing::warn!("message to rank {to} refused by the reliable channel: {e}");
-                ticket.resolve(Outcome::TimedOut);
-                self.p.credits.release(to, bytes);
-                None
-            }
+        let mut offered = Some(payload);
+        let (id, _) =
+            self.reliable
+                .send_many(now, to, frame, kind, std::iter::from_fn(|| offered.take()));
+        if let Some(payload) = offered {
+            // Not taken: no room yet.
+            return Some(Queued {
+                frame,
+                kind,
+                payload,
+                ticket,
+            });
         }
+        let open = OpenTicket {
+            resolver: ticket,
+            bytes,
+        };
+        self.tickets.entry(to).or_default().insert(id, open);
+        None
     }
 
     /// Send what the backlog has room for now in the reliable channel.
@@ -1132,15 +1131,7 @@ impl Driver {
             let mut event = self.reliable.poll_event();
             while let Some(e) = event.take() {
                 progressed = true;
-                event = match e {
-                    ReliableEvent::Resolved { to, id, outcome } => {
-                        self.resolve_run(to, id, outcome)
-                    }
-                    e => {
-                        self.on_reliable_event(now, e);
-                        self.reliable.poll_event()
-                    }
-                };
+                event = self.on_reliable_event(now, e);
             }
             // One wake-up of a sender blocked on the window per round, not
             // one per answered cell.
@@ -1375,60 +1366,61 @@ impl Driver {
         }
     }
 
-    fn on_reliable_event(&mut self, now: Now, e: ReliableEvent) {
+    /// Act on `e`; returns the next event of the reliable channel (a run
+    /// of resolutions is taken at once, see [`Self::resolve_run`]).
+    fn on_reliable_event(&mut self, now: Now, e: ReliableEvent) -> Option<ReliableEvent> {
         match e {
-            ReliableEvent::Deliver { from, msg }
-                if msg.kind != DataKind::Collective
-                    && self.assembler.is_replay(from, msg.frame) =>
-            {
-                // A restart replays frames already here: received, so ACK.
-                Metrics::add(&self.p.metrics.frame_replays_dropped, 1);
-                self.reliable.complete(now, from, msg.id, Ok(()));
+            ReliableEvent::Resolved { to, id, outcome } => self.resolve_run(to, id, outcome),
+            ReliableEvent::Deliver { from, msg } => {
+                self.on_deliver(now, from, msg);
+                self.reliable.poll_event()
             }
-            ReliableEvent::Deliver { from, msg } => match msg.kind {
-                DataKind::Collective => {
-                    self.reliable.complete(now, from, msg.id, Ok(()));
-                    let _ = self.p.collectives.send((from, msg.frame, msg.payload));
+        }
+    }
+
+    /// A new message from `from`: answered at once, or (a cell) queued for
+    /// the handler.
+    fn on_deliver(&mut self, now: Now, from: Rank, msg: DataMsg) {
+        if msg.kind != DataKind::Collective && self.assembler.is_replay(from, msg.frame) {
+            // A restart replays frames already here: received, so ACK.
+            Metrics::add(&self.p.metrics.frame_replays_dropped, 1);
+            self.reliable.complete(now, from, msg.id, Ok(()));
+            return;
+        }
+        match msg.kind {
+            DataKind::Collective => {
+                self.reliable.complete(now, from, msg.id, Ok(()));
+                let _ = self.p.collectives.send((from, msg.frame, msg.payload));
+            }
+            DataKind::FrameEnd { count } => {
+                let answer = self
+                    .assembler
+                    .handle_frame_end(from, msg.frame, count)
+                    .map_err(|e| (codes::for_frame_error(&e), e.to_string()));
+                if answer.is_err() {
+                    Metrics::add(&self.p.metrics.cells_refused, 1);
                 }
-                DataKind::FrameEnd { count } => {
-                    let answer = self
-                        .assembler
-                        .handle_frame_end(from, msg.frame, count)
-                        .map_err(|e| (codes::for_frame_error(&e), e.to_string()));
-                    if answer.is_err() {
-                        Metrics::add(&self.p.metrics.cells_refused, 1);
-                    }
-                    self.reliable.complete(now, from, msg.id, answer);
+                self.reliable.complete(now, from, msg.id, answer);
+            }
+            DataKind::Cell => {
+                Metrics::add(&self.p.metrics.cells_delivered, 1);
+                if !self.assembler.accepts(msg.frame) {
+                    Metrics::add(&self.p.metrics.cells_refused, 1);
+                    let text = format!("frame {} is not accepted now", msg.frame);
+                    self.reliable
+                        .complete(now, from, msg.id, Err((codes::FRAME_REFUSED, text)));
+                    return;
                 }
-                DataKind::Cell => {
-                    Metrics::add(&self.p.metrics.cells_delivered, 1);
-                    if !self.assembler.accepts(msg.frame) {
-                        Metrics::add(&self.p.metrics.cells_refused, 1);
-                        let text = format!("frame {} is not accepted now", msg.frame);
-                        self.reliable.complete(
-                            now,
-                            from,
-                            msg.id,
-                            Err((codes::FRAME_REFUSED, text)),
-                        );
-                        return;
-                    }
-                    let life = self.incarnations.get(&from).copied().unwrap_or_default();
-                    self.to_handle.push((
-                        Cell {
-                            from,
-                            frame: msg.frame,
-                            id: msg.id,
-                            payload: msg.payload,
-                        },
-                        life,
-                    ));
-                }
-            },
-            ReliableEvent::Resolved { to, id, outcome } => {
-                if let Some(e) = self.resolve_run(to, id, outcome) {
-                    self.on_reliable_event(now, e);
-                }
+                let life = self.incarnations.get(&from).copied().unwrap_or_default();
+                self.to_handle.push((
+                    Cell {
+                        from,
+                        frame: msg.frame,
+                        id: msg.id,
+                        payload: msg.payload,
+                    },
+                    life,
+                ));
             }
         }
     }
